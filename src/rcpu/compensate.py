@@ -1,0 +1,138 @@
+"""Compensation of the kept input columns of a pruned linear layer.
+
+Notation: y = W x with W (d_out x d_in); K kept and D dropped input channels;
+G = X X^T the Gram matrix of the calibration inputs (N tokens). Y = W X is the
+output before pruning and Z = W_K X_K the output of the kept part. Everything
+needed is a function of W and G, so no activation is stored:
+
+    Y Z^T = W G[:, K] W_K^T      ||Z||_F^2 = tr(W_K G[K, K] W_K^T)
+
+All solves run in float64 (configurable for the rotation) and return new weights
+in the input's dtype. The functions know nothing about transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .stats import InputStats
+
+logger = logging.getLogger(__name__)
+
+COMPENSATIONS = ("none", "bias", "ridge", "rotation", "rotation_scale")
+NEEDS_GRAM = {"ridge", "rotation", "rotation_scale"}
+
+
+@dataclass
+class Compensated:
+    """New kept columns (d_out x |K|), an optional output-bias increment, and a log."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
+                         new_kept: torch.Tensor) -> float:
+    """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept, from the Gram matrix alone."""
+    w = weight.double()
+    b = new_kept.double()
+    g = gram.double()
+    wg = w @ g
+    y2 = (wg * w).sum()
+    cross = (wg[:, kept] * b).sum()
+    z2 = ((b @ g[kept][:, kept]) * b).sum()
+    return float((y2 - 2 * cross + z2) / y2.clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:
+    """FLAP's baseline bias: W_D mean(x_D), the average output of the dropped inputs."""
+    dropped = torch.ones(weight.shape[1], dtype=torch.bool)
+    dropped[kept.cpu()] = False
+    dropped = dropped.to(weight.device)
+    mean = stats.mean.to(weight.device)
+    return (weight.double()[:, dropped] @ mean[dropped]).to(weight.dtype)
+
+
+def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
+          relative: bool = True) -> Compensated:
+    """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1.
+
+    With ``relative`` the penalty is lam * tr(G) / d_in (the mean squared activation
+    times N), so one lam works across layers, models and calibration sizes. Solved
+    with a float64 Cholesky factorisation, never an explicit inverse.
+    """
+    w = weight.double()
+    g = gram.to(w.device).double()
+    kept = kept.to(w.device)
+    scale = float(torch.trace(g) / g.shape[0]) if relative else 1.0
+    lam_abs = lam * scale
+    g_kk = g[kept][:, kept]
+    rhs = w @ g[:, kept] + lam_abs * w[:, kept]
+    eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
+    jitter = 0.0
+    chol, info = torch.linalg.cholesky_ex(g_kk + lam_abs * eye)
+    if int(info) != 0:  # singular: lam == 0 with fewer tokens than kept channels
+        jitter = 1e-10 * max(float(torch.diagonal(g_kk).mean()), 1e-30)
+        chol, info = torch.linalg.cholesky_ex(g_kk + (lam_abs + jitter) * eye)
+        logger.warning("ridge: the kept Gram matrix is singular; added jitter %.3g", jitter)
+        if int(info) != 0:
+            raise ValueError("ridge: kept Gram matrix is not positive definite; use a larger lambda")
+    new = torch.cholesky_solve(rhs.T, chol).T
+    return Compensated(new.to(weight.dtype), info={"lambda": lam, "lambda_abs": lam_abs,
+                                                   "lambda_relative": relative, "jitter": jitter})
+
+
+def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal Q maximising tr(Q^T M) (= argmin ||Y - Q Z|| for M = Y Z^T), and M's
+    singular values. ``proper`` restricts Q to rotations (det = +1)."""
+    u, s, vh = torch.linalg.svd(m)
+    if proper and torch.linalg.det(u @ vh) < 0:
+        u = u.clone()
+        u[:, -1] = -u[:, -1]
+    return u @ vh, s
+
+
+def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
+             proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
+             rank_rtol: float | None = None) -> Compensated:
+    """RCPU: W_K <- s* Q* W_K with Q* = U V^T from M = Y Z^T = U S V^T.
+
+    ``scale`` adds the optimal scalar s* = tr(Q^T M) / ||Z||^2 (RCPU "Rot.+Scale").
+    Q is arbitrary on M's null space. That is harmless while the calibration outputs
+    Z span the whole range of W_K (then Q W_K does not depend on the arbitrary part),
+    but with fewer calibration tokens than min(d_out, |K|) or degenerate data it
+    rotates unseen directions at random and can wreck the layer: we detect it,
+    keep W_K unchanged and report ``fallback`` instead of returning that rotation.
+    """
+    d_out = weight.shape[0]
+    w = weight.to(dtype)
+    g = gram.to(device=w.device, dtype=dtype)
+    kept = kept.to(w.device)
+    w_k = w[:, kept]
+    m = w @ g[:, kept] @ w_k.T
+    q, s = procrustes(m, proper=proper)
+    if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
+        rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
+    rank = int((s > s[0] * rank_rtol).sum()) if s[0] > 0 else 0
+    # Q W_K is determined by the data only on range(Z); it equals range(W_K) (rank
+    # min(d_out, |K|) generically) unless the calibration tokens do not span it.
+    needed = min(d_out, len(kept))
+    if rank < needed:
+        needed = min(needed, int(torch.linalg.matrix_rank(w_k)))
+    info: dict = {"rank": rank, "rank_needed": needed}
+    if (n_tokens is not None and n_tokens < needed) or rank < needed:
+        info["fallback"] = "none"
+        info["reason"] = (f"rank-deficient target (rank {rank} < {needed}"
+                          + (f", {n_tokens} calibration tokens" if n_tokens is not None else "") + ")")
+        return Compensated(weight[:, kept].clone(), info=info)
+    new = q @ w_k
+    if scale:
+        z2 = ((w_k @ g[kept][:, kept]) * w_k).sum()
+        s_star = torch.trace(q.T @ m) / z2
+        info["scale"] = float(s_star)
+        new = s_star * new
+    return Compensated(new.to(weight.dtype), info=info)

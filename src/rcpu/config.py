@@ -1,0 +1,105 @@
+"""One validated configuration object for a pruning run.
+
+Method presets are named (score, compensation) pairs; any field given explicitly
+overrides the preset, so ``method="rcpu", compensation="ridge"`` is a free
+combination. ``validate`` fails fast, before any model is loaded or calibrated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .compensate import COMPENSATIONS
+from .errors import RcpuError
+from .scores import SCORES
+from .select import HEAD_UNITS
+
+#: name -> (score, compensation); see README "Methods"
+PRESETS: dict[str, tuple[str, str]] = {
+    "rcpu": ("rcpu", "rotation"),
+    "rcpu-scaled": ("rcpu", "rotation_scale"),
+    "ridge": ("rcpu", "ridge"),
+    "wanda-sp": ("wanda-sp", "none"),
+    "magnitude-sp": ("magnitude", "none"),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+MLP_STATS = ("before_attention", "after_attention")
+
+
+@dataclass
+class PruneConfig:
+    """Everything that decides the pruned weights (plus batch size, which does not)."""
+
+    method: str = "rcpu"
+    pruning_ratio: float = 0.2
+    score: str | None = None
+    compensation: str | None = None
+    compensate_attn: bool = True
+    compensate_mlp: bool = True
+    ridge_lambda: float = 1e-2
+    ridge_lambda_relative: bool = True
+    rotation_dtype: str = "float64"
+    rotation_proper: bool = False
+    head_unit: str = "auto"
+    rebalance: bool = True
+    mlp_stats: str = "before_attention"
+    nsamples: int = 128
+    seqlen: int = 128
+    seed: int = 0
+    batch_size: int = 8
+
+    @property
+    def resolved_score(self) -> str:
+        return self.score or PRESETS[self.method][0]
+
+    @property
+    def resolved_compensation(self) -> str:
+        return self.compensation or PRESETS[self.method][1]
+
+    def validate(self) -> PruneConfig:
+        if self.method not in PRESETS and not (self.score and self.compensation):
+            raise RcpuError(f"unknown method {self.method!r}; choose from {', '.join(PRESETS)} "
+                            "or give both --score and --compensation")
+        if not (isinstance(self.pruning_ratio, (int, float)) and 0 <= self.pruning_ratio < 1):
+            raise RcpuError(f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
+        if self.resolved_score not in SCORES:
+            raise RcpuError(f"unknown score {self.resolved_score!r}; choose from {', '.join(SCORES)}")
+        if self.resolved_compensation not in COMPENSATIONS:
+            raise RcpuError(f"unknown compensation {self.resolved_compensation!r}; "
+                            f"choose from {', '.join(COMPENSATIONS)}")
+        if self.head_unit not in HEAD_UNITS:
+            raise RcpuError(f"--head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
+        if self.mlp_stats not in MLP_STATS:
+            raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.mlp_stats!r}")
+        if self.rotation_dtype not in ("float32", "float64"):
+            raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
+        if self.ridge_lambda < 0:
+            raise RcpuError(f"--ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        for name in ("nsamples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.seqlen < 2:
+            raise RcpuError(f"--seqlen must be >= 2, got {self.seqlen}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["score"] = self.resolved_score
+        d["compensation"] = self.resolved_compensation
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise RcpuError(f"unknown --dtype {name!r}; choose from float32, bfloat16, float16") from None

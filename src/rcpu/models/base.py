@@ -1,0 +1,164 @@
+"""Architecture adapters: where the layers and projections are, and how to cut them.
+
+An adapter knows the module layout of one model family and nothing about scores
+or compensation. The pipeline asks it for the decoder layers, the two compensated
+projections (o_proj, down_proj), the geometry of a layer, and to slice a layer
+to the kept heads / channels; at the end it writes the new widths into the config.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..select import AttentionGeometry, LayerShape
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep ``index`` along the output (dim 0) or input (dim 1) features, in place."""
+    index = index.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(dim, index).contiguous(), requires_grad=False)
+    if dim == 0:
+        linear.out_features = len(index)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).contiguous(), requires_grad=False)
+    else:
+        linear.in_features = len(index)
+
+
+def _ensure_bias(linear: nn.Linear) -> None:
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device), requires_grad=False)
+
+
+class DecoderAdapter:
+    """Base for decoder-only models with Llama's module layout."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: whether the stock config can switch on output biases of o_proj / down_proj
+    #: (needed to save FLAP-style bias compensation as a standard checkpoint)
+    output_bias_switches: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # layout --------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.layers
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def attn_out(self, layer: nn.Module) -> nn.Linear:
+        return layer.self_attn.o_proj
+
+    def mlp_out(self, layer: nn.Module) -> nn.Linear:
+        return layer.mlp.down_proj
+
+    def non_layer_modules(self) -> list[nn.Module]:
+        """Modules run before the first decoder layer (moved to the compute device)."""
+        mods = [self.base.embed_tokens]
+        if getattr(self.base, "rotary_emb", None) is not None:
+            mods.append(self.base.rotary_emb)
+        return mods
+
+    # geometry ------------------------------------------------------------------------
+    def geometry(self, layer: nn.Module) -> AttentionGeometry:
+        attn = self.attn(layer)
+        head_dim = attn.head_dim
+        return AttentionGeometry(
+            num_heads=attn.q_proj.out_features // head_dim,
+            num_kv_heads=attn.k_proj.out_features // head_dim,
+            head_dim=head_dim,
+            hidden_size=attn.o_proj.out_features,
+        )
+
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        attn, mlp = self.attn(layer), self.mlp(layer)
+        return LayerShape(
+            attn=self.geometry(layer),
+            intermediate_size=mlp.down_proj.in_features,
+            qkv_bias=attn.q_proj.bias is not None,
+            o_bias=attn.o_proj.bias is not None,
+            mlp_bias=mlp.gate_proj.bias is not None,
+        )
+
+    # surgery -------------------------------------------------------------------------
+    def prune_attention(self, layer: nn.Module, kept_heads: torch.Tensor, kept_kv_heads: torch.Tensor,
+                        new_o_weight: torch.Tensor | None = None) -> None:
+        """Keep query heads ``kept_heads`` and KV heads ``kept_kv_heads`` (ascending)."""
+        attn = self.attn(layer)
+        hd = attn.head_dim
+        q_rows = (kept_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        kv_rows = (kept_kv_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        _slice_linear(attn.q_proj, q_rows, 0)
+        _slice_linear(attn.k_proj, kv_rows, 0)
+        _slice_linear(attn.v_proj, kv_rows, 0)
+        _slice_linear(attn.o_proj, q_rows, 1)
+        if new_o_weight is not None:
+            attn.o_proj.weight.data.copy_(new_o_weight)
+        if len(kept_heads) % len(kept_kv_heads):
+            raise AssertionError("unequal KV groups after pruning")
+        attn.num_key_value_groups = len(kept_heads) // len(kept_kv_heads)
+        for attr, value in (("num_heads", len(kept_heads)), ("num_key_value_heads", len(kept_kv_heads))):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+
+    def prune_mlp(self, layer: nn.Module, kept: torch.Tensor, new_down_weight: torch.Tensor | None = None) -> None:
+        mlp = self.mlp(layer)
+        _slice_linear(mlp.gate_proj, kept, 0)
+        _slice_linear(mlp.up_proj, kept, 0)
+        _slice_linear(mlp.down_proj, kept, 1)
+        if new_down_weight is not None:
+            mlp.down_proj.weight.data.copy_(new_down_weight)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(kept)
+
+    def add_output_bias(self, linear: nn.Linear, delta: torch.Tensor) -> None:
+        _ensure_bias(linear)
+        linear.bias.data += delta.to(linear.bias.dtype)
+
+    def finalize(self) -> None:
+        """Write the (uniform) new widths into the config so it loads as a stock model.
+
+        Output biases added by compensation need the config's bias switches; those
+        also create q/k/v (resp. gate/up) biases, which get explicit zeros here.
+        """
+        layers = list(self.layers)
+        shapes = {(self.layer_shape(layer).attn, self.layer_shape(layer).intermediate_size) for layer in layers}
+        if len(shapes) != 1:
+            raise ValueError("layers have different widths; a stock config cannot describe them")
+        (geom, d_ff), = shapes
+        cfg = self.config
+        cfg.num_attention_heads = geom.num_heads
+        cfg.num_key_value_heads = geom.num_kv_heads
+        cfg.head_dim = geom.head_dim
+        cfg.intermediate_size = d_ff
+        attn_bias = any(self.attn_out(layer).bias is not None for layer in layers)
+        mlp_bias = any(self.mlp_out(layer).bias is not None for layer in layers)
+        if attn_bias or mlp_bias:
+            if not self.output_bias_switches:
+                raise ValueError(f"{self.name} checkpoints cannot carry output biases")
+            for layer in layers:
+                attn, mlp = self.attn(layer), self.mlp(layer)
+                if attn_bias:
+                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                        _ensure_bias(lin)
+                if mlp_bias:
+                    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                        _ensure_bias(lin)
+            cfg.attention_bias = cfg.attention_bias or attn_bias
+            cfg.mlp_bias = getattr(cfg, "mlp_bias", False) or mlp_bias

@@ -1,0 +1,26 @@
+"""Adapters for the Llama family layout (Llama, Mistral, Qwen2).
+
+They share module names; they differ in which biases exist and which the config
+can switch on. Qwen2 has q/k/v biases (sliced with their rows, handled by the base)
+and no switch for o_proj/down_proj biases; Mistral has no bias switches at all.
+"""
+
+from __future__ import annotations
+
+from .base import DecoderAdapter
+
+
+class LlamaAdapter(DecoderAdapter):
+    name = "llama"
+    model_types = ("llama",)
+    output_bias_switches = True  # config.attention_bias / config.mlp_bias
+
+
+class MistralAdapter(DecoderAdapter):
+    name = "mistral"
+    model_types = ("mistral",)
+
+
+class Qwen2Adapter(DecoderAdapter):
+    name = "qwen2"
+    model_types = ("qwen2",)

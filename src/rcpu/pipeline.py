@@ -1,0 +1,228 @@
+"""The sequential layer loop (RCPU reference order).
+
+h = inputs of the first decoder layer for the calibration windows. For each layer:
+  1. run the unpruned layer on h with hooks on o_proj and down_proj, streaming the
+     input statistics (and Gram matrices when the compensation needs them);
+  2. attention: score o_proj's input channels -> choose heads -> compensate o_proj -> slice;
+  3. MLP: the same on down_proj (statistics from step 1 by default, as the reference
+     code does; ``mlp_stats="after_attention"`` re-captures them after step 2);
+  4. h <- pruned layer(h), so layer l+1 sees all pruning so far.
+Targets are the unpruned sublayer's outputs on already-pruned inputs.
+
+Only one layer is on the compute device at a time; per-layer results are small,
+explicit and JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import compensate as comp
+from .config import PruneConfig
+from .models import DecoderAdapter
+from .scores import channel_scores, group_scores
+from .select import LayerPlan, head_channels, select_channels, select_heads
+from .stats import InputStats, StatsCollector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    index: int
+    kept_heads: list[int]
+    kept_kv_heads: list[int]
+    kept_channels: list[int]
+    attn: dict = field(default_factory=dict)
+    mlp: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for the first decoder layer to record its inputs, then stops the forward."""
+
+    def __init__(self, layer: nn.Module, sink: list):
+        super().__init__()
+        self.sink = sink
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder layer called with unexpected positional arguments")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        self.sink.append((hidden_states, kwargs))
+        raise _StopForward
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, layer kwargs) at the input of decoder layer 0, one entry per batch."""
+    layers = adapter.layers
+    first = layers[0]
+    sink: list = []
+    moved = [(m, _module_device(m)) for m in adapter.non_layer_modules()]
+    for m, _ in moved:
+        m.to(device)
+    layers[0] = _Catcher(first, sink)
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+        for m, home in moved:
+            m.to(home)
+    return [(h, _to_device(kw, device)) for h, kw in sink]
+
+
+def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool
+               ) -> list[tuple[torch.Tensor, dict]]:
+    outs = []
+    for h, kw in batches:
+        out = layer(h, **kw)
+        if isinstance(out, tuple):
+            out = out[0]
+        if keep_outputs:
+            outs.append((out, kw))
+    return outs
+
+
+def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig
+                ) -> comp.Compensated:
+    if kind == "none":
+        result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
+    elif kind == "bias":
+        result = comp.Compensated(weight[:, kept.to(weight.device)].clone(),
+                                  bias=comp.bias_shift(weight, stats, kept))
+    elif kind == "ridge":
+        result = comp.ridge(weight, stats.gram, kept, cfg.ridge_lambda, relative=cfg.ridge_lambda_relative)
+    elif kind in ("rotation", "rotation_scale"):
+        result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
+                               proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
+                               n_tokens=stats.n)
+    else:  # validated earlier
+        raise ValueError(kind)
+    result.info["method"] = kind
+    if stats.gram is not None:
+        kept_dev = kept.to(stats.gram.device)
+        w = weight.to(stats.gram.device)
+        result.info["rel_error_uncompensated"] = comp.reconstruction_error(w, stats.gram, kept_dev, w[:, kept_dev])
+        result.info["rel_error"] = comp.reconstruction_error(w, stats.gram, kept_dev,
+                                                             result.weight.to(stats.gram.device))
+    return result
+
+
+def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor,
+              cfg: PruneConfig, layer_index: int, name: str, warnings: list[str]) -> comp.Compensated:
+    result = _compensate(kind if enabled else "none", weight, stats, kept, cfg)
+    if "fallback" in result.info:
+        msg = (f"layer {layer_index} {name}: {result.info['reason']}; kept the weights uncompensated. "
+               f"Use more calibration tokens (--nsamples x --seqlen >= {weight.shape[0]}) or --compensation ridge")
+        logger.warning(msg)
+        warnings.append(msg)
+    return result
+
+
+@torch.no_grad()
+def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
+                batches: list[tuple[torch.Tensor, dict]], plan: LayerPlan, cfg: PruneConfig,
+                warnings: list[str]) -> tuple[LayerResult, list[tuple[torch.Tensor, dict]]]:
+    """Prune one decoder layer in place; returns its result and its outputs on ``batches``."""
+    t0 = time.perf_counter()
+    kind = cfg.resolved_compensation
+    gram_attn = kind in comp.NEEDS_GRAM and cfg.compensate_attn
+    gram_mlp = kind in comp.NEEDS_GRAM and cfg.compensate_mlp
+    o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
+    with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": gram_attn, "mlp": gram_mlp}) as col:
+        _run_layer(layer, batches, keep_outputs=False)
+    st_attn, st_mlp = col.stats["attn"], col.stats["mlp"]
+
+    # attention heads
+    geom = adapter.geometry(layer)
+    scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
+    kept_heads, kept_kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
+    attn_info: dict = {"stats": st_attn.summary()}
+    if len(kept_heads) < geom.num_heads:
+        kept_ch = head_channels(kept_heads, geom.head_dim)
+        res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, kept_ch, cfg, index, "o_proj", warnings)
+        adapter.prune_attention(layer, kept_heads, kept_kv, res.weight)
+        if res.bias is not None:
+            adapter.add_output_bias(o_proj, res.bias)
+        attn_info.update(res.info)
+    del st_attn
+
+    # MLP channels
+    if cfg.mlp_stats == "after_attention":
+        with StatsCollector({"mlp": down_proj}, {"mlp": gram_mlp}) as col:
+            _run_layer(layer, batches, keep_outputs=False)
+        st_mlp = col.stats["mlp"]
+    scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
+    kept_channels = select_channels(scores, plan.channels_removed)
+    mlp_info: dict = {"stats": st_mlp.summary()}
+    if len(kept_channels) < down_proj.in_features:
+        res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, kept_channels, cfg, index,
+                        "down_proj", warnings)
+        adapter.prune_mlp(layer, kept_channels, res.weight)
+        if res.bias is not None:
+            adapter.add_output_bias(down_proj, res.bias)
+        mlp_info.update(res.info)
+    del st_mlp
+
+    outputs = _run_layer(layer, batches, keep_outputs=True)
+    result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
+                         attn_info, mlp_info, time.perf_counter() - t0)
+    return result, outputs
+
+
+def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plan: LayerPlan,
+                   cfg: PruneConfig, device: torch.device, progress: bool = True
+                   ) -> tuple[list[LayerResult], list[str]]:
+    """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings."""
+    warnings: list[str] = []
+    batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+    results = []
+    bar = tqdm(range(len(adapter.layers)), desc="pruning layers", unit="layer", disable=not progress)
+    for i in bar:
+        layer = adapter.layers[i]
+        home = _module_device(layer)
+        layer.to(device)
+        result, batches = prune_layer(adapter, layer, i, batches, plan, cfg, warnings)
+        layer.to(home)
+        results.append(result)
+        bar.set_postfix_str(f"{result.seconds:.1f}s")
+    return results, warnings

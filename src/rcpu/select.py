@@ -1,0 +1,170 @@
+"""Which units to remove: how many per layer, and which ones.
+
+Units are attention heads (or whole KV groups under grouped-query attention) and
+MLP intermediate channels. Every layer keeps equal-sized KV groups so the pruned
+model is still a standard checkpoint. Exactly-k choices use a stable sort, so tied
+scores (common in weights dequantised from 4-bit checkpoints) resolve to the lower
+index, deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+HEAD_UNITS = ("auto", "query", "group")
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Everything the planner needs to count parameters of one decoder layer."""
+
+    attn: AttentionGeometry
+    intermediate_size: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def params_per_query_head(self) -> int:
+        a = self.attn
+        return 2 * a.hidden_size * a.head_dim + (a.head_dim if self.qkv_bias else 0)
+
+    @property
+    def params_per_kv_head(self) -> int:  # k and v rows
+        a = self.attn
+        return 2 * (a.hidden_size * a.head_dim + (a.head_dim if self.qkv_bias else 0))
+
+    @property
+    def params_per_channel(self) -> int:  # gate row, up row, down column
+        return 3 * self.attn.hidden_size + (2 if self.mlp_bias else 0)
+
+    @property
+    def attn_params(self) -> int:
+        a = self.attn
+        return (a.num_heads * self.params_per_query_head + a.num_kv_heads * self.params_per_kv_head
+                + (a.hidden_size if self.o_bias else 0))
+
+    @property
+    def mlp_params(self) -> int:
+        return self.intermediate_size * self.params_per_channel + (self.attn.hidden_size if self.mlp_bias else 0)
+
+
+@dataclass
+class LayerPlan:
+    """How many units one layer loses. ``head_unit`` is "query" (the same number of
+    query heads from every KV group; k/v kept) or "group" (whole KV groups)."""
+
+    head_unit: str
+    heads_removed_per_group: int = 0
+    groups_removed: int = 0
+    channels_removed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def heads_removed(self, geom: AttentionGeometry) -> int:
+        if self.head_unit == "group":
+            return self.groups_removed * geom.n_rep
+        return self.heads_removed_per_group * geom.num_kv_heads
+
+    def params_removed(self, shape: LayerShape) -> int:
+        removed = self.heads_removed(shape.attn) * shape.params_per_query_head
+        removed += self.groups_removed * shape.params_per_kv_head
+        return removed + self.channels_removed * shape.params_per_channel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebalance: bool = True) -> LayerPlan:
+    """Units to remove from every layer for a width ratio ``ratio``.
+
+    Paper-faithful counts are floor(ratio*H) heads and floor(ratio*d_ff) channels.
+    Under GQA heads must go in multiples that keep groups equal, which can be far
+    coarser than ratio*H; with ``rebalance`` the attention+MLP parameter budget the
+    heads could not absorb is taken from the MLP instead, and a note says so.
+    """
+    geom = shape.attn
+    g, r = geom.num_kv_heads, geom.n_rep
+    query_per_group = math.floor(ratio * r) if r > 1 else 0
+    groups = math.floor(ratio * g)
+    if head_unit == "auto":
+        head_unit = "query" if query_per_group * g >= groups * r and r > 1 else "group"
+    if head_unit == "query":
+        plan = LayerPlan("query", heads_removed_per_group=query_per_group)
+    elif head_unit == "group":
+        plan = LayerPlan("group", groups_removed=groups)
+    else:
+        raise ValueError(f"unknown head unit {head_unit!r}; choose from {HEAD_UNITS}")
+
+    d_ff = shape.intermediate_size
+    plan.channels_removed = math.floor(ratio * d_ff)
+    heads = plan.heads_removed(geom)
+    exact_heads = ratio * geom.num_heads
+    if rebalance and heads < exact_heads:
+        target = ratio * (shape.attn_params + shape.mlp_params)
+        attn_removed = plan.params_removed(shape) - plan.channels_removed * shape.params_per_channel
+        channels = round((target - attn_removed) / shape.params_per_channel)
+        channels = max(plan.channels_removed, min(d_ff - 1, channels))
+        if channels != plan.channels_removed:
+            plan.notes.append(
+                f"heads are too coarse for ratio {ratio:g}: {heads} of {geom.num_heads} heads per layer "
+                f"(unit: {plan.head_unit}, groups of {r}); the remaining budget is moved to the MLP: "
+                f"{channels} of {d_ff} channels instead of {plan.channels_removed}"
+            )
+            plan.channels_removed = channels
+    elif heads < exact_heads:
+        plan.notes.append(
+            f"heads are too coarse for ratio {ratio:g}: only {heads} of {geom.num_heads} heads per layer "
+            f"are removed (rebalancing to the MLP is off)"
+        )
+    return plan
+
+
+def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the k highest scores; ties go to the lower index."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"cannot keep {k} of {scores.numel()} units")
+    order = torch.argsort(scores.detach().double().cpu(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def select_heads(head_scores: torch.Tensor, geom: AttentionGeometry, plan: LayerPlan
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept query heads and kept KV heads (ascending) given one score per query head.
+
+    Query heads are laid out group-major (head h belongs to KV group h // n_rep), as in
+    every Hugging Face GQA implementation.
+    """
+    g, r = geom.num_kv_heads, geom.n_rep
+    per_group = head_scores.detach().double().cpu().reshape(g, r)
+    if plan.head_unit == "group":
+        kept_groups = topk_stable(per_group.sum(1), g - plan.groups_removed)
+        kept_heads = (kept_groups[:, None] * r + torch.arange(r)).reshape(-1)
+        return kept_heads, kept_groups
+    keep = r - plan.heads_removed_per_group
+    kept_heads = torch.cat([topk_stable(per_group[i], keep) + i * r for i in range(g)])
+    return kept_heads, torch.arange(g)
+
+
+def select_channels(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Kept MLP channels (ascending)."""
+    return topk_stable(scores, scores.numel() - n_remove)
+
+
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj input channels of the given heads."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

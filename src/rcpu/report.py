@@ -36,6 +36,7 @@ class PruneReport:
     timings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    evaluation: dict = field(default_factory=dict)
     versions: dict = field(default_factory=versions)
 
     def to_dict(self) -> dict:

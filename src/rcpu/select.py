@@ -113,8 +113,8 @@ def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebal
     d_ff = shape.intermediate_size
     plan.channels_removed = math.floor(ratio * d_ff)
     heads = plan.heads_removed(geom)
-    exact_heads = ratio * geom.num_heads
-    if rebalance and heads < exact_heads:
+    faithful_heads = math.floor(ratio * geom.num_heads)  # what the paper removes without GQA
+    if rebalance and heads < faithful_heads:
         target = ratio * (shape.attn_params + shape.mlp_params)
         attn_removed = plan.params_removed(shape) - plan.channels_removed * shape.params_per_channel
         channels = round((target - attn_removed) / shape.params_per_channel)
@@ -126,7 +126,7 @@ def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebal
                 f"{channels} of {d_ff} channels instead of {plan.channels_removed}"
             )
             plan.channels_removed = channels
-    elif heads < exact_heads:
+    elif heads < faithful_heads:
         plan.notes.append(
             f"heads are too coarse for ratio {ratio:g}: only {heads} of {geom.num_heads} heads per layer "
             f"are removed (rebalancing to the MLP is off)"

@@ -1,0 +1,204 @@
+"""Command line: ``rcpu prune`` and ``rcpu eval``. Thin: parse, call the API, print.
+
+Flag spellings follow the SparseGPT/Wanda/FLAP/RCPU lineage (``--pruning_ratio``,
+``--nsamples``, ``--save_model``...); the dashed forms are accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .config import PRESETS, PruneConfig, parse_dtype
+from .errors import RcpuError
+
+logger = logging.getLogger("rcpu")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kw) -> None:
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **kw)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _add(p, "model", default=DEFAULT_MODEL,
+         help=f"local HF directory, .gguf file, hub id, or built-in name (default {DEFAULT_MODEL})")
+    _add(p, "device", default=None, help="compute device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    _add(p, "dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    _add(p, "trust_remote_code", action="store_true", help="allow modeling code shipped with the checkpoint")
+    _add(p, "max_eval_tokens", type=int, default=None,
+         help="evaluate perplexity on the first N tokens only (0 = all)")
+    _add(p, "eval_batch_size", type=int, default=None, help="windows per forward pass in evaluation")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcpu", description="Structured pruning of LLMs with RCPU and baselines.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("prune", help="prune a model (no flags: the built-in demo)")
+    _common(p)
+    d = PruneConfig()
+    _add(p, "method", default=d.method, help=f"preset: {', '.join(PRESETS)} (default {d.method})")
+    _add(p, "pruning_ratio", type=float, default=d.pruning_ratio, help="fraction of heads/channels to remove")
+    _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2")
+    _add(p, "compensation", default=None,
+         help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale")
+    _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,
+         help="compensate o_proj (default on)")
+    _add(p, "compensate_mlp", action=argparse.BooleanOptionalAction, default=True,
+         help="compensate down_proj (default on)")
+    _add(p, "ridge_lambda", type=float, default=d.ridge_lambda,
+         help=f"ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default {d.ridge_lambda})")
+    _add(p, "ridge_lambda_absolute", action="store_true", help="use --ridge_lambda as an absolute penalty")
+    _add(p, "rotation_dtype", default=d.rotation_dtype, choices=["float32", "float64"],
+         help="precision of the Procrustes SVD (reference code: float32)")
+    _add(p, "rotation_proper", action="store_true", help="restrict Q to rotations, det(Q) = +1 (SO(d))")
+    _add(p, "head_unit", default=d.head_unit, choices=["auto", "query", "group"],
+         help="GQA: remove query heads evenly from every KV group, or whole KV groups")
+    _add(p, "rebalance", action=argparse.BooleanOptionalAction, default=True,
+         help="move the budget heads are too coarse for to the MLP (default on)")
+    _add(p, "mlp_stats", default=d.mlp_stats, choices=["before_attention", "after_attention"],
+         help="down_proj statistics captured before (reference) or after pruning the layer's attention")
+    _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
+    _add(p, "seqlen", type=int, default=d.seqlen, help="calibration window length (default 128, the paper's)")
+    _add(p, "seed", type=int, default=d.seed, help="seed for drawing calibration windows (default 0)")
+    _add(p, "batch_size", type=int, default=d.batch_size, help="calibration windows per forward pass")
+    _add(p, "calib", default="builtin", help="calibration text: builtin, wikitext2, or a .txt/.jsonl file")
+    _add(p, "eval", default="builtin", help="perplexity text before/after (builtin, wikitext2, file, or none)")
+    _add(p, "eval_seqlen", type=int, default=128, help="perplexity window length (default 128)")
+    _add(p, "save_model", default=None, help="write the pruned checkpoint to this directory")
+    _add(p, "overwrite", action="store_true", help="replace an existing --save_model directory")
+    _add(p, "report", default=None, help="also write the JSON report to this file")
+
+    e = sub.add_parser("eval", help="perplexity of a model")
+    _common(e)
+    _add(e, "ppl", default="builtin", help="evaluation text: builtin, wikitext2, or a .txt/.jsonl file")
+    _add(e, "seqlen", type=int, nargs="+", default=[128], help="window length(s), e.g. --seqlen 128 2048")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+                        if quiet else "%(message)s", stream=sys.stderr)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _eval_ids(tokenizer, source: str):
+    from . import data
+
+    return data.tokenize(tokenizer, data.load_text(source, "eval"))
+
+
+def _ppl(model, ids, seqlen, args, device, label):
+    from .evaluate import perplexity
+
+    max_tokens = args.max_eval_tokens or None
+    return perplexity(model, ids, seqlen, batch_size=args.eval_batch_size, max_tokens=max_tokens,
+                      device=device, source=label, progress=not args.quiet)
+
+
+def cmd_prune(args) -> int:
+    import torch
+
+    from .api import default_device, prune
+    from .export import check_output_dir, save_pruned
+    from .loading import load_model
+    from .report import count_params
+
+    t_start = time.perf_counter()
+    cfg = PruneConfig(
+        method=args.method, pruning_ratio=args.pruning_ratio, score=args.score, compensation=args.compensation,
+        compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=args.ridge_lambda,
+        ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
+        rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
+        mlp_stats=args.mlp_stats, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        batch_size=args.batch_size,
+    ).validate()
+    dtype = parse_dtype(args.dtype)
+    device = torch.device(args.device) if args.device else default_device()
+    if args.save_model:
+        check_output_dir(args.save_model, args.overwrite)
+    if args.max_eval_tokens is None:
+        args.max_eval_tokens = 65536  # a quick before/after check; `rcpu eval` uses all tokens
+
+    loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    print(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
+          f"{count_params(model):,} parameters, {args.dtype}, device {device}")
+    eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)
+    dense = None
+    if eval_ids is not None:
+        model.to(device)
+        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        model.to("cpu")
+        print(f"dense : {dense.format()}")
+    model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet)
+    report.model["source"] = args.model
+    for line in report.summary_lines():
+        print(line)
+    for w in report.warnings:
+        print(f"warning: {w}")
+    if eval_ids is not None:
+        model.to(device)
+        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        print(f"pruned: {pruned.format()}")
+        report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+    print(f"peak memory: {', '.join(f'{k} {v:,.0f}' for k, v in report.memory.items())}")
+    provenance = report.to_dict()
+    if args.save_model:
+        model.to("cpu")
+        out = save_pruned(model, tok, args.save_model, provenance, overwrite=args.overwrite)
+        print(f"saved to {out}")
+    if args.report:
+        with open(args.report, "w") as fh:
+            json.dump(provenance, fh, indent=2, default=str)
+    print(f"total time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .api import default_device
+    from .loading import load_model
+    from .report import count_params
+
+    dtype = parse_dtype(args.dtype)
+    device = torch.device(args.device) if args.device else default_device()
+    if any(s < 2 for s in args.seqlen):
+        raise RcpuError("--seqlen values must be >= 2")
+    loaded = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    print(f"model {args.model}: {type(loaded.model).__name__}, {count_params(loaded.model):,} parameters")
+    ids = _eval_ids(loaded.tokenizer, args.ppl)
+    for seqlen in args.seqlen:
+        print(_ppl(loaded.model, ids, seqlen, args, device, f"{args.ppl}:eval").format())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["prune"]  # the built-in demo
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.quiet)
+    try:
+        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+    except RcpuError as exc:
+        print(f"rcpu: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Tiny random models built in the tests (milliseconds, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, head_dim: int = 8,
+               intermediate: int = 96, layers: int = 2, seed: int = 0, **extra) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=VOCAB,
+                  max_position_embeddings=256, **extra)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **common))
+        with torch.no_grad():  # random init leaves biases at zero; make them matter
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def make_windows(n: int = 24, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2"])
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from rcpu import compensate as comp
+from rcpu.stats import InputStats
+
+
+def _data(d_out=12, d_in=20, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d_in, dtype=torch.float64)
+    x = x + torch.randn(d_in, generator=g, dtype=torch.float64)  # non-zero means
+    return w, x
+
+
+def _objective(w, x, kept, new_kept):
+    y = x @ w.T
+    z = x[:, kept] @ new_kept.T
+    return float((y - z).square().sum())
+
+
+def test_procrustes_recovers_known_rotation():
+    g = torch.Generator().manual_seed(3)
+    q_true, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    z = torch.randn(16, 300, generator=g, dtype=torch.float64)
+    y = q_true @ z
+    q, _ = comp.procrustes(y @ z.T)
+    torch.testing.assert_close(q, q_true, atol=1e-10, rtol=0)
+
+
+def test_rotation_is_orthogonal_and_beats_random_rotations():
+    w, x = _data()
+    gram = x.T @ x
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11, 13, 14, 15, 17, 19])  # |K| = d_out: full-rank target
+    res = comp.rotation(w, gram, kept, n_tokens=x.shape[0])
+    assert "fallback" not in res.info
+    w_k = w[:, kept]
+    q = res.weight @ torch.linalg.pinv(w_k)
+    torch.testing.assert_close(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-8, rtol=0)
+    best = _objective(w, x, kept, res.weight)
+    assert best < _objective(w, x, kept, w_k)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        r, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+        assert best <= _objective(w, x, kept, r @ w_k) + 1e-9
+
+
+def test_rotation_scale_uses_optimal_scalar():
+    w, x = _data()
+    gram = x.T @ x
+    kept = torch.arange(0, 20, 2)
+    rot = comp.rotation(w, gram, kept)
+    rs = comp.rotation(w, gram, kept, scale=True)
+    s = rs.info["scale"]
+    torch.testing.assert_close(rs.weight, s * rot.weight)
+    base = _objective(w, x, kept, rs.weight)
+    for eps in (-0.05, 0.05):
+        assert base <= _objective(w, x, kept, (s + eps) * rot.weight)
+
+
+def test_proper_rotation_has_positive_determinant():
+    w, x = _data(d_out=10, d_in=10)
+    gram = x.T @ x
+    kept = torch.arange(10)
+    w_ref = w.clone()
+    w_ref[0] = -w_ref[0]  # a reflection is the best orthogonal map from w to w_ref
+    m = w_ref @ gram @ w.T
+    q, _ = comp.procrustes(m)
+    assert torch.linalg.det(q) < 0
+    q, _ = comp.procrustes(m, proper=True)
+    assert torch.linalg.det(q) > 0
+    res = comp.rotation(w, gram, kept, proper=True)
+    assert "fallback" not in res.info
+
+
+def test_rank_deficient_rotation_falls_back():
+    w, x = _data(d_out=12, d_in=20, n=6)  # 6 tokens < 12 outputs
+    kept = torch.arange(0, 20, 2)
+    res = comp.rotation(w, x.T @ x, kept, n_tokens=6)
+    assert res.info["fallback"] == "none"
+    torch.testing.assert_close(res.weight, w[:, kept])
+
+
+def test_ridge_matches_direct_least_squares():
+    w, x = _data()
+    gram = x.T @ x
+    kept = torch.tensor([1, 2, 4, 6, 9, 10, 12, 15, 16, 18, 19])
+    y = x @ w.T
+    xk = x[:, kept]
+    for lam in (0.0, 0.3):
+        res = comp.ridge(w, gram, kept, lam, relative=False)
+        # stacked least squares: [X_K; sqrt(lam) I] B^T = [Y; sqrt(lam) W_K^T]
+        a = torch.cat([xk, lam**0.5 * torch.eye(len(kept), dtype=torch.float64)])
+        b = torch.cat([y, lam**0.5 * w[:, kept].T])
+        direct = torch.linalg.lstsq(a, b).solution.T
+        torch.testing.assert_close(res.weight, direct, atol=1e-9, rtol=1e-9)
+    rel = comp.ridge(w, gram, kept, 0.1, relative=True)
+    assert rel.info["lambda_abs"] == pytest.approx(0.1 * float(torch.trace(gram)) / 20)
+
+
+def test_ridge_shrinks_to_original_weights():
+    w, x = _data()
+    kept = torch.arange(0, 20, 3)
+    res = comp.ridge(w, x.T @ x, kept, 1e12, relative=True)
+    torch.testing.assert_close(res.weight, w[:, kept], atol=1e-6, rtol=1e-6)
+
+
+def test_bias_shift_is_mean_of_dropped_outputs():
+    w, x = _data()
+    stats = InputStats(20)
+    stats.update(x.float())
+    kept = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    shift = comp.bias_shift(w.float(), stats, kept)
+    expected = (x[:, 8:] @ w[:, 8:].T).mean(0)
+    torch.testing.assert_close(shift.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_reconstruction_error_matches_direct():
+    w, x = _data()
+    kept = torch.arange(0, 20, 2)
+    new = torch.randn(12, 10, dtype=torch.float64)
+    direct = _objective(w, x, kept, new) / float((x @ w.T).square().sum())
+    assert comp.reconstruction_error(w, x.T @ x, kept, new) == pytest.approx(direct, rel=1e-9)
+
+
+def test_compensation_reduces_error_ridge_best():
+    w, x = _data(n=2000)
+    gram = x.T @ x
+    kept = torch.arange(0, 20, 2)
+    err = {name: comp.reconstruction_error(w, gram, kept, r.weight) for name, r in {
+        "none": comp.Compensated(w[:, kept]),
+        "rotation": comp.rotation(w, gram, kept),
+        "rotation_scale": comp.rotation(w, gram, kept, scale=True),
+        "ridge": comp.ridge(w, gram, kept, 0.0),
+    }.items()}
+    assert err["ridge"] <= err["rotation_scale"] <= err["rotation"] < err["none"]

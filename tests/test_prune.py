@@ -1,0 +1,166 @@
+"""End-to-end pruning on tiny random models: slicing, GQA, compensation, save/reload."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_model, make_windows
+
+from rcpu import RcpuError
+from rcpu.api import prune
+from rcpu.config import PruneConfig
+from rcpu.export import PROVENANCE, save_pruned
+from rcpu.models import get_adapter
+
+
+def _masked_dense(model, report):
+    """The dense model with the removed heads / channels zeroed at o_proj / down_proj inputs."""
+    dense = copy.deepcopy(model)
+    adapter = get_adapter(dense)
+    for layer, res in zip(adapter.layers, report.layers):
+        o, down = adapter.attn_out(layer), adapter.mlp_out(layer)
+        hd = layer.self_attn.head_dim
+        mask = torch.zeros(o.in_features, dtype=torch.bool)
+        for h in res["kept_heads"]:
+            mask[h * hd:(h + 1) * hd] = True
+        o.weight.data[:, ~mask] = 0
+        keep = torch.zeros(down.in_features, dtype=torch.bool)
+        keep[res["kept_channels"]] = True
+        down.weight.data[:, ~keep] = 0
+    return dense
+
+
+@pytest.mark.parametrize("head_unit", ["query", "group"])
+def test_sliced_equals_masked_dense(family, head_unit):
+    model = make_model(family)
+    original = copy.deepcopy(model)
+    windows = make_windows()
+    cfg = PruneConfig(method="wanda-sp", pruning_ratio=0.5, head_unit=head_unit, batch_size=5)
+    pruned, report = prune(model, cfg, windows=windows, device="cpu", progress=False)
+    masked = _masked_dense(original, report)
+    x = make_windows(3, 20, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).logits, masked(x).logits, atol=1e-5, rtol=1e-5)
+    cfg_out = pruned.config
+    assert cfg_out.num_attention_heads == 4
+    assert cfg_out.num_key_value_heads == (2 if head_unit == "query" else 1)
+    assert cfg_out.intermediate_size == 48
+    for layer in get_adapter(pruned).layers:  # every layer has the same, equal-sized groups
+        attn = layer.self_attn
+        assert attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == cfg_out.num_key_value_heads * 8
+        assert attn.num_key_value_groups * cfg_out.num_key_value_heads == 4
+        assert layer.mlp.down_proj.in_features == 48
+
+
+def test_compensation_lowers_layer_error_and_is_reproducible():
+    windows = make_windows(32, 32)
+    errs = {}
+    for method in ("rcpu", "rcpu-scaled", "ridge"):
+        _, rep = prune(make_model(), PruneConfig(method=method, pruning_ratio=0.3, batch_size=8), windows=windows,
+                       device="cpu", progress=False)
+        for layer in rep.layers:
+            for part in ("attn", "mlp"):
+                assert layer[part]["rel_error"] < layer[part]["rel_error_uncompensated"]
+        errs[method] = rep.layers[0]["mlp"]["rel_error"]
+    assert errs["ridge"] < errs["rcpu-scaled"] <= errs["rcpu"]
+    a, _ = prune(make_model(), PruneConfig(pruning_ratio=0.3), windows=windows, device="cpu", progress=False)
+    b, _ = prune(make_model(), PruneConfig(pruning_ratio=0.3), windows=windows, device="cpu", progress=False)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_rank_deficient_calibration_warns_and_falls_back():
+    model = make_model(hidden=64, heads=8, kv_heads=8)  # MHA: |K| = 32 kept o_proj inputs at ratio 0.5
+    windows = make_windows(2, 8)  # 16 tokens < 32
+    _, report = prune(model, PruneConfig(method="rcpu", pruning_ratio=0.5), windows=windows, device="cpu",
+                      progress=False)
+    assert report.warnings and "rank-deficient" in report.warnings[0]
+    assert report.layers[0]["attn"]["fallback"] == "none"
+
+
+def test_params_reported():
+    model = make_model()
+    n0 = sum(p.numel() for p in model.parameters())
+    pruned, report = prune(model, PruneConfig(pruning_ratio=0.5), windows=make_windows(), device="cpu",
+                           progress=False)
+    p = report.params
+    assert p["total_before"] == n0 - model.lm_head.weight.numel() * int(model.config.tie_word_embeddings)
+    assert p["total_after"] == sum(x.numel() for x in {id(x): x for x in pruned.parameters()}.values())
+    assert 0.45 < p["ratio_attn_mlp"] < 0.55 and 0 < p["ratio_total"] < p["ratio_attn_mlp"]
+
+
+_RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(m(x).logits, sys.argv[3])
+assert "rcpu" not in sys.modules
+print(sum(p.numel() for p in m.parameters()))
+"""
+
+
+@pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge"), ("mistral", "rcpu-scaled"),
+                                           ("llama", "bias")])
+def test_save_reload_identical_logits(tmp_path, family, method):
+    cfg = (PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5) if method == "bias"
+           else PruneConfig(method=method, pruning_ratio=0.5))
+    pruned, report = prune(make_model(family), cfg, windows=make_windows(), device="cpu", progress=False)
+    out = save_pruned(pruned, None, tmp_path / "out", report.to_dict())
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dir left behind
+    x = make_windows(2, 16, seed=5)
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, check=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
+    assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in pruned.parameters())
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["intermediate_size"] == 48 and saved["head_dim"] == 8
+    if method == "bias":
+        assert saved["attention_bias"] and saved["mlp_bias"]
+    prov = json.loads((out / PROVENANCE).read_text())
+    assert prov["config"]["method"] in ("rcpu", "ridge", "rcpu-scaled", "wanda-sp")
+    assert len(prov["layers"]) == 2 and "kept_channels" in prov["layers"][0]
+
+
+def test_existing_output_is_refused(tmp_path):
+    pruned, report = prune(make_model(), PruneConfig(method="wanda-sp"), windows=make_windows(), device="cpu",
+                           progress=False)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(RcpuError, match="already exists"):
+        save_pruned(pruned, None, tmp_path / "out", {})
+    out = save_pruned(pruned, None, tmp_path / "out", {}, overwrite=True)
+    assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_bad_ratio(ratio):
+    with pytest.raises(RcpuError, match="pruning_ratio"):
+        prune(make_model(), PruneConfig(pruning_ratio=ratio), windows=make_windows())
+
+
+def test_bad_method_and_names():
+    with pytest.raises(RcpuError, match="unknown method"):
+        PruneConfig(method="sparsegpt").validate()
+    with pytest.raises(RcpuError, match="unknown compensation"):
+        PruneConfig(compensation="magic").validate()
+    with pytest.raises(RcpuError, match="unknown score"):
+        PruneConfig(score="magic").validate()
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(RcpuError, match="unsupported architecture 'gpt2'; supported: llama, mistral, qwen2"):
+        prune(gpt2, PruneConfig(), windows=make_windows())
+
+
+def test_bias_compensation_refused_where_checkpoint_cannot_carry_it():
+    with pytest.raises(RcpuError, match="bias compensation"):
+        prune(make_model("qwen2"), PruneConfig(method="wanda-sp", compensation="bias"), windows=make_windows())

@@ -19,9 +19,8 @@ from torch import nn
 from .config import PruneConfig
 from .errors import RcpuError
 from .models import get_adapter
-from .pipeline import run_sequential
+from .pipeline import capture_layer_inputs, make_plans, run_sequential
 from .report import PruneReport, count_params
-from .select import plan_uniform
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +85,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
 
     layers = adapter.layers
     shape = adapter.layer_shape(layers[0])
-    plan = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance)
     geom = shape.attn
-    if plan.heads_removed(geom) >= geom.num_heads or plan.channels_removed >= shape.intermediate_size:
-        raise RcpuError(f"--pruning_ratio {cfg.pruning_ratio} would remove every head or channel of a layer; "
-                        "use a smaller ratio")
-    for note in plan.notes:
-        logger.warning(note)
-
     params_before = count_params(model)
     attn_mlp_before = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
                           for layer in layers)
@@ -102,12 +94,18 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    results, warnings = run_sequential(model, adapter, windows, plan, cfg, device, progress=progress)
+    batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+    plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
+    for note in dict.fromkeys(n for p in plans for n in p.notes):
+        logger.warning(note)
+    results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
+                                       batches=batches)
     model.train(was_training)
     adapter.finalize()
     prune_s = time.perf_counter() - t0
 
-    new_shape = adapter.layer_shape(layers[0])
+    new_shapes = [adapter.layer_shape(layer) for layer in layers]
+    new_shape = new_shapes[0]
     attn_mlp_after = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
                          for layer in layers)
     params_after = count_params(model)
@@ -119,7 +117,12 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         "heads_before": geom.num_heads, "heads_after": new_shape.attn.num_heads,
         "kv_heads_before": geom.num_kv_heads, "kv_heads_after": new_shape.attn.num_kv_heads,
         "intermediate_before": shape.intermediate_size, "intermediate_after": new_shape.intermediate_size,
+        "uniform": len({(s.attn, s.intermediate_size) for s in new_shapes}) == 1,
     }
+    if not params["uniform"]:
+        params["heads_after"] = [s.attn.num_heads for s in new_shapes]
+        params["kv_heads_after"] = [s.attn.num_kv_heads for s in new_shapes]
+        params["intermediate_after"] = [s.intermediate_size for s in new_shapes]
     memory = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
     if device.type == "cuda":
         memory["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -129,7 +132,9 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
                "adapter": adapter.name, "num_layers": len(layers), "device": str(device),
                "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         calibration=calib_info,
-        plan=plan.to_dict(),
+        plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
+              "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
+              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation == "global" else plans[0].to_dict()},
         params=params,
         layers=[r.to_dict() for r in results],
         timings={"prune_s": round(prune_s, 3)},

@@ -16,14 +16,20 @@ from .errors import RcpuError
 from .scores import SCORES
 from .select import HEAD_UNITS
 
-#: name -> (score, compensation); see README "Methods"
-PRESETS: dict[str, tuple[str, str]] = {
-    "rcpu": ("rcpu", "rotation"),
-    "rcpu-scaled": ("rcpu", "rotation_scale"),
-    "ridge": ("rcpu", "ridge"),
-    "wanda-sp": ("wanda-sp", "none"),
-    "magnitude-sp": ("magnitude", "none"),
+#: name -> settings it implies; see README "Methods". Explicit fields override them.
+PRESETS: dict[str, dict[str, str]] = {
+    "rcpu": {"score": "rcpu", "compensation": "rotation"},
+    "rcpu-scaled": {"score": "rcpu", "compensation": "rotation_scale"},
+    "ridge": {"score": "rcpu", "compensation": "ridge"},
+    "wanda-sp": {"score": "wanda-sp", "compensation": "none"},
+    "magnitude-sp": {"score": "magnitude", "compensation": "none"},
+    # FLAP (An et al. 2024): fluctuation score, global adaptive allocation (AL-AM),
+    # bias compensation, all statistics from the dense model
+    "flap": {"score": "fluctuation", "compensation": "bias", "allocation": "global", "statistics": "dense"},
 }
+DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential"}
+ALLOCATIONS = ("uniform", "global")
+STATISTICS = ("sequential", "dense")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -39,6 +45,8 @@ class PruneConfig:
     pruning_ratio: float = 0.2
     score: str | None = None
     compensation: str | None = None
+    allocation: str | None = None
+    statistics: str | None = None
     compensate_attn: bool = True
     compensate_mlp: bool = True
     ridge_lambda: float = 1e-2
@@ -53,13 +61,28 @@ class PruneConfig:
     seed: int = 0
     batch_size: int = 8
 
+    def _resolve(self, name: str) -> str:
+        explicit = getattr(self, name)
+        if explicit is not None:
+            return explicit
+        preset = PRESETS.get(self.method, {})
+        return preset.get(name) or DEFAULTS[name]
+
     @property
     def resolved_score(self) -> str:
-        return self.score or PRESETS[self.method][0]
+        return self._resolve("score")
 
     @property
     def resolved_compensation(self) -> str:
-        return self.compensation or PRESETS[self.method][1]
+        return self._resolve("compensation")
+
+    @property
+    def resolved_allocation(self) -> str:
+        return self._resolve("allocation")
+
+    @property
+    def resolved_statistics(self) -> str:
+        return self._resolve("statistics")
 
     def validate(self) -> PruneConfig:
         if self.method not in PRESETS and not (self.score and self.compensation):
@@ -72,6 +95,12 @@ class PruneConfig:
         if self.resolved_compensation not in COMPENSATIONS:
             raise RcpuError(f"unknown compensation {self.resolved_compensation!r}; "
                             f"choose from {', '.join(COMPENSATIONS)}")
+        if self.resolved_allocation not in ALLOCATIONS:
+            raise RcpuError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.resolved_allocation!r}")
+        if self.resolved_statistics not in STATISTICS:
+            raise RcpuError(f"--statistics must be one of {', '.join(STATISTICS)}, got {self.resolved_statistics!r}")
+        if self.resolved_statistics == "dense" and self.mlp_stats == "after_attention":
+            raise RcpuError("--mlp_stats after_attention needs --statistics sequential")
         if self.head_unit not in HEAD_UNITS:
             raise RcpuError(f"--head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
         if self.mlp_stats not in MLP_STATS:
@@ -91,6 +120,8 @@ class PruneConfig:
         d = asdict(self)
         d["score"] = self.resolved_score
         d["compensation"] = self.resolved_compensation
+        d["allocation"] = self.resolved_allocation
+        d["statistics"] = self.resolved_statistics
         return d
 
     @classmethod

@@ -27,7 +27,16 @@ from . import compensate as comp
 from .config import PruneConfig
 from .models import DecoderAdapter
 from .scores import channel_scores, group_scores
-from .select import LayerPlan, head_channels, select_channels, select_heads
+from .select import (
+    LayerPlan,
+    allocate_global,
+    head_channels,
+    head_unit_scores,
+    plan_uniform,
+    select_channels,
+    select_heads,
+    standardize,
+)
 from .stats import InputStats, StatsCollector
 
 logger = logging.getLogger(__name__)
@@ -167,9 +176,10 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     kind = cfg.resolved_compensation
     gram_attn = kind in comp.NEEDS_GRAM and cfg.compensate_attn
     gram_mlp = kind in comp.NEEDS_GRAM and cfg.compensate_mlp
+    dense = cfg.resolved_statistics == "dense"
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
     with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": gram_attn, "mlp": gram_mlp}) as col:
-        _run_layer(layer, batches, keep_outputs=False)
+        dense_outputs = _run_layer(layer, batches, keep_outputs=dense)
     st_attn, st_mlp = col.stats["attn"], col.stats["mlp"]
 
     # attention heads
@@ -203,25 +213,63 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         mlp_info.update(res.info)
     del st_mlp
 
-    outputs = _run_layer(layer, batches, keep_outputs=True)
+    # dense statistics: the next layer sees the dense model's hidden states (FLAP)
+    outputs = dense_outputs if dense else _run_layer(layer, batches, keep_outputs=True)
     result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
                          attn_info, mlp_info, time.perf_counter() - t0)
     return result, outputs
 
 
-def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plan: LayerPlan,
-                   cfg: PruneConfig, device: torch.device, progress: bool = True
+@torch.no_grad()
+def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
+                 cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True) -> list[LayerPlan]:
+    """FLAP-style allocation: one pass over the dense model scores every unit of every
+    layer (standardised per layer and module), then :func:`allocate_global` decides
+    how many units each layer keeps. Only per-layer score vectors are kept."""
+    unit_scores, shapes = [], []
+    bar = tqdm(range(len(adapter.layers)), desc="scoring (allocation)", unit="layer", disable=not progress)
+    for i in bar:
+        layer = adapter.layers[i]
+        home = _module_device(layer)
+        layer.to(device)
+        o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
+        with StatsCollector({"attn": o_proj, "mlp": down_proj}, {}) as col:
+            batches = _run_layer(layer, batches, keep_outputs=True)
+        geom = adapter.geometry(layer)
+        attn = standardize(channel_scores(cfg.resolved_score, o_proj.weight, col.stats["attn"]))
+        heads = attn.reshape(geom.num_heads, geom.head_dim).mean(1)
+        mlp = standardize(channel_scores(cfg.resolved_score, down_proj.weight, col.stats["mlp"]))
+        unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
+        shapes.append(adapter.layer_shape(layer))
+        layer.to(home)
+    return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit)
+
+
+def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
+               cfg: PruneConfig, device: torch.device, progress: bool = True) -> list[LayerPlan]:
+    """How many units each layer loses: the same everywhere (uniform) or allocated globally."""
+    shape = adapter.layer_shape(adapter.layers[0])
+    uniform = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance)
+    if cfg.resolved_allocation == "uniform":
+        return [uniform] * len(adapter.layers)
+    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress)
+
+
+def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plans: list[LayerPlan],
+                   cfg: PruneConfig, device: torch.device, progress: bool = True,
+                   batches: list[tuple[torch.Tensor, dict]] | None = None
                    ) -> tuple[list[LayerResult], list[str]]:
     """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings."""
     warnings: list[str] = []
-    batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+    if batches is None:
+        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
     results = []
     bar = tqdm(range(len(adapter.layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
         layer = adapter.layers[i]
         home = _module_device(layer)
         layer.to(device)
-        result, batches = prune_layer(adapter, layer, i, batches, plan, cfg, warnings)
+        result, batches = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings)
         layer.to(home)
         results.append(result)
         bar.set_postfix_str(f"{result.seconds:.1f}s")

@@ -168,3 +168,68 @@ def select_channels(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """o_proj input channels of the given heads."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+# --- global allocation (FLAP's AL-AM) -------------------------------------------------
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std within one layer and module, as FLAP does before comparing layers."""
+    x = x.double()
+    std = x.std()
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
+def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_unit: str) -> torch.Tensor:
+    """Scores of the removable attention units of one layer, weakest removable first.
+
+    "group": one unit per KV group (mean of its heads). "query": unit j is the j-th
+    weakest head of every group (mean over groups), so removing units in score order
+    always removes the same number of heads from each group. Scores are sorted
+    ascending so that a prefix of units is what a threshold removes.
+    """
+    per_group = head_scores.double().reshape(geom.num_kv_heads, geom.n_rep)
+    if head_unit == "group":
+        return per_group.mean(1).sort().values
+    return per_group.sort(dim=1).values.mean(0)
+
+
+def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes: list[LayerShape], ratio: float,
+                    head_unit: str) -> list[LayerPlan]:
+    """FLAP's global adaptive allocation across layers and modules.
+
+    ``unit_scores[i]`` = (standardised attention-unit scores from :func:`head_unit_scores`,
+    standardised MLP channel scores) of layer i. All units of all layers are sorted by
+    score; each weighs its parameter count relative to one MLP channel; units are kept
+    from the top until the removed weight reaches ``ratio`` of all attention+MLP
+    parameters (FLAP's (1 - ratio) of the total when every parameter belongs to a
+    removable unit; under GQA k/v stay when query heads go, and are counted). Every layer
+    keeps at least one attention unit and one channel, so no layer is emptied.
+    """
+    scores, weights, owner = [], [], []
+    total = sum((sh.attn_params + sh.mlp_params) / sh.params_per_channel for sh in shapes)
+    for i, ((attn_s, mlp_s), shape) in enumerate(zip(unit_scores, shapes)):
+        g = shape.attn
+        head_w = shape.params_per_query_head
+        unit_w = (g.n_rep * head_w + shape.params_per_kv_head) if head_unit == "group" else g.num_kv_heads * head_w
+        scores += [attn_s.double(), mlp_s.double()]
+        weights += [torch.full((len(attn_s),), unit_w / shape.params_per_channel, dtype=torch.float64),
+                    torch.ones(len(mlp_s), dtype=torch.float64)]
+        owner += [torch.full((len(attn_s),), 2 * i), torch.full((len(mlp_s),), 2 * i + 1)]
+    s, w, o = torch.cat(scores), torch.cat(weights), torch.cat(owner)
+    order = torch.argsort(s, descending=True, stable=True)
+    cum = torch.cumsum(w[order], 0)
+    keep_weight = float(cum[-1]) - ratio * total
+    n_keep = int(torch.searchsorted(cum, max(keep_weight, 0.0)).clamp(max=len(s) - 1)) + 1
+    kept_owner = o[order[:n_keep]]
+    plans = []
+    for i, shape in enumerate(shapes):
+        n_attn, n_mlp = len(unit_scores[i][0]), len(unit_scores[i][1])
+        keep_attn = max(1, int((kept_owner == 2 * i).sum()))
+        keep_mlp = max(1, int((kept_owner == 2 * i + 1).sum()))
+        plan = LayerPlan(head_unit, channels_removed=n_mlp - keep_mlp)
+        if head_unit == "group":
+            plan.groups_removed = n_attn - keep_attn
+        else:
+            plan.heads_removed_per_group = n_attn - keep_attn
+        plans.append(plan)
+    return plans

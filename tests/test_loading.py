@@ -1,0 +1,233 @@
+"""Tests for rcpu.loading: tiny random Llama checkpoints built offline, plus one slow test on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rcpu import loading
+from rcpu.errors import RcpuError
+from rcpu.loading import BUILTIN_MODELS, LoadedModel, load_model, resolve_model_dir
+
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "house"]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in WORDS:
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, LlamaForCausalLM]:
+    path = tmp_path_factory.mktemp("tiny")
+    model = _model()
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path, model
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        (dst / item.name).write_bytes(item.read_bytes())
+    return dst
+
+
+def _ids(tokenizer) -> torch.Tensor:
+    return tokenizer("the cat sat on the mat", return_tensors="pt").input_ids
+
+
+def test_dir_load_identical_logits(tiny):
+    path, ref = tiny
+    loaded = load_model(str(path))
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.kind == "dir" and loaded.path == str(path) and loaded.source == str(path)
+    assert isinstance(loaded.model, LlamaForCausalLM)
+    assert not loaded.model.training
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert loaded.model.dtype == torch.float32
+    ids = _ids(loaded.tokenizer)
+    assert ids.shape[1] == 6 and int(ids.max()) < 100
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, ref(ids).logits)
+    assert loaded.tokenizer.pad_token is None  # left alone
+    assert loaded.model.config.use_cache == ref.config.use_cache
+
+
+def test_dtype_honoured(tiny):
+    loaded = load_model(str(tiny[0]), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_corrupt_safetensors(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "truncated")
+    weights = path / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size - 100)
+    with pytest.raises(RcpuError, match=r"model\.safetensors is corrupt or truncated"):
+        load_model(str(path))
+
+    path = _copy(tiny[0], tmp_path / "overwritten")
+    with open(path / "model.safetensors", "r+b") as fh:
+        fh.write(b"\xff" * 32)
+    with pytest.raises(RcpuError, match=r"model\.safetensors is corrupt or truncated"):
+        load_model(str(path))
+
+
+def test_bin_only_dir_refused(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "bin")
+    (path / "model.safetensors").unlink()
+    torch.save({}, path / "pytorch_model.bin")
+    with pytest.raises(RcpuError, match="safetensors"):
+        load_model(str(path))
+
+
+def test_dir_without_config(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "noconfig")
+    (path / "config.json").unlink()
+    with pytest.raises(RcpuError, match="config.json"):
+        load_model(str(path))
+
+
+def test_missing_tokenizer(tiny, tmp_path):
+    path = _copy(tiny[0], tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(RcpuError, match="tokenizer"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("source", ["./no/such/model", "/no/such/model", "~/no-such-model-rcpu",
+                                    "no-such-model.gguf", "a/b/c", "weights.safetensors"])
+def test_nonexistent_path(source):
+    with pytest.raises(RcpuError, match="does not exist"):
+        load_model(source)
+
+
+def test_hub_failure(monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(RcpuError) as info:
+        load_model("SomeOrg/Some-Model-0.5B")
+    msg = str(info.value)
+    assert msg == ("could not load model 'SomeOrg/Some-Model-0.5B': not a local path, and the hub load failed "
+                   "(We couldn't connect to 'https://huggingface.co')")
+
+
+def test_hub_passthrough(tiny, monkeypatch):
+    path = tiny[0]
+    seen = {}
+    original = loading.AutoModelForCausalLM.from_pretrained
+
+    def fake(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return original(str(path), **kwargs)
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda name, **kw: _tokenizer())
+    loaded = load_model("org/model", dtype=torch.bfloat16)
+    assert loaded.kind == "hub" and loaded.path is None
+    assert seen["name"] == "org/model" and seen["use_safetensors"] is True
+    assert seen["dtype"] == torch.bfloat16 and seen["trust_remote_code"] is False
+
+
+def test_builtin_from_cache_case_insensitive(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path / "cache"))
+    cached = loading._builtin_cache_path("smollm2-135m")
+    _copy(tiny[0], cached)
+    monkeypatch.setattr(loading, "wheel_member", lambda *a: pytest.fail("cache not used"))
+    assert resolve_model_dir("SmolLM2-135M") == str(cached)
+    loaded = load_model("SmolLM2-135M")
+    assert loaded.kind == "builtin" and loaded.path == str(cached)
+    assert isinstance(loaded.model, LlamaForCausalLM)
+
+
+def test_builtin_conversion_is_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "wheel_member", lambda *a: tmp_path / "fake.gguf")
+    models_dir = tmp_path / "cache" / "models"
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(loading, "_load_gguf", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        resolve_model_dir("smollm2-135m")
+    assert os.listdir(models_dir) == []  # neither the final nor a partial directory is left
+
+    calls = []
+
+    def fake_gguf(path, dtype, trust_remote_code):
+        calls.append(path)
+        model = _model()
+        model.config.quantization_config = {"quant_method": "gguf"}
+        loading._clear_quantizer(model)
+        return model, _tokenizer()
+
+    monkeypatch.setattr(loading, "_load_gguf", fake_gguf)
+    (models_dir / "smollm2-135m-v1").mkdir()  # an empty leftover (e.g. from cache_dir()) is replaced
+    path = Path(resolve_model_dir("smollm2-135m"))
+    assert path == models_dir / "smollm2-135m-v1"
+    assert sorted(os.listdir(models_dir)) == ["smollm2-135m-v1"]
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer_config.json").is_file()
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert resolve_model_dir("smollm2-135m") == str(path) and len(calls) == 1  # converted once
+
+
+def test_resolve_model_dir(tiny):
+    assert resolve_model_dir(str(tiny[0])) == str(tiny[0])
+    assert resolve_model_dir("org/model") == "org/model"
+    assert resolve_model_dir("./nope") == "./nope"
+
+
+def test_path_heuristic():
+    for source in ["gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B"]:
+        assert not loading._looks_like_path(source), source
+    for source in ["./m", "../m", "~/m", "/m", "m.gguf", "a/b/c", "m.bin"]:
+        assert loading._looks_like_path(source), source
+
+
+@pytest.mark.slow
+def test_smollm2_builtin():
+    try:
+        package, version, member = BUILTIN_MODELS["smollm2-135m"]
+        loading.wheel_member(package, version, member)
+    except RcpuError as exc:
+        pytest.skip(f"SmolLM2 wheel unavailable: {exc}")
+    loaded = load_model("smollm2-135m")
+    cfg = loaded.model.config
+    assert isinstance(loaded.model, LlamaForCausalLM) and loaded.kind == "builtin"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size) == (30, 576, 9, 3, 1536)
+    assert loaded.model.dtype == torch.float32
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    path = Path(loaded.path)
+    assert path.name == "smollm2-135m-v1" and (path / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert not [p for p in os.listdir(path.parent) if ".partial-" in p]
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = loaded.model(ids).logits
+    assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and torch.isfinite(logits).all()

@@ -45,3 +45,35 @@ def make_windows(n: int = 24, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=["llama", "mistral", "qwen2"])
 def family(request) -> str:
     return request.param
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_text(n_words: int = 6000, seed: int = 0) -> str:
+    """Synthetic text with some structure (a random walk over the vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(-3, 4, (n_words,), generator=g).cumsum(0) % len(WORDS)
+    words = [WORDS[int(i)] for i in steps]
+    return "\n\n".join(" ".join(words[i:i + 50]) for i in range(0, n_words, 50))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny GQA Llama checkpoint with a tokenizer, plus a calibration/eval text file."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_model("llama", layers=2)
+    model.save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(make_text())
+    return root

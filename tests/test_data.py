@@ -289,3 +289,17 @@ def test_builtin_sample_with_smollm2_tokenizer():
     assert tok.decode(ids[:200].tolist()) == calib[: len(tok.decode(ids[:200].tolist()))]
     windows = data.calibration_windows(ids, 8, 256, seed=0)
     assert windows.shape == (8, 256)
+
+
+def test_heldout_windows_avoid_calibration_windows():
+    from rcpu.data import calibration_windows, heldout_windows
+
+    ids = torch.arange(5000)  # every token unique: overlap is visible as shared ids
+    calib = calibration_windows(ids, 20, 50, seed=3)
+    held = heldout_windows(ids, 30, 20, 50, seed=3)
+    assert held.shape == (30, 50)
+    assert not set(calib.flatten().tolist()) & set(held.flatten().tolist())
+    assert torch.equal(held, heldout_windows(ids, 30, 20, 50, seed=3))
+    assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 50)) for w in held)
+    with pytest.raises(RcpuError, match="held-out"):
+        heldout_windows(torch.arange(300), 200, 5, 50, seed=0)

@@ -20,7 +20,7 @@ def _masked_dense(model, report):
     """The dense model with the removed heads / channels zeroed at o_proj / down_proj inputs."""
     dense = copy.deepcopy(model)
     adapter = get_adapter(dense)
-    for layer, res in zip(adapter.layers, report.layers):
+    for layer, res in zip(adapter.layers, report.layers, strict=False):
         o, down = adapter.attn_out(layer), adapter.mlp_out(layer)
         hd = layer.self_attn.head_dim
         mask = torch.zeros(o.in_features, dtype=torch.bool)
@@ -68,7 +68,7 @@ def test_compensation_lowers_layer_error_and_is_reproducible():
     assert errs["ridge"] < errs["rcpu-scaled"] <= errs["rcpu"]
     a, _ = prune(make_model(), PruneConfig(pruning_ratio=0.3), windows=windows, device="cpu", progress=False)
     b, _ = prune(make_model(), PruneConfig(pruning_ratio=0.3), windows=windows, device="cpu", progress=False)
-    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=False):
         assert na == nb and torch.equal(pa, pb)
 
 
@@ -164,3 +164,19 @@ def test_unsupported_architecture():
 def test_bias_compensation_refused_where_checkpoint_cannot_carry_it():
     with pytest.raises(RcpuError, match="bias compensation"):
         prune(make_model("qwen2"), PruneConfig(method="wanda-sp", compensation="bias"), windows=make_windows())
+
+
+def test_ridge_auto_picks_lambda_on_heldout_windows():
+    cfg = PruneConfig(method="ridge-auto", pruning_ratio=0.5)
+    with pytest.raises(RcpuError, match="heldout_windows"):
+        prune(make_model(), cfg, windows=make_windows(32, 32))
+    _, report = prune(make_model(), cfg, windows=make_windows(32, 32), heldout_windows=make_windows(8, 32, seed=7),
+                      device="cpu", progress=False)
+    for layer in report.layers:
+        for part in ("attn", "mlp"):
+            info = layer[part]
+            errors = info["heldout_errors"]
+            assert set(errors) == {f"{x:g}" for x in cfg.ridge_grid}
+            assert f"{info['lambda']:g}" == min(errors, key=errors.get)
+            assert info["heldout_tokens"] == 8 * 32
+    assert report.config["ridge_lambda"] == "auto" and report.calibration["heldout_windows"]["n"] == 8

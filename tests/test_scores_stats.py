@@ -74,3 +74,13 @@ def test_collector_hooks_and_removes():
     assert col.stats["lin"].n == 60
     lin(x)
     assert col.stats["lin"].n == 60  # hook removed
+
+
+def test_variance_survives_large_means():
+    # massive-activation channels: mean 1000, std 0.01. E[x^2] - E[x]^2 in fp32 would
+    # cancel to noise; the centred pairwise update keeps ~fp32-input precision.
+    g = torch.Generator().manual_seed(0)
+    x = 1000 + 0.01 * torch.randn(4096, 3, generator=g, dtype=torch.float64)
+    st = _stats(x.float(), with_gram=False, batches=16)
+    direct = x.float().double().var(0, unbiased=False)
+    torch.testing.assert_close(st.var_population, direct, rtol=1e-3, atol=0)

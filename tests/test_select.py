@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from rcpu.select import AttentionGeometry, LayerShape, plan_uniform, select_channels, select_heads, topk_stable
+from rcpu.select import (
+    AttentionGeometry,
+    LayerShape,
+    plan_uniform,
+    select_channels,
+    select_heads,
+    topk_stable,
+)
 
 SMOL = LayerShape(AttentionGeometry(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576), 1536)
 MHA = LayerShape(AttentionGeometry(num_heads=32, num_kv_heads=32, head_dim=128, hidden_size=4096), 11008)

@@ -183,12 +183,14 @@ def test_zero_shot_local_task_matches_direct_scoring(model, tokenizer, task_dir)
 
 
 def test_zero_shot_limit_and_metric_override(model, tokenizer, task_dir):
+    rng = torch.get_rng_state()  # lm-eval reseeds the global generators; the bridge restores them
     result = zero_shot(model, tokenizer, [TASK], batch_size=3, include_path=task_dir, limit=5,
                        metrics={TASK: "acc"})
     row = result.tasks[TASK]
     assert row["n"] == 5 and result.limit == 5
     assert row["metric"] == "acc"
     assert row["value"] == pytest.approx(_reference(model, tokenizer, DOCS[:5])["acc"])
+    assert torch.equal(torch.get_rng_state(), rng)
 
     with pytest.raises(RcpuError, match="no metric 'f1'"):
         zero_shot(model, tokenizer, TASK, include_path=task_dir, limit=2, metrics={TASK: "f1"})
@@ -228,6 +230,8 @@ def test_argument_errors(model, tokenizer):
         zero_shot(model, tokenizer, " , ")
     with pytest.raises(RcpuError, match="include_path"):
         zero_shot(model, tokenizer, TASK, include_path="/nonexistent/rcpu/tasks")
+    with pytest.raises(RcpuError, match="not a folder"):
+        zero_shot(model, tokenizer, TASK, include_path=__file__)
 
 
 def test_missing_lm_eval(model, tokenizer, monkeypatch):

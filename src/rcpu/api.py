@@ -33,8 +33,10 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str) -> tuple[torch.Tensor, dict]:
-    """Tokenise the calibration source once and draw ``nsamples`` windows from ``seed``."""
+def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Tokenise the calibration source once and draw ``nsamples`` windows from ``seed``
+    (plus non-overlapping held-out windows when ridge's lambda is tuned)."""
     from . import data
 
     text = data.load_text(calib, "calib")
@@ -43,18 +45,26 @@ def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str) -> tuple[to
     info = {"source": calib, **data.describe_source(calib, "calib"), "source_tokens": int(ids.numel()),
             "windows_sha256": data.token_hash(windows), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
             "seed": cfg.seed}
-    return windows, info
+    heldout = None
+    if cfg.ridge_auto:
+        heldout = data.heldout_windows(ids, cfg.nholdout, cfg.nsamples, cfg.seqlen, cfg.seed)
+        info["heldout_windows"] = {"n": cfg.nholdout, "sha256": data.token_hash(heldout),
+                                   "rule": f"non-overlapping with the calibration windows, seed + "
+                                           f"{data.HELDOUT_SEED_OFFSET}"}
+    return windows, heldout, info
 
 
 def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
-          calib: str = "builtin", windows: torch.Tensor | None = None, device: str | torch.device | None = None,
+          calib: str = "builtin", windows: torch.Tensor | None = None,
+          heldout_windows: torch.Tensor | None = None, device: str | torch.device | None = None,
           progress: bool = True) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place (heads and MLP channels of every layer) and compensate.
 
     ``model`` is a loaded Hugging Face causal LM or a model source understood by
     :func:`rcpu.loading.load_model`. Calibration comes from ``windows`` (a
     ``[nsamples, seqlen]`` id tensor) or is drawn from the text source ``calib``
-    with ``tokenizer``. ``device`` is where each layer is processed (default: CUDA if
+    with ``tokenizer``; ``heldout_windows`` (drawn automatically from ``calib``) tune
+    ridge's lambda when ``ridge_lambda="auto"``. ``device`` is where each layer is processed (default: CUDA if
     available); the model stays where it is, one layer visiting the device at a time.
     """
     cfg = (config or PruneConfig()).validate()
@@ -74,7 +84,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     if windows is None:
         if tokenizer is None:
             raise RcpuError("prune() needs a tokenizer or precomputed calibration windows")
-        windows, calib_info = calibration_windows_for(tokenizer, cfg, calib)
+        windows, heldout_windows, calib_info = calibration_windows_for(tokenizer, cfg, calib)
     else:
         if windows.dim() != 2 or windows.shape[1] < 2:
             raise RcpuError("calibration windows must be a [nsamples, seqlen] tensor of token ids")
@@ -82,6 +92,11 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
 
         calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
                       "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
+        if cfg.ridge_auto and heldout_windows is None:
+            raise RcpuError("ridge_lambda='auto' with precomputed windows needs heldout_windows too")
+        if heldout_windows is not None:
+            calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]),
+                                             "sha256": token_hash(heldout_windows)}
 
     layers = adapter.layers
     shape = adapter.layer_shape(layers[0])
@@ -99,7 +114,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     for note in dict.fromkeys(n for p in plans for n in p.notes):
         logger.warning(note)
     results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                       batches=batches)
+                                       batches=batches, heldout_windows=heldout_windows if cfg.ridge_auto else None)
     model.train(was_training)
     adapter.finalize()
     prune_s = time.perf_counter() - t0

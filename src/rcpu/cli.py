@@ -49,12 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2")
     _add(p, "compensation", default=None,
          help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale")
+    _add(p, "allocation", default=None, choices=["uniform", "global"],
+         help="same widths in every layer (RCPU) or FLAP's global allocation (default: the preset's)")
+    _add(p, "statistics", default=None, choices=["sequential", "dense"],
+         help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")
     _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,
          help="compensate o_proj (default on)")
     _add(p, "compensate_mlp", action=argparse.BooleanOptionalAction, default=True,
          help="compensate down_proj (default on)")
-    _add(p, "ridge_lambda", type=float, default=d.ridge_lambda,
-         help=f"ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default {d.ridge_lambda})")
+    _add(p, "ridge_lambda", default=None,
+         help="ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default 0.01), or 'auto': "
+              "chosen per sublayer on held-out calibration windows from --ridge_grid")
+    _add(p, "ridge_grid", default=",".join(f"{x:g}" for x in d.ridge_grid), help="comma-separated lambdas for auto")
+    _add(p, "nholdout", type=int, default=d.nholdout, help="held-out calibration windows for --ridge_lambda auto")
     _add(p, "ridge_lambda_absolute", action="store_true", help="use --ridge_lambda as an absolute penalty")
     _add(p, "rotation_dtype", default=d.rotation_dtype, choices=["float32", "float64"],
          help="precision of the Procrustes SVD (reference code: float32)")
@@ -105,6 +112,22 @@ def _ppl(model, ids, seqlen, args, device, label):
                       device=device, source=label, progress=not args.quiet)
 
 
+def _lambda(value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise RcpuError(f"--ridge_lambda must be a number or 'auto', got {value!r}") from None
+
+
+def _grid(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise RcpuError(f"--ridge_grid must be comma-separated numbers, got {value!r}") from None
+
+
 def cmd_prune(args) -> int:
     import torch
 
@@ -116,7 +139,9 @@ def cmd_prune(args) -> int:
     t_start = time.perf_counter()
     cfg = PruneConfig(
         method=args.method, pruning_ratio=args.pruning_ratio, score=args.score, compensation=args.compensation,
-        compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=args.ridge_lambda,
+        allocation=args.allocation, statistics=args.statistics,
+        compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
+        ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -128,6 +153,11 @@ def cmd_prune(args) -> int:
         check_output_dir(args.save_model, args.overwrite)
     if args.max_eval_tokens is None:
         args.max_eval_tokens = 65536  # a quick before/after check; `rcpu eval` uses all tokens
+    from . import data
+
+    for source, split in ((args.calib, "calib"), (args.eval, "eval")):  # fail fast, before loading
+        if source != "none":
+            data.describe_source(source, split)
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer

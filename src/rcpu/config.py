@@ -17,17 +17,22 @@ from .scores import SCORES
 from .select import HEAD_UNITS
 
 #: name -> settings it implies; see README "Methods". Explicit fields override them.
-PRESETS: dict[str, dict[str, str]] = {
+PRESETS: dict[str, dict[str, str | float]] = {
     "rcpu": {"score": "rcpu", "compensation": "rotation"},
     "rcpu-scaled": {"score": "rcpu", "compensation": "rotation_scale"},
     "ridge": {"score": "rcpu", "compensation": "ridge"},
+    # ridge with lambda chosen per sublayer on held-out calibration windows
+    "ridge-auto": {"score": "rcpu", "compensation": "ridge", "ridge_lambda": "auto"},
     "wanda-sp": {"score": "wanda-sp", "compensation": "none"},
     "magnitude-sp": {"score": "magnitude", "compensation": "none"},
     # FLAP (An et al. 2024): fluctuation score, global adaptive allocation (AL-AM),
     # bias compensation, all statistics from the dense model
     "flap": {"score": "fluctuation", "compensation": "bias", "allocation": "global", "statistics": "dense"},
 }
-DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential"}
+DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential",
+            "ridge_lambda": 1e-2}
+#: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 ALLOCATIONS = ("uniform", "global")
 STATISTICS = ("sequential", "dense")
 
@@ -49,7 +54,9 @@ class PruneConfig:
     statistics: str | None = None
     compensate_attn: bool = True
     compensate_mlp: bool = True
-    ridge_lambda: float = 1e-2
+    ridge_lambda: float | str | None = None  # a number, or "auto"
+    ridge_grid: tuple[float, ...] = RIDGE_GRID
+    nholdout: int = 32
     ridge_lambda_relative: bool = True
     rotation_dtype: str = "float64"
     rotation_proper: bool = False
@@ -75,6 +82,14 @@ class PruneConfig:
     @property
     def resolved_compensation(self) -> str:
         return self._resolve("compensation")
+
+    @property
+    def resolved_ridge_lambda(self) -> float | str:
+        return self._resolve("ridge_lambda")
+
+    @property
+    def ridge_auto(self) -> bool:
+        return self.resolved_compensation == "ridge" and self.resolved_ridge_lambda == "auto"
 
     @property
     def resolved_allocation(self) -> str:
@@ -107,9 +122,12 @@ class PruneConfig:
             raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.mlp_stats!r}")
         if self.rotation_dtype not in ("float32", "float64"):
             raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
-        if self.ridge_lambda < 0:
-            raise RcpuError(f"--ridge_lambda must be >= 0, got {self.ridge_lambda}")
-        for name in ("nsamples", "batch_size"):
+        lam = self.resolved_ridge_lambda
+        if lam != "auto" and (isinstance(lam, str) or lam < 0):
+            raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
+        if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0 or self.nholdout < 1):
+            raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0 and --nholdout >= 1")
+        for name in ("nsamples", "batch_size", "nholdout"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:
@@ -122,6 +140,7 @@ class PruneConfig:
         d["compensation"] = self.resolved_compensation
         d["allocation"] = self.resolved_allocation
         d["statistics"] = self.resolved_statistics
+        d["ridge_lambda"] = self.resolved_ridge_lambda
         return d
 
     @classmethod

@@ -464,10 +464,44 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
             f"calibration text has {n} tokens, fewer than --seqlen {seqlen} + 1; "
             "use a longer source or a smaller --seqlen"
         )
+    starts = _window_starts(n, nsamples, seqlen, seed)
+    return _gather(ids, starts, seqlen)
+
+
+def _window_starts(n: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=generator)
+    return torch.randint(0, n - seqlen + 1, (nsamples,), generator=generator)
+
+
+def _gather(ids: torch.Tensor, starts: torch.Tensor, seqlen: int) -> torch.Tensor:
     index = starts[:, None] + torch.arange(seqlen)[None, :]
     return ids.long()[index.to(ids.device)]
+
+
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def heldout_windows(ids: torch.Tensor, nholdout: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[nholdout, seqlen]`` windows of the calibration text that overlap none of the
+    ``calibration_windows(ids, nsamples, seqlen, seed)``: for choosing hyper-parameters
+    (ridge λ) on calibration data without touching evaluation text. Drawn from
+    ``seed + 1_000_003`` by rejection."""
+    ids = ids.reshape(-1)
+    n = ids.numel()
+    calibration_windows(ids, nsamples, seqlen, seed)  # same validation
+    taken = torch.zeros(n, dtype=torch.bool)
+    for s in _window_starts(n, nsamples, seqlen, seed).tolist():
+        taken[s:s + seqlen] = True
+    # a window starting at s is free iff taken[s:s+seqlen] has no True
+    busy = torch.cat([torch.zeros(1), taken.double().cumsum(0)])
+    free = (busy[seqlen:] - busy[:-seqlen]) == 0  # for starts 0 .. n - seqlen
+    candidates = free.nonzero().flatten()
+    if len(candidates) < nholdout:
+        raise RcpuError(f"calibration text is too short for {nholdout} held-out windows of {seqlen} tokens "
+                        "beside the calibration windows; use a longer source or fewer --nholdout")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed) + HELDOUT_SEED_OFFSET)
+    pick = candidates[torch.randperm(len(candidates), generator=generator)[:nholdout]]
+    return _gather(ids, pick, seqlen)
 
 
 def token_hash(ids: torch.Tensor) -> str:

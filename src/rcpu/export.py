@@ -2,7 +2,9 @@
 
 Everything goes into a temporary sibling directory which is renamed into place
 only when complete, so an interrupted save never leaves a half-written model at
-the target. Next to the safetensors weights and config we write
+the target. Uniform widths give a stock config; per-layer widths (global allocation)
+give a config with per-layer lists and a modeling file, loaded with
+``trust_remote_code=True`` (see :mod:`rcpu.nonuniform`). Next to the weights we write
 ``rcpu_provenance.json``: the full pruning report (method, ratios, calibration
 source and hash, seed, per-layer kept indices, versions, timings).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import RcpuError
+from .nonuniform import is_uniform, prepare_nonuniform_save
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance
         shutil.rmtree(tmp)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if not is_uniform(model):  # per-layer widths: rcpu config + small modeling file
+            prepare_nonuniform_save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str))

@@ -131,15 +131,36 @@ def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], keep_
     return outs
 
 
-def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig
-                ) -> comp.Compensated:
+def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
+                cfg: PruneConfig) -> comp.Compensated:
+    """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
+    held-out calibration windows (their own Gram matrix), never on evaluation text."""
+    errors, best = {}, None
+    kept_dev = kept.to(heldout.gram.device)
+    for lam in cfg.ridge_grid:
+        cand = comp.ridge(weight, stats.gram, kept, lam, relative=cfg.ridge_lambda_relative)
+        errors[lam] = comp.reconstruction_error(weight.to(heldout.gram.device), heldout.gram, kept_dev,
+                                                cand.weight.to(heldout.gram.device))
+        if best is None or errors[lam] < errors[best[0]]:
+            best = (lam, cand)
+    lam, result = best
+    result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
+                        "heldout_errors": {f"{k:g}": v for k, v in errors.items()}})
+    return result
+
+
+def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig,
+                heldout: InputStats | None = None) -> comp.Compensated:
     if kind == "none":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
     elif kind == "bias":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone(),
                                   bias=comp.bias_shift(weight, stats, kept))
+    elif kind == "ridge" and cfg.ridge_auto:
+        result = _ridge_auto(weight, stats, heldout, kept, cfg)
     elif kind == "ridge":
-        result = comp.ridge(weight, stats.gram, kept, cfg.ridge_lambda, relative=cfg.ridge_lambda_relative)
+        result = comp.ridge(weight, stats.gram, kept, float(cfg.resolved_ridge_lambda),
+                            relative=cfg.ridge_lambda_relative)
     elif kind in ("rotation", "rotation_scale"):
         result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
                                proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
@@ -157,8 +178,9 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
 
 
 def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor,
-              cfg: PruneConfig, layer_index: int, name: str, warnings: list[str]) -> comp.Compensated:
-    result = _compensate(kind if enabled else "none", weight, stats, kept, cfg)
+              cfg: PruneConfig, layer_index: int, name: str, warnings: list[str],
+              heldout: InputStats | None = None) -> comp.Compensated:
+    result = _compensate(kind if enabled else "none", weight, stats, kept, cfg, heldout)
     if "fallback" in result.info:
         msg = (f"layer {layer_index} {name}: {result.info['reason']}; kept the weights uncompensated. "
                f"Use more calibration tokens (--nsamples x --seqlen >= {weight.shape[0]}) or --compensation ridge")
@@ -170,8 +192,10 @@ def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
 @torch.no_grad()
 def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                 batches: list[tuple[torch.Tensor, dict]], plan: LayerPlan, cfg: PruneConfig,
-                warnings: list[str]) -> tuple[LayerResult, list[tuple[torch.Tensor, dict]]]:
-    """Prune one decoder layer in place; returns its result and its outputs on ``batches``."""
+                warnings: list[str], heldout: list[tuple[torch.Tensor, dict]] | None = None
+                ) -> tuple[LayerResult, list[tuple[torch.Tensor, dict]], list[tuple[torch.Tensor, dict]] | None]:
+    """Prune one decoder layer in place; returns its result and its outputs on ``batches``
+    (and on the held-out batches used to tune ridge's lambda, if any)."""
     t0 = time.perf_counter()
     kind = cfg.resolved_compensation
     gram_attn = kind in comp.NEEDS_GRAM and cfg.compensate_attn
@@ -181,6 +205,11 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": gram_attn, "mlp": gram_mlp}) as col:
         dense_outputs = _run_layer(layer, batches, keep_outputs=dense)
     st_attn, st_mlp = col.stats["attn"], col.stats["mlp"]
+    ho_attn = ho_mlp = None
+    if heldout is not None:
+        with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": True, "mlp": True}) as col_ho:
+            heldout_dense = _run_layer(layer, heldout, keep_outputs=dense)
+        ho_attn, ho_mlp = col_ho.stats["attn"], col_ho.stats["mlp"]
 
     # attention heads
     geom = adapter.geometry(layer)
@@ -189,7 +218,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     attn_info: dict = {"stats": st_attn.summary()}
     if len(kept_heads) < geom.num_heads:
         kept_ch = head_channels(kept_heads, geom.head_dim)
-        res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, kept_ch, cfg, index, "o_proj", warnings)
+        res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, kept_ch, cfg, index, "o_proj", warnings,
+                        ho_attn)
         adapter.prune_attention(layer, kept_heads, kept_kv, res.weight)
         if res.bias is not None:
             adapter.add_output_bias(o_proj, res.bias)
@@ -201,12 +231,16 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         with StatsCollector({"mlp": down_proj}, {"mlp": gram_mlp}) as col:
             _run_layer(layer, batches, keep_outputs=False)
         st_mlp = col.stats["mlp"]
+        if heldout is not None:
+            with StatsCollector({"mlp": down_proj}, {"mlp": True}) as col_ho:
+                _run_layer(layer, heldout, keep_outputs=False)
+            ho_mlp = col_ho.stats["mlp"]
     scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
     kept_channels = select_channels(scores, plan.channels_removed)
     mlp_info: dict = {"stats": st_mlp.summary()}
     if len(kept_channels) < down_proj.in_features:
         res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, kept_channels, cfg, index,
-                        "down_proj", warnings)
+                        "down_proj", warnings, ho_mlp)
         adapter.prune_mlp(layer, kept_channels, res.weight)
         if res.bias is not None:
             adapter.add_output_bias(down_proj, res.bias)
@@ -215,9 +249,12 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
     # dense statistics: the next layer sees the dense model's hidden states (FLAP)
     outputs = dense_outputs if dense else _run_layer(layer, batches, keep_outputs=True)
+    heldout_out = None
+    if heldout is not None:
+        heldout_out = heldout_dense if dense else _run_layer(layer, heldout, keep_outputs=True)
     result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
                          attn_info, mlp_info, time.perf_counter() - t0)
-    return result, outputs
+    return result, outputs, heldout_out
 
 
 @torch.no_grad()
@@ -257,19 +294,22 @@ def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[to
 
 def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plans: list[LayerPlan],
                    cfg: PruneConfig, device: torch.device, progress: bool = True,
-                   batches: list[tuple[torch.Tensor, dict]] | None = None
-                   ) -> tuple[list[LayerResult], list[str]]:
+                   batches: list[tuple[torch.Tensor, dict]] | None = None,
+                   heldout_windows: torch.Tensor | None = None) -> tuple[list[LayerResult], list[str]]:
     """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings."""
     warnings: list[str] = []
     if batches is None:
         batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+    heldout = None
+    if heldout_windows is not None:
+        heldout = capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
     results = []
     bar = tqdm(range(len(adapter.layers)), desc="pruning layers", unit="layer", disable=not progress)
     for i in bar:
         layer = adapter.layers[i]
         home = _module_device(layer)
         layer.to(device)
-        result, batches = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings)
+        result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout)
         layer.to(home)
         results.append(result)
         bar.set_postfix_str(f"{result.seconds:.1f}s")

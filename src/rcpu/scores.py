@@ -7,7 +7,7 @@ reference code and FLAP; see README "Methods".
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -207,7 +207,7 @@ def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes
     """
     scores, weights, owner = [], [], []
     total = sum((sh.attn_params + sh.mlp_params) / sh.params_per_channel for sh in shapes)
-    for i, ((attn_s, mlp_s), shape) in enumerate(zip(unit_scores, shapes)):
+    for i, ((attn_s, mlp_s), shape) in enumerate(zip(unit_scores, shapes, strict=True)):
         g = shape.attn
         head_w = shape.params_per_query_head
         unit_w = (g.n_rep * head_w + shape.params_per_kv_head) if head_unit == "group" else g.num_kv_heads * head_w
@@ -222,7 +222,7 @@ def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes
     n_keep = int(torch.searchsorted(cum, max(keep_weight, 0.0)).clamp(max=len(s) - 1)) + 1
     kept_owner = o[order[:n_keep]]
     plans = []
-    for i, shape in enumerate(shapes):
+    for i in range(len(shapes)):
         n_attn, n_mlp = len(unit_scores[i][0]), len(unit_scores[i][1])
         keep_attn = max(1, int((kept_owner == 2 * i).sum()))
         keep_mlp = max(1, int((kept_owner == 2 * i + 1).sum()))

@@ -4,8 +4,9 @@ Pruning decisions and compensation need only first/second moments of the input
 X (d_in x N) of o_proj / down_proj: per-channel sums, sums of squares and sums of
 absolute values, and optionally the Gram matrix G = X X^T. They are accumulated
 batch by batch so the calibration activations are never stored. Vectors are kept
-in float64; the Gram is computed per batch in float32 (fast on every device) and
-summed in float64, so accumulation error does not grow with the token count.
+in float64; per-batch partial sums and the per-batch Gram are computed in float32
+(fast on every device) and added to float64 totals, so accumulation error does not
+grow with the token count.
 """
 
 from __future__ import annotations
@@ -24,23 +25,30 @@ class InputStats:
     sum: torch.Tensor | None = None
     sum_sq: torch.Tensor | None = None
     sum_abs: torch.Tensor | None = None
+    m2: torch.Tensor | None = None  # sum of squared deviations from the running mean
     gram: torch.Tensor | None = None
     with_gram: bool = False
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs with shape (..., d_in)."""
-        x = x.detach().reshape(-1, self.d_in)
-        x32 = x.float()
-        x64 = x32.double()
+        x32 = x.detach().reshape(-1, self.d_in).float()
         if self.sum is None:
-            zeros = torch.zeros(self.d_in, dtype=torch.float64, device=x.device)
-            self.sum, self.sum_sq, self.sum_abs = zeros.clone(), zeros.clone(), zeros.clone()
+            zeros = torch.zeros(self.d_in, dtype=torch.float64, device=x32.device)
+            self.sum, self.sum_sq, self.sum_abs, self.m2 = (zeros.clone() for _ in range(4))
             if self.with_gram:
-                self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x.device)
-        self.n += x.shape[0]
-        self.sum += x64.sum(0)
-        self.sum_sq += x64.square().sum(0)
-        self.sum_abs += x64.abs().sum(0)
+                self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x32.device)
+        n_a, n_b = self.n, x32.shape[0]
+        # variance by Chan et al.'s pairwise update: batch moments are centred in fp32,
+        # so channels with a large mean and small spread keep their precision
+        batch_mean = x32.mean(0)
+        batch_m2 = (x32 - batch_mean).square().sum(0).double()
+        delta = batch_mean.double() - (self.sum / n_a if n_a else 0.0)
+        self.m2 += batch_m2 + delta.square() * (n_a * n_b / (n_a + n_b))
+        self.n = n_a + n_b
+        # per-batch partial sums in fp32 (one batch is small), running totals in fp64
+        self.sum += x32.sum(0).double()
+        self.sum_sq += x32.square().sum(0).double()
+        self.sum_abs += x32.abs().sum(0).double()
         if self.with_gram:
             self.gram += (x32.T @ x32).double()
 
@@ -66,9 +74,9 @@ class InputStats:
 
     @property
     def var_population(self) -> torch.Tensor:
-        """E[x^2] - E[x]^2, clamped at 0 (RCPU)."""
+        """Population variance E[(x - E x)^2] (RCPU)."""
         self._require()
-        return (self.sum_sq / self.n - self.mean.square()).clamp_min(0)
+        return (self.m2 / self.n).clamp_min(0)
 
     @property
     def var_sample(self) -> torch.Tensor:
@@ -79,7 +87,7 @@ class InputStats:
         return (self.var_population * (self.n / (self.n - 1))).clamp_min(0)
 
     def to(self, device: torch.device | str) -> InputStats:
-        for name in ("sum", "sum_sq", "sum_abs", "gram"):
+        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

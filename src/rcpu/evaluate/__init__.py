@@ -1,5 +1,8 @@
-"""Evaluation of (pruned) models."""
+"""Evaluation of (pruned) models: perplexity, zero-shot accuracy (lm-eval), speed."""
 
 from .perplexity import PerplexityResult, perplexity
+from .speed import SpeedComparison, SpeedStats, compare_speed
+from .zeroshot import PAPER_TASKS, ZeroShotResult, zero_shot
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PAPER_TASKS", "PerplexityResult", "SpeedComparison", "SpeedStats", "ZeroShotResult", "compare_speed",
+           "perplexity", "zero_shot"]

@@ -28,11 +28,13 @@ import difflib
 import logging
 import math
 import os
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import RcpuError
@@ -163,7 +165,12 @@ def _include_signature(include_path: str | None) -> tuple:
     root = Path(include_path).expanduser().resolve()
     if not root.exists():
         raise RcpuError(f"zero-shot: include_path {include_path} does not exist; point it at a folder of task YAMLs")
-    files = [root] if root.is_file() else sorted(root.rglob("*.yaml"))
+    if not root.is_dir():
+        raise RcpuError(
+            f"zero-shot: include_path {include_path} is not a folder; pass a folder of task YAMLs "
+            "(a single YAML file can be given as a task name instead)"
+        )
+    files = sorted(root.rglob("*.yaml"))
     state = []
     for f in files:
         try:
@@ -187,6 +194,20 @@ def _task_manager(TaskManager, include_path: str | None):
             _task_managers.pop(next(iter(_task_managers)))
         _task_managers[key] = manager
     return manager
+
+
+def _save_rng() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple) -> None:
+    py, np_state, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _task_names(tasks: Sequence[str] | str) -> list[str]:
@@ -347,7 +368,8 @@ def zero_shot(
         limit: score only the first ``limit`` documents of each task (for quick checks;
             numbers are then not comparable with papers).
         num_fewshot: in-context examples per prompt (the papers use 0).
-        include_path: a folder (or YAML file) with extra task YAMLs, e.g. local datasets.
+        include_path: a folder of extra task YAMLs (e.g. tasks on local data files); a single
+            task YAML can also be named directly in ``tasks`` by its path.
         metrics: ``{task: metric}`` overrides of :func:`select_metric`'s choice.
 
     Raises:
@@ -376,6 +398,7 @@ def zero_shot(
     task_objects = _load_tasks(manager, names)
 
     was_training = model.training
+    rng_state = _save_rng()  # simple_evaluate reseeds the global Python / NumPy / torch generators
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if device is not None:
@@ -398,6 +421,7 @@ def zero_shot(
         )
     finally:
         model.train(was_training)
+        _restore_rng(rng_state)
     if out is None:  # only happens on non-zero ranks of a distributed run
         raise RcpuError("zero-shot: lm-eval returned no results (non-zero rank?); run it in a single process")
 

@@ -1,0 +1,89 @@
+"""The command line: flags, outputs and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rcpu.cli import main
+
+
+def _prune_args(root, *extra):
+    return ["prune", "--model", str(root / "model"), "--calib", str(root / "text.txt"), "--eval",
+            str(root / "text.txt"), "--nsamples", "16", "--seqlen", "32", "--eval_seqlen", "32", "-q", *extra]
+
+
+def test_prune_saves_reloadable_model(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(_prune_args(tiny_checkpoint, "--method", "rcpu", "--pruning_ratio", "0.5",
+                            "--save_model", str(out), "--report", str(tmp_path / "r.json"))) == 0
+    text = capsys.readouterr().out
+    assert "dense : ppl" in text and "pruned: ppl" in text and "seqlen 32" in text and "float32" in text
+    assert "parameters:" in text and "pruning took" in text
+    prov = json.loads((out / "rcpu_provenance.json").read_text())
+    assert prov["config"]["pruning_ratio"] == 0.5 and prov["calibration"]["nsamples"] == 16
+    assert prov["calibration"]["seqlen"] == 32 and prov["calibration"]["seed"] == 0
+    assert prov["evaluation"]["pruned"]["seqlen"] == 32
+    assert len(prov["layers"][0]["kept_channels"]) == 48
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 48 and model.config.num_attention_heads == 4
+    assert (out / "tokenizer.json").exists()
+    # same seed, same pruned weights
+    again = tmp_path / "again"
+    assert main(_prune_args(tiny_checkpoint, "--method", "rcpu", "--pruning_ratio", "0.5", "--eval", "none",
+                            "--save_model", str(again))) == 0
+    other = AutoModelForCausalLM.from_pretrained(again)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), other.state_dict().items(), strict=False):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_flap_global_allocation_saves_nonuniform(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "flap"
+    assert main(_prune_args(tiny_checkpoint, "--method", "flap", "--pruning_ratio", "0.3",
+                            "--save_model", str(out))) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mlp_bias"]  # FLAP bias compensation of down_proj is carried by the stock switch
+    if "layer_intermediate_size" in cfg:  # widths differ per layer
+        assert (out / "modeling_rcpu.py").exists()
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    assert model is not None
+
+
+def test_eval_command(tiny_checkpoint, capsys):
+    assert main(["eval", "--model", str(tiny_checkpoint / "model"), "--ppl", str(tiny_checkpoint / "text.txt"),
+                 "--seqlen", "16", "32", "-q"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ppl")]
+    assert len(lines) == 2 and "seqlen 16" in lines[0] and "seqlen 32" in lines[1]
+    assert "tokens" in lines[0] and "float32" in lines[0]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "rcpu.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pruning_ratio", "1.2"], "--pruning_ratio must be in [0, 1)"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--calib", "/no/such/file.txt"], "not found"),
+    (["--nsamples", "4", "--seqlen", "100000"], "--seqlen"),
+])
+def test_bad_input_one_line_error(tiny_checkpoint, tmp_path, args, message):
+    save = tmp_path / "never"
+    proc = _run(*_prune_args(tiny_checkpoint, "--eval", "none", "--save_model", str(save)), *args)
+    assert proc.returncode == 2
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("rcpu: error:")]
+    assert len(err) == 1 and message in err[0], proc.stderr
+    assert not save.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_bad_model_and_existing_output(tiny_checkpoint, tmp_path):
+    proc = _run("prune", "--model", str(tmp_path / "missing"), "-q")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    (tmp_path / "exists").mkdir()
+    proc = _run(*_prune_args(tiny_checkpoint, "--save_model", str(tmp_path / "exists")))
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr

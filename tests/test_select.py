@@ -56,3 +56,10 @@ def test_select_heads_keeps_groups_equal():
     g_plan = plan_uniform(LayerShape(geom, 64), 0.5, head_unit="group")
     heads, kv = select_heads(scores, geom, g_plan)
     assert kv.tolist() == [0] and heads.tolist() == [0, 1, 2, 3]  # group 0 sums to 15 > 12.6
+
+
+def test_round_to_multiple():
+    plan = plan_uniform(SMOL, 0.2, round_to=128)
+    assert (1536 - plan.channels_removed) % 128 == 0
+    assert any("rounded" in n for n in plan.notes)
+    assert plan_uniform(SMOL, 0.2, round_to=1).channels_removed == plan_uniform(SMOL, 0.2).channels_removed

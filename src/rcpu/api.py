@@ -20,7 +20,7 @@ from .config import PruneConfig
 from .errors import RcpuError
 from .models import get_adapter
 from .pipeline import capture_layer_inputs, make_plans, run_sequential
-from .report import PruneReport, count_params
+from .report import PeakMemory, PruneReport, count_params
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +104,18 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     params_before = count_params(model)
     attn_mlp_before = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
                           for layer in layers)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
-    plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
-    for note in dict.fromkeys(n for p in plans for n in p.notes):
-        logger.warning(note)
-    results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                       batches=batches, heldout_windows=heldout_windows if cfg.ridge_auto else None)
+    with PeakMemory(device) as peak:
+        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+        plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
+        for note in dict.fromkeys(n for p in plans for n in p.notes):
+            logger.warning(note)
+        results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
+                                           batches=batches,
+                                           heldout_windows=heldout_windows if cfg.ridge_auto else None)
+        del batches
     model.train(was_training)
     adapter.finalize()
     prune_s = time.perf_counter() - t0
@@ -138,9 +139,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         params["heads_after"] = [s.attn.num_heads for s in new_shapes]
         params["kv_heads_after"] = [s.attn.num_kv_heads for s in new_shapes]
         params["intermediate_after"] = [s.intermediate_size for s in new_shapes]
-    memory = {"peak_rss_mib": round(_peak_rss_mib(), 1)}
-    if device.type == "cuda":
-        memory["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    memory = {**peak.result, "process_peak_rss_mib": round(_peak_rss_mib(), 1)}
     report = PruneReport(
         config=cfg.to_dict(),
         model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,

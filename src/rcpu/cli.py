@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="move the budget heads are too coarse for to the MLP (default on)")
     _add(p, "mlp_stats", default=d.mlp_stats, choices=["before_attention", "after_attention"],
          help="down_proj statistics captured before (reference) or after pruning the layer's attention")
+    _add(p, "round_to", type=int, default=d.round_to,
+         help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
     _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
     _add(p, "seqlen", type=int, default=d.seqlen, help="calibration window length (default 128, the paper's)")
     _add(p, "seed", type=int, default=d.seed, help="seed for drawing calibration windows (default 0)")
@@ -83,10 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "overwrite", action="store_true", help="replace an existing --save_model directory")
     _add(p, "report", default=None, help="also write the JSON report to this file")
 
-    e = sub.add_parser("eval", help="perplexity of a model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
-    _add(e, "ppl", default="builtin", help="evaluation text: builtin, wikitext2, or a .txt/.jsonl file")
+    _add(e, "ppl", default="builtin", help="evaluation text: builtin, wikitext2, a .txt/.jsonl file, or none")
     _add(e, "seqlen", type=int, nargs="+", default=[128], help="window length(s), e.g. --seqlen 128 2048")
+    _add(e, "tasks", default=None,
+         help="lm-evaluation-harness tasks, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa "
+              "(or 'paper' for those seven)")
+    _add(e, "include_path", default=None, help="directory of extra lm-eval task YAMLs")
+    _add(e, "limit", type=int, default=None, help="at most N examples per task (quick checks only)")
+    _add(e, "num_fewshot", type=int, default=0, help="few-shot examples (default 0)")
+    _add(e, "output", default=None, help="write the results as JSON to this file")
+
+    c = sub.add_parser("compare", help="prune and evaluate several methods x ratios under one protocol")
+    _common(c)
+    _add(c, "methods", default="wanda-sp,flap,ridge-auto,rcpu,rcpu-scaled",
+         help="comma-separated presets, each optionally with +field=value overrides")
+    _add(c, "pruning_ratios", default="0.1,0.2,0.3", help="comma-separated ratios")
+    _add(c, "nsamples", default="128", help="calibration windows; a comma-separated list gives a size curve")
+    _add(c, "seqlen", type=int, default=128, help="calibration window length")
+    _add(c, "seed", type=int, default=0)
+    _add(c, "batch_size", type=int, default=8)
+    _add(c, "calib", default="builtin")
+    _add(c, "eval", default="builtin")
+    _add(c, "eval_seqlens", default="128", help="comma-separated perplexity window lengths")
+    _add(c, "output", required=True, help="directory for results.json, results.md and ppl.png (resumable)")
+
+    b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")
+    _common(b)
+    _add(b, "baseline", required=True, help="the dense model (same forms as --model)")
+    _add(b, "batch_size", type=int, default=1)
+    _add(b, "prompt_len", type=int, default=128)
+    _add(b, "new_tokens", type=int, default=64)
+    _add(b, "repeats", type=int, default=5)
+    _add(b, "output", default=None, help="write the results as JSON to this file")
     return parser
 
 
@@ -144,7 +176,7 @@ def cmd_prune(args) -> int:
         ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
-        mlp_stats=args.mlp_stats, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        mlp_stats=args.mlp_stats, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()
     dtype = parse_dtype(args.dtype)
@@ -207,9 +239,72 @@ def cmd_eval(args) -> int:
         raise RcpuError("--seqlen values must be >= 2")
     loaded = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     print(f"model {args.model}: {type(loaded.model).__name__}, {count_params(loaded.model):,} parameters")
-    ids = _eval_ids(loaded.tokenizer, args.ppl)
-    for seqlen in args.seqlen:
-        print(_ppl(loaded.model, ids, seqlen, args, device, f"{args.ppl}:eval").format())
+    out: dict = {"model": args.model, "dtype": args.dtype, "device": str(device), "perplexity": [], "zero_shot": None}
+    if args.ppl != "none":
+        ids = _eval_ids(loaded.tokenizer, args.ppl)
+        for seqlen in args.seqlen:
+            res = _ppl(loaded.model, ids, seqlen, args, device, f"{args.ppl}:eval")
+            out["perplexity"].append(res.to_dict())
+            print(res.format())
+    if args.tasks:
+        from .evaluate import PAPER_TASKS, zero_shot
+
+        tasks = list(PAPER_TASKS) if args.tasks == "paper" else args.tasks
+        res = zero_shot(loaded.model, loaded.tokenizer, tasks, batch_size=args.eval_batch_size or 8, device=device,
+                        limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path)
+        out["zero_shot"] = res.to_dict()
+        print(res.format())
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump(out, fh, indent=2, default=str)
+    return 0
+
+
+def _floats(value: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise RcpuError(f"{flag} must be comma-separated numbers, got {value!r}") from None
+
+
+def cmd_compare(args) -> int:
+    import torch
+
+    from .api import default_device
+    from .compare import run_compare
+
+    device = torch.device(args.device) if args.device else default_device()
+    results = run_compare(
+        args.model, [m.strip() for m in args.methods.split(",") if m.strip()],
+        _floats(args.pruning_ratios, "--pruning_ratios"), args.output, calib=args.calib, eval_source=args.eval,
+        nsamples=[int(x) for x in _floats(args.nsamples, "--nsamples")], seqlen=args.seqlen, seed=args.seed,
+        eval_seqlens=[int(x) for x in _floats(args.eval_seqlens, "--eval_seqlens")],
+        max_eval_tokens=args.max_eval_tokens or None, device=device, dtype=parse_dtype(args.dtype),
+        batch_size=args.batch_size, progress=not args.quiet)
+    from pathlib import Path
+
+    print((Path(args.output) / "results.md").read_text())
+    print(f"wrote {args.output}/results.json, results.md, ppl.png ({results.get('wall_s_this_run', 0):.0f} s)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .api import default_device
+    from .evaluate import compare_speed
+    from .loading import load_model
+
+    dtype = parse_dtype(args.dtype)
+    device = torch.device(args.device) if args.device else default_device()
+    model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
+    base = load_model(args.baseline, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
+    res = compare_speed(model, base, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                        new_tokens=args.new_tokens, repeats=args.repeats, device=device, progress=not args.quiet)
+    print(res.format())
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump({"model": args.model, "baseline": args.baseline, **res.to_dict()}, fh, indent=2, default=str)
     return 0
 
 
@@ -224,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.quiet)
     try:
-        return cmd_prune(args) if args.command == "prune" else cmd_eval(args)
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench}
+        return commands[args.command](args)
     except RcpuError as exc:
         print(f"rcpu: error: {exc}", file=sys.stderr)
         return 2

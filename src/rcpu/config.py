@@ -63,6 +63,7 @@ class PruneConfig:
     head_unit: str = "auto"
     rebalance: bool = True
     mlp_stats: str = "before_attention"
+    round_to: int = 1
     nsamples: int = 128
     seqlen: int = 128
     seed: int = 0
@@ -127,7 +128,7 @@ class PruneConfig:
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
         if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0 or self.nholdout < 1):
             raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0 and --nholdout >= 1")
-        for name in ("nsamples", "batch_size", "nholdout"):
+        for name in ("nsamples", "batch_size", "nholdout", "round_to"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:

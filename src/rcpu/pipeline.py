@@ -279,14 +279,14 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
         shapes.append(adapter.layer_shape(layer))
         layer.to(home)
-    return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit)
+    return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
 
 
 def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
                cfg: PruneConfig, device: torch.device, progress: bool = True) -> list[LayerPlan]:
     """How many units each layer loses: the same everywhere (uniform) or allocated globally."""
     shape = adapter.layer_shape(adapter.layers[0])
-    uniform = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance)
+    uniform = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)
     if cfg.resolved_allocation == "uniform":
         return [uniform] * len(adapter.layers)
     return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import threading
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
+import torch
 from torch import nn
 
 
@@ -56,3 +59,49 @@ class PruneReport:
             f"{p['kv_heads_after']}), MLP {p['intermediate_before']} -> {p['intermediate_after']}",
             f"pruning took {self.timings.get('prune_s', 0):.1f} s",
         ] + [f"note: {n}" for n in self.plan.get("notes", [])]
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated on a CUDA device, otherwise the peak
+    resident set size sampled every 20 ms (Linux), reported as growth over the start."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.result: dict = {}
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        self._rss0 = self._peak = _rss_bytes() or 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes() or 0)
+        mib = 2**20
+        self.result = {"peak_rss_mib": round(self._peak / mib, 1),
+                       "peak_rss_growth_mib": round((self._peak - self._rss0) / mib, 1)}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.result["peak_cuda_allocated_mib"] = round(peak / mib, 1)
+            self.result["peak_cuda_growth_mib"] = round((peak - self._start) / mib, 1)

@@ -89,7 +89,20 @@ class LayerPlan:
         return asdict(self)
 
 
-def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebalance: bool = True) -> LayerPlan:
+def round_channels(plan: LayerPlan, d_ff: int, multiple: int) -> LayerPlan:
+    """Round the kept MLP width to a multiple of ``multiple`` (kernel-friendly shapes)."""
+    if multiple <= 1:
+        return plan
+    keep = d_ff - plan.channels_removed
+    rounded = min(d_ff, max(multiple, round(keep / multiple) * multiple))
+    if rounded != keep:
+        plan.notes.append(f"MLP width rounded to a multiple of {multiple}: {keep} -> {rounded} channels")
+        plan.channels_removed = d_ff - rounded
+    return plan
+
+
+def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebalance: bool = True,
+                 round_to: int = 1) -> LayerPlan:
     """Units to remove from every layer for a width ratio ``ratio``.
 
     Paper-faithful counts are floor(ratio*H) heads and floor(ratio*d_ff) channels.
@@ -131,7 +144,7 @@ def plan_uniform(shape: LayerShape, ratio: float, head_unit: str = "auto", rebal
             f"heads are too coarse for ratio {ratio:g}: only {heads} of {geom.num_heads} heads per layer "
             f"are removed (rebalancing to the MLP is off)"
         )
-    return plan
+    return round_channels(plan, d_ff, round_to)
 
 
 def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -194,7 +207,7 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
 
 
 def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes: list[LayerShape], ratio: float,
-                    head_unit: str) -> list[LayerPlan]:
+                    head_unit: str, round_to: int = 1) -> list[LayerPlan]:
     """FLAP's global adaptive allocation across layers and modules.
 
     ``unit_scores[i]`` = (standardised attention-unit scores from :func:`head_unit_scores`,
@@ -231,5 +244,5 @@ def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes
             plan.groups_removed = n_attn - keep_attn
         else:
             plan.heads_removed_per_group = n_attn - keep_attn
-        plans.append(plan)
+        plans.append(round_channels(plan, n_mlp, round_to))
     return plans

@@ -1,0 +1,59 @@
+"""`rcpu compare` (harness) and `rcpu bench` on tiny checkpoints."""
+
+import json
+
+import pytest
+
+from rcpu import RcpuError
+from rcpu import compare as cmp
+from rcpu.cli import main
+
+
+def test_parse_method():
+    assert cmp.parse_method("rcpu") == {"method": "rcpu"}
+    assert cmp.parse_method("rcpu+compensate_attn=false+ridge_lambda=0.1") == {
+        "method": "rcpu", "compensate_attn": False, "ridge_lambda": 0.1}
+    with pytest.raises(RcpuError, match="unknown method"):
+        cmp.parse_method("obs")
+    with pytest.raises(RcpuError, match="bad override"):
+        cmp.parse_method("rcpu+pruning_ratio=0.5")
+
+
+def test_compare_writes_table_plot_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
+    text = str(tiny_checkpoint / "text.txt")
+    kw = dict(calib=text, eval_source=text, nsamples=[8, 16], seqlen=32, eval_seqlens=[32], progress=False)
+    out = tmp_path / "cmp"
+    res = cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp", "ridge-auto", "flap"], [0.25, 0.5], out, **kw)
+    cells = res["cells"]
+    assert len(cells) == 1 + 3 * 2 * 2 and "dense" in cells
+    for key, cell in cells.items():
+        if key != "dense":
+            assert cell["ppl"]["32"]["seqlen"] == 32 and cell["prune_s"] >= 0 and cell["params"]["ratio_total"] > 0
+            assert cell["ppl"]["32"]["n_tokens"] == cells["dense"]["ppl"]["32"]["n_tokens"]  # same eval tokens
+    assert cells["ridge-auto@0.5/n16"]["ridge_lambdas"]
+    md = (out / "results.md").read_text()
+    assert "| dense |" in md and "| flap (n=16) |" in md and "50%" in md
+    assert (out / "ppl.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["cells"].keys() == cells.keys()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(cmp, "prune", boom)
+    again = cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp"], [0.25, 0.5], out, **kw)
+    assert again["cells"]["wanda-sp@0.5/n8"]["ppl"] == cells["wanda-sp@0.5/n8"]["ppl"]
+    with pytest.raises(RcpuError, match="another protocol"):
+        cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp"], [0.5], out, **{**kw, "seqlen": 16})
+
+
+def test_bench_prints_speedup(tiny_checkpoint, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_checkpoint / "model"), "--calib", str(tiny_checkpoint / "text.txt"),
+                 "--eval", "none", "--nsamples", "8", "--seqlen", "32", "--pruning_ratio", "0.5",
+                 "--save_model", str(pruned), "-q"]) == 0
+    assert main(["bench", "--model", str(pruned), "--baseline", str(tiny_checkpoint / "model"), "--device", "cpu",
+                 "--prompt_len", "16", "--new_tokens", "4", "--repeats", "2", "--output", str(tmp_path / "b.json"),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out
+    assert json.loads((tmp_path / "b.json").read_text())["speedup"]["prefill"]["median"] > 0

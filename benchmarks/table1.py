@@ -1,7 +1,7 @@
 """The table of record: the RCPU paper's Table 1 layout on SmolLM2-135M, plus the
 compensation ablation and a calibration-size curve.
 
-    python benchmarks/table1.py [--device cuda] [--max_eval_tokens 32768] [--output benchmarks/results]
+    python benchmarks/table1.py [--device cuda] [--max_eval_tokens 16384] [--output benchmarks/results]
 
 Calibration: 128 windows x 128 tokens from the built-in calibration text (seed 0).
 Evaluation: the built-in held-out text (first --max_eval_tokens tokens), 128- and
@@ -35,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max_eval_tokens", type=int, default=32768, help="0 = the whole evaluation text")
+    p.add_argument("--max_eval_tokens", type=int, default=16384, help="0 = the whole evaluation text")
     p.add_argument("--output", default="benchmarks/results")
     p.add_argument("--parts", default=",".join(PARTS))
     args = p.parse_args()

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -95,7 +96,7 @@ def test_params_reported():
 _RELOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=sys.argv[4] == "1").eval()
 x = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     torch.save(m(x).logits, sys.argv[3])
@@ -105,26 +106,35 @@ print(sum(p.numel() for p in m.parameters()))
 
 
 @pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge"), ("mistral", "rcpu-scaled"),
-                                           ("llama", "bias")])
+                                           ("llama", "bias"), ("llama", "flap"), ("qwen2", "global")])
 def test_save_reload_identical_logits(tmp_path, family, method):
-    cfg = (PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5) if method == "bias"
-           else PruneConfig(method=method, pruning_ratio=0.5))
+    cfg = {"bias": PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5),
+           "global": PruneConfig(method="rcpu", allocation="global", pruning_ratio=0.5)}.get(
+        method, PruneConfig(method=method, pruning_ratio=0.5))
     pruned, report = prune(make_model(family), cfg, windows=make_windows(), device="cpu", progress=False)
+    nonuniform = method in ("flap", "global")
+    assert report.params["uniform"] != nonuniform  # per-layer widths differ under global allocation
     out = save_pruned(pruned, None, tmp_path / "out", report.to_dict())
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dir left behind
     x = make_windows(2, 16, seed=5)
     torch.save(x, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"),
+                           str(int(nonuniform))], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
     assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in pruned.parameters())
     saved = json.loads((out / "config.json").read_text())
-    assert saved["intermediate_size"] == 48 and saved["head_dim"] == 8
+    assert saved["head_dim"] == 8
+    if nonuniform:
+        assert (out / "modeling_rcpu.py").exists() and "auto_map" in saved
+        assert saved["layer_intermediate_size"] == report.params["intermediate_after"]
+    else:
+        assert saved["intermediate_size"] == 48 and "auto_map" not in saved
     if method == "bias":
         assert saved["attention_bias"] and saved["mlp_bias"]
     prov = json.loads((out / PROVENANCE).read_text())
-    assert prov["config"]["method"] in ("rcpu", "ridge", "rcpu-scaled", "wanda-sp")
+    assert prov["config"]["method"] == cfg.method
     assert len(prov["layers"]) == 2 and "kept_channels" in prov["layers"][0]
 
 

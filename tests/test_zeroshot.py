@@ -266,3 +266,16 @@ def test_paper_metric_choice():
     with pytest.raises(RcpuError, match="neither acc_norm nor acc"):
         select_metric("gsm8k", ["exact_match"])
     assert select_metric("gsm8k", ["exact_match"], {"gsm8k": "exact_match"}) == "exact_match"
+
+
+def test_cli_eval_tasks_on_saved_model(model, tokenizer, task_dir, tmp_path, capsys):
+    from rcpu.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "zs.json"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--ppl", "none", "--tasks", TASK, "--include_path", task_dir,
+                 "--device", "cpu", "--output", str(out), "-q"]) == 0
+    assert TASK in capsys.readouterr().out
+    result = json.loads(out.read_text())["zero_shot"]
+    assert result["tasks"][TASK]["value"] == pytest.approx(_reference(model, tokenizer, DOCS)["acc_norm"])

@@ -184,7 +184,7 @@ def cmd_prune(args) -> int:
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite)
     if args.max_eval_tokens is None:
-        args.max_eval_tokens = 65536  # a quick before/after check; `rcpu eval` uses all tokens
+        args.max_eval_tokens = 16384  # a quick before/after check; `rcpu eval` uses all tokens
     from . import data
 
     for source, split in ((args.calib, "calib"), (args.eval, "eval")):  # fail fast, before loading

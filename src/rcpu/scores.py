@@ -22,7 +22,7 @@ def _w(weight: torch.Tensor) -> torch.Tensor:
 
 def magnitude(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
     """||w_j||_2: data-free column norm."""
-    return _w(weight).norm(dim=0).to(stats.sum.device if stats.sum is not None else weight.device)
+    return _w(weight).norm(dim=0)
 
 
 def wanda_sp(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:

@@ -27,9 +27,9 @@ PARTS = {
     # ablation runs at 0.4 (1 head per group + MLP) to give o_proj something to compensate
     "ablation": (["rcpu+compensation=none", "rcpu+compensate_mlp=false", "rcpu+compensate_attn=false", "rcpu"],
                  [0.4], [128], [128]),
-    # n = 128 is the main table's cell (the first 128 windows of the same seeded draw);
-    # ridge with the fixed default lambda keeps this part cheap on a CPU
-    "calib_curve": (["rcpu", "ridge"], [0.2], [16, 64, 512], [128]),
+    # smaller calibration sets are prefixes of the same seeded draw; ridge with the fixed
+    # default lambda keeps this part cheap on a CPU (ridge-auto at n=128 is in "main")
+    "calib_curve": (["rcpu", "ridge"], [0.2], [16, 32, 64, 128, 512], [128]),
 }
 
 

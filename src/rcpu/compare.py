@@ -171,7 +171,9 @@ def write_table(results: dict, path: Path) -> str:
     proto = results["protocol"]
     rows = [c for k, c in cells.items() if k != "dense"]
     ratios = sorted({c["ratio"] for c in rows})
-    labels = list(dict.fromkeys((c["method"], c["nsamples"]) for c in rows))
+    methods = list(dict.fromkeys(c["method"] for c in rows))
+    labels = sorted(dict.fromkeys((c["method"], c["nsamples"]) for c in rows),
+                    key=lambda mn: (mn[1], methods.index(mn[0])))
     multi_n = len({n for _, n in labels}) > 1
     lines = [f"Model `{proto['model']}`, calibration `{proto['calib']}` ({proto['seqlen']}-token windows, "
              f"seed {proto['seed']}), evaluation `{proto['eval']}`"
@@ -194,7 +196,7 @@ def write_table(results: dict, path: Path) -> str:
         lines.append("")
     lines += ["Achieved parameter reduction (attention+MLP / whole model), pruning time, peak memory growth:", "",
               "| method | ratio | attn+MLP | whole | prune s | peak MiB | ridge λ chosen |", "|---|---|---|---|---|---|---|"]
-    for c in rows:
+    for c in sorted(rows, key=lambda c: (c["nsamples"], methods.index(c["method"]), c["ratio"])):
         mem = c["memory"].get("peak_cuda_growth_mib", c["memory"].get("peak_rss_growth_mib"))
         lam = ", ".join(c["ridge_lambdas"]) if c.get("ridge_lambdas") else ""
         n_label = f" (n={c['nsamples']})" if multi_n else ""

@@ -35,17 +35,27 @@ class Compensated:
     info: dict = field(default_factory=dict)
 
 
+def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
+                          candidates: list[torch.Tensor]) -> list[float]:
+    """||Y - B X_K||_F^2 / ||Y||_F^2 for each B in ``candidates``, from the Gram matrix
+    alone; W G and ||Y||^2 are formed once for all candidates."""
+    w = weight.double()
+    g = gram.to(w.device).double()
+    kept = kept.to(w.device)
+    wg = w @ g
+    y2 = (wg * w).sum().clamp_min(torch.finfo(torch.float64).tiny)
+    wg_k, g_kk = wg[:, kept], g[kept][:, kept]
+    out = []
+    for b in candidates:
+        b = b.to(w.device).double()
+        out.append(float((y2 - 2 * (wg_k * b).sum() + ((b @ g_kk) * b).sum()) / y2))
+    return out
+
+
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
                          new_kept: torch.Tensor) -> float:
-    """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept, from the Gram matrix alone."""
-    w = weight.double()
-    b = new_kept.double()
-    g = gram.double()
-    wg = w @ g
-    y2 = (wg * w).sum()
-    cross = (wg[:, kept] * b).sum()
-    z2 = ((b @ g[kept][:, kept]) * b).sum()
-    return float((y2 - 2 * cross + z2) / y2.clamp_min(torch.finfo(torch.float64).tiny))
+    """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept."""
+    return reconstruction_errors(weight, gram, kept, [new_kept])[0]
 
 
 def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:
@@ -57,9 +67,10 @@ def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> t
     return (weight.double()[:, dropped] @ mean[dropped]).to(weight.dtype)
 
 
-def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
-          relative: bool = True) -> Compensated:
-    """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1.
+def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lams: list[float],
+               relative: bool = True) -> list[Compensated]:
+    """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1
+    for every lam in ``lams`` (the shared products are formed once).
 
     With ``relative`` the penalty is lam * tr(G) / d_in (the mean squared activation
     times N), so one lam works across layers, models and calibration sizes. Solved
@@ -69,21 +80,31 @@ def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: flo
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
     scale = float(torch.trace(g) / g.shape[0]) if relative else 1.0
-    lam_abs = lam * scale
     g_kk = g[kept][:, kept]
-    rhs = w @ g[:, kept] + lam_abs * w[:, kept]
+    w_k = w[:, kept]
+    wg_k = w @ g[:, kept]
     eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
-    jitter = 0.0
-    chol, info = torch.linalg.cholesky_ex(g_kk + lam_abs * eye)
-    if int(info) != 0:  # singular: lam == 0 with fewer tokens than kept channels
-        jitter = 1e-10 * max(float(torch.diagonal(g_kk).mean()), 1e-30)
-        chol, info = torch.linalg.cholesky_ex(g_kk + (lam_abs + jitter) * eye)
-        logger.warning("ridge: the kept Gram matrix is singular; added jitter %.3g", jitter)
-        if int(info) != 0:
-            raise ValueError("ridge: kept Gram matrix is not positive definite; use a larger lambda")
-    new = torch.cholesky_solve(rhs.T, chol).T
-    return Compensated(new.to(weight.dtype), info={"lambda": lam, "lambda_abs": lam_abs,
-                                                   "lambda_relative": relative, "jitter": jitter})
+    results = []
+    for lam in lams:
+        lam_abs = lam * scale
+        jitter = 0.0
+        chol, info = torch.linalg.cholesky_ex(g_kk + lam_abs * eye)
+        if int(info) != 0:  # singular: lam == 0 with fewer tokens than kept channels
+            jitter = 1e-10 * max(float(torch.diagonal(g_kk).mean()), 1e-30)
+            chol, info = torch.linalg.cholesky_ex(g_kk + (lam_abs + jitter) * eye)
+            logger.warning("ridge: the kept Gram matrix is singular; added jitter %.3g", jitter)
+            if int(info) != 0:
+                raise ValueError("ridge: kept Gram matrix is not positive definite; use a larger lambda")
+        new = torch.cholesky_solve((wg_k + lam_abs * w_k).T, chol).T
+        results.append(Compensated(new.to(weight.dtype), info={"lambda": lam, "lambda_abs": lam_abs,
+                                                               "lambda_relative": relative, "jitter": jitter}))
+    return results
+
+
+def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
+          relative: bool = True) -> Compensated:
+    """Ridge compensation for one lam; see :func:`ridge_path`."""
+    return ridge_path(weight, gram, kept, [lam], relative)[0]
 
 
 def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,15 +135,10 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
                 cfg: PruneConfig) -> comp.Compensated:
     """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
     held-out calibration windows (their own Gram matrix), never on evaluation text."""
-    errors, best = {}, None
-    kept_dev = kept.to(heldout.gram.device)
-    for lam in cfg.ridge_grid:
-        cand = comp.ridge(weight, stats.gram, kept, lam, relative=cfg.ridge_lambda_relative)
-        errors[lam] = comp.reconstruction_error(weight.to(heldout.gram.device), heldout.gram, kept_dev,
-                                                cand.weight.to(heldout.gram.device))
-        if best is None or errors[lam] < errors[best[0]]:
-            best = (lam, cand)
-    lam, result = best
+    cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative)
+    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands])
+    errors = dict(zip(cfg.ridge_grid, errs, strict=True))
+    result = cands[min(range(len(errs)), key=errs.__getitem__)]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
                         "heldout_errors": {f"{k:g}": v for k, v in errors.items()}})
     return result
@@ -169,11 +164,9 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         raise ValueError(kind)
     result.info["method"] = kind
     if stats.gram is not None:
-        kept_dev = kept.to(stats.gram.device)
-        w = weight.to(stats.gram.device)
-        result.info["rel_error_uncompensated"] = comp.reconstruction_error(w, stats.gram, kept_dev, w[:, kept_dev])
-        result.info["rel_error"] = comp.reconstruction_error(w, stats.gram, kept_dev,
-                                                             result.weight.to(stats.gram.device))
+        before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
+                                                                                result.weight])
+        result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
     return result
 
 

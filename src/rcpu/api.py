@@ -18,9 +18,11 @@ from torch import nn
 
 from .config import PruneConfig
 from .errors import RcpuError
-from .models import get_adapter
+from .models import DecoderAdapter, get_adapter
+from .models.checkpoint import SavedFormat, planned_shape
 from .pipeline import capture_layer_inputs, make_plans, run_sequential
 from .report import PeakMemory, PruneReport, count_params
+from .select import LayerPlan, plan_uniform
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,24 @@ def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
     return windows, heldout, info
 
 
+def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | None = None,
+                   adapter: DecoderAdapter | None = None) -> SavedFormat:
+    """Build and validate the config the pruned model will be saved with, before any layer
+    is pruned; RcpuError if no stock (or per-layer) config can carry it. Without ``plans``
+    the uniform plan is used (global allocation is checked once its plans exist)."""
+    adapter = adapter or get_adapter(model)
+    if cfg.resolved_compensation == "bias" and not adapter.output_bias_switches:
+        raise RcpuError(f"bias compensation needs output biases, which a stock {adapter.name} checkpoint "
+                        "cannot carry; choose another --compensation")
+    layers = adapter.layers
+    if plans is None:
+        shape = adapter.layer_shape(layers[0])
+        plans = [plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)] * len(layers)
+    shapes = [planned_shape(adapter.layer_shape(layer), plan) for layer, plan in zip(layers, plans, strict=True)]
+    bias = cfg.resolved_compensation == "bias"
+    return adapter.saved_format(shapes, attn_bias=bias and cfg.compensate_attn, mlp_bias=bias and cfg.compensate_mlp)
+
+
 def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
           calib: str = "builtin", windows: torch.Tensor | None = None,
           heldout_windows: torch.Tensor | None = None, device: str | torch.device | None = None,
@@ -76,9 +96,8 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         loaded = load_model(model)
         model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    if cfg.resolved_compensation == "bias" and not adapter.output_bias_switches:
-        raise RcpuError(f"bias compensation needs output biases, which a stock {adapter.name} checkpoint "
-                        "cannot carry; choose another --compensation")
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
     device = torch.device(device) if device is not None else default_device()
 
     if windows is None:
@@ -110,6 +129,9 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     with PeakMemory(device) as peak:
         batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
         plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
+        saved = check_saveable(model, cfg, plans, adapter)  # before the first layer is pruned
+        if saved.note:
+            logger.warning(saved.note)
         for note in dict.fromkeys(n for p in plans for n in p.notes):
             logger.warning(note)
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
@@ -146,6 +168,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
                "adapter": adapter.name, "num_layers": len(layers), "device": str(device),
                "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         calibration=calib_info,
+        checkpoint=saved.to_dict(),
         plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
               "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
               "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation == "global" else plans[0].to_dict()},

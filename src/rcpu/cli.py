@@ -163,7 +163,7 @@ def _grid(value: str) -> tuple[float, ...]:
 def cmd_prune(args) -> int:
     import torch
 
-    from .api import default_device, prune
+    from .api import check_saveable, default_device, prune
     from .export import check_output_dir, save_pruned
     from .loading import load_model
     from .report import count_params
@@ -193,6 +193,8 @@ def cmd_prune(args) -> int:
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg)  # an unsaveable setting fails now, not after the run
     print(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
           f"{count_params(model):,} parameters, {args.dtype}, device {device}")
     eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)

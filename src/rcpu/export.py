@@ -20,7 +20,9 @@ from pathlib import Path
 from torch import nn
 
 from .errors import RcpuError
-from .nonuniform import is_uniform, prepare_nonuniform_save
+from .models import get_adapter
+from .models.checkpoint import model_for_saving
+from .nonuniform import prepare_nonuniform_save
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +47,35 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _readable(directory: Path) -> None:
+    """Give the directory and its files the permissions the umask allows (the weight writer
+    creates private temporary files, which a server running as another user cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance: dict,
                 overwrite: bool = False) -> Path:
     """Save ``model`` (+ tokenizer + provenance) to ``path`` and return the final path."""
     out = check_output_dir(path, overwrite)
+    fmt = get_adapter(model).saved_format()  # RcpuError (before writing anything) if no config can carry it
+    if fmt.note:
+        logger.info("%s", fmt.note)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if not is_uniform(model):  # per-layer widths: rcpu config + small modeling file
+        model_for_saving(model, fmt).save_pretrained(tmp, safe_serialization=True)
+        if fmt.kind == "per-layer":  # rcpu config + small modeling file
             prepare_nonuniform_save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str))
+        _readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .assets import cache_dir, wheel_member
 from .errors import RcpuError
@@ -226,12 +228,45 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model, tokenizer
 
 
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / "model.safetensors"]
+
+
+def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory in ``dtype``, in memory the process owns.
+
+    Each tensor is read with plain reads (no memory map) and cast on its own, so a float32
+    checkpoint loaded in bfloat16 never holds more than one float32 tensor, and the result is
+    one copy of the weights. A memory map would keep every page it has touched resident
+    (counted in RSS) for as long as any tensor of that file is alive, next to the sliced
+    copies pruning makes.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as fh:
+            for name in fh.keys():
+                tensor = fh.get_tensor(name)
+                out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     _check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if model_cls is None:  # remote code (e.g. per-layer widths): the library's own loader
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        else:
+            model = model_cls.from_pretrained(None, config=config, state_dict=read_state_dict(path, dtype),
+                                              dtype=dtype)
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises OSError/ValueError/SafetensorError/... for bad checkpoints
         if type(exc).__name__ == "SafetensorError":
             raise RcpuError(f"a weight file in {path} is corrupt or truncated; re-download or re-save it") from exc

@@ -35,6 +35,7 @@ class PruneReport:
     calibration: dict
     plan: dict
     params: dict
+    checkpoint: dict = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
@@ -58,7 +59,7 @@ class PruneReport:
             f"per layer: heads {p['heads_before']} -> {p['heads_after']} (kv {p['kv_heads_before']} -> "
             f"{p['kv_heads_after']}), MLP {p['intermediate_before']} -> {p['intermediate_after']}",
             f"pruning took {self.timings.get('prune_s', 0):.1f} s",
-        ] + [f"note: {n}" for n in self.plan.get("notes", [])]
+        ] + [f"note: {n}" for n in self.plan.get("notes", []) + [self.checkpoint.get("note")] if n]
 
 
 def _rss_bytes() -> int | None:

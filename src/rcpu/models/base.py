@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..select import AttentionGeometry, LayerShape
+from .checkpoint import SavedFormat, saved_format
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
@@ -130,6 +131,19 @@ class DecoderAdapter:
     def add_output_bias(self, linear: nn.Linear, delta: torch.Tensor) -> None:
         _ensure_bias(linear)
         linear.bias.data += delta.to(linear.bias.dtype)
+
+    def saved_format(self, shapes: list[LayerShape] | None = None, attn_bias: bool | None = None,
+                     mlp_bias: bool | None = None) -> SavedFormat:
+        """The config the model will be saved with: for the given (planned) layer shapes and
+        output biases, or by default for the model as it is now. RcpuError if none can."""
+        layers = list(self.layers)
+        if shapes is None:
+            shapes = [self.layer_shape(layer) for layer in layers]
+        if attn_bias is None:
+            attn_bias = any(self.attn_out(layer).bias is not None for layer in layers)
+        if mlp_bias is None:
+            mlp_bias = any(self.mlp_out(layer).bias is not None for layer in layers)
+        return saved_format(self.config, shapes, attn_bias, mlp_bias)
 
     def finalize(self) -> None:
         """Write the new widths into the config so it loads as a stock model.

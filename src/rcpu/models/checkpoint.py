@@ -1,0 +1,137 @@
+"""Which stock config a pruned model is saved with, decided (and validated) before pruning.
+
+Pruning heads can give widths that the family's own config refuses. transformers 5's
+``LlamaConfig`` requires ``hidden_size % num_attention_heads == 0`` even when ``head_dim``
+is explicit, so LLaMA-7B at the paper's 20 % (32 -> 26 heads over hidden 4096) cannot be
+saved as a Llama checkpoint, although the pruned model itself is fine. ``MistralConfig``
+and ``Qwen2Config`` have no such rule.
+
+``MistralForCausalLM`` computes exactly what ``LlamaForCausalLM`` computes when the Llama
+model has no biases and Mistral's sliding window is off: the same RMSNorm, rotary
+embedding (any ``rope_parameters``, shared RoPE functions), attention with explicit
+``head_dim``, SwiGLU MLP, tied or untied head. So such a checkpoint is written as a
+Mistral one, which stock transformers and vLLM load without remote code. A Llama whose
+biases rule this out (``attention_bias`` / ``mlp_bias``, e.g. from bias compensation)
+with an indivisible head count is refused before any layer is pruned.
+
+Per-layer widths (global allocation) are saved with the ``rcpu_<family>`` config (see
+:mod:`rcpu.nonuniform`), whose top-level widths are the unpruned ones; only its bias
+switches change, and the check covers them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import MistralConfig, MistralForCausalLM, PretrainedConfig
+
+from ..errors import RcpuError
+from ..select import AttentionGeometry, LayerPlan, LayerShape
+
+#: Llama config keys with no Mistral counterpart. ``pretraining_tp`` is not read by the
+#: transformers 5 Llama forward pass; the bias switches must be off for the remap.
+_LLAMA_ONLY = ("attention_bias", "mlp_bias", "pretraining_tp")
+_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map")
+
+
+@dataclass
+class SavedFormat:
+    """The config the checkpoint will carry and how it relates to the in-memory model."""
+
+    config: PretrainedConfig
+    kind: str  #: "stock" (the model's own class), "remapped" (an equivalent stock class), "per-layer"
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "model_type": self.config.model_type,
+                "architecture": (self.config.architectures or [None])[0], "note": self.note}
+
+
+def _validate(config: PretrainedConfig) -> str | None:
+    """The error save_pretrained / from_pretrained would raise for ``config``, or None."""
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as exc:  # strict-dataclass validation errors wrap a ValueError
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    return None
+
+
+def mistral_equivalent(config: PretrainedConfig) -> MistralConfig:
+    """The Mistral config whose model computes what this bias-free Llama config's model computes."""
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("a Llama model with biases has no Mistral equivalent")
+    values = {k: v for k, v in config.to_dict().items() if k not in _LLAMA_ONLY + _NOT_COPIED}
+    values["sliding_window"] = None
+    mistral = MistralConfig(**values)
+    mistral.architectures = ["MistralForCausalLM"]
+    return mistral
+
+
+def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: bool, mlp_bias: bool
+                 ) -> SavedFormat:
+    """The config a model with layer shapes ``shapes`` will be saved with; RcpuError when
+    no stock config can carry it. ``attn_bias`` / ``mlp_bias``: whether o_proj / down_proj
+    will have biases (compensation adds them), which needs the config's bias switches."""
+    cfg = copy.deepcopy(config)
+    if attn_bias:
+        cfg.attention_bias = True
+    if mlp_bias:
+        cfg.mlp_bias = True
+    uniform = len({(s.attn, s.intermediate_size) for s in shapes}) == 1
+    if not uniform:
+        error = _validate(cfg)
+        if error:
+            raise RcpuError(f"the pruned {cfg.model_type} config would be refused by transformers ({error})")
+        return SavedFormat(cfg, "per-layer", "per-layer widths: saved with the rcpu modeling file "
+                                             "(trust_remote_code=True)")
+    geom, d_ff = shapes[0].attn, shapes[0].intermediate_size
+    cfg.num_attention_heads = geom.num_heads
+    cfg.num_key_value_heads = geom.num_kv_heads
+    cfg.head_dim = geom.head_dim
+    cfg.intermediate_size = d_ff
+    error = _validate(cfg)
+    if error is None:
+        return SavedFormat(cfg, "stock")
+    if cfg.model_type == "llama" and not (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+        mistral = mistral_equivalent(cfg)
+        if _validate(mistral) is None:
+            return SavedFormat(mistral, "remapped", (
+                f"{geom.num_heads} heads do not divide hidden size {cfg.hidden_size}, which transformers' "
+                f"LlamaConfig refuses; saved as the equivalent MistralForCausalLM (no biases, no sliding window)"))
+    why = ("; its biases (attention_bias / mlp_bias) rule out the equivalent Mistral config: use a --compensation "
+           "other than bias, or a --pruning_ratio whose head count divides the hidden size"
+           if cfg.model_type == "llama" else "")
+    raise RcpuError(f"the pruned model cannot be saved as a stock {cfg.model_type} checkpoint: "
+                    f"{error.rstrip('.')}{why}")
+
+
+def planned_shape(shape: LayerShape, plan: LayerPlan) -> LayerShape:
+    """The shape a layer of ``shape`` will have after ``plan``."""
+    g = shape.attn
+    attn = AttentionGeometry(g.num_heads - plan.heads_removed(g), g.num_kv_heads - plan.groups_removed,
+                             g.head_dim, g.hidden_size)
+    return LayerShape(attn, shape.intermediate_size - plan.channels_removed, shape.qkv_bias, shape.o_bias,
+                      shape.mlp_bias)
+
+
+def model_for_saving(model: nn.Module, fmt: SavedFormat) -> nn.Module:
+    """``model`` itself, or a twin of the remapped class that shares its tensors (no copy)."""
+    if fmt.kind != "remapped":
+        return model
+    import torch
+
+    with torch.device("meta"):
+        twin = MistralForCausalLM(fmt.config)
+    twin.load_state_dict(model.state_dict(), assign=True, strict=True)
+    # non-persistent buffers (RoPE frequencies) were built on the meta device
+    device = model.get_input_embeddings().weight.device
+    with torch.device(device):
+        twin.model.rotary_emb = type(twin.model.rotary_emb)(fmt.config)
+    if fmt.config.tie_word_embeddings:
+        twin.tie_weights()
+    twin.generation_config = copy.deepcopy(model.generation_config)
+    return twin.eval()

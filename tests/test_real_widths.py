@@ -1,0 +1,179 @@
+"""Pruned checkpoints at the widths of real 7B/8B/13B models (one decoder layer, random bf16
+weights): they save, reload in a fresh process with stock transformers and give the logits
+of the in-memory pruned model. Toy widths hide the divisibility rules of real configs:
+transformers' LlamaConfig refuses ``hidden_size % num_attention_heads != 0``, which LLaMA-7B
+at the paper's 20 % (32 -> 26 heads) hits."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import VOCAB, make_model, make_windows
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rcpu import RcpuError
+from rcpu.api import prune
+from rcpu.config import PruneConfig
+from rcpu.export import save_pruned
+from rcpu.models import get_adapter
+from rcpu.models.checkpoint import mistral_equivalent, model_for_saving
+
+# Llama-3's RoPE scaling, with the original context shrunk to the tests' 256 positions
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+#: name -> (model_type, widths of the published model)
+SHAPES = {
+    "llama-7b": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                               intermediate_size=11008)),
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                intermediate_size=14336, rope_parameters=LLAMA3_ROPE)),
+    "llama2-13b": ("llama", dict(hidden_size=5120, num_attention_heads=40, num_key_value_heads=40,
+                                 intermediate_size=13824)),
+    "mistral-7b": ("mistral", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                   intermediate_size=14336, sliding_window=None)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                               intermediate_size=18944, use_sliding_window=False, tie_word_embeddings=False)),
+}
+RATIOS = (0.1, 0.2, 0.3)
+
+# ONE fresh interpreter that never imports rcpu loads every checkpoint and writes its logits.
+RELOAD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    x = torch.load(sys.argv[1], weights_only=True)
+    for ckpt in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            torch.save(model(x).logits, ckpt + "/logits.pt")
+        json.dump({"class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)},
+                  open(ckpt + "/loaded.json", "w"))
+        del model
+    assert not [m for m in sys.modules if m == "rcpu" or m.startswith("rcpu.")], "rcpu was imported"
+""")
+
+
+def _real_width_model(name: str) -> torch.nn.Module:
+    model_type, widths = SHAPES[name]
+    config = AutoConfig.for_model(model_type, num_hidden_layers=1, vocab_size=VOCAB, max_position_embeddings=256,
+                                  head_dim=128, **widths)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if model_type == "qwen2":
+        with torch.no_grad():
+            for lin in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj):
+                lin.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_real_widths_save_and_reload(tmp_path, name):
+    model_type, widths = SHAPES[name]
+    x = make_windows(1, 12, seed=3)
+    torch.save(x, tmp_path / "x.pt")
+    expected, ckpts = {}, []
+    for ratio in RATIOS:
+        cfg = PruneConfig(method="wanda-sp", pruning_ratio=ratio, nsamples=2, seqlen=16, batch_size=2)
+        model = _real_width_model(name)
+        pruned, report = prune(model, cfg, windows=make_windows(2, 16), device="cpu", progress=False)
+        heads = report.params["heads_after"]
+        hidden = widths["hidden_size"]
+        out = save_pruned(pruned, None, tmp_path / f"r{ratio}", report.to_dict())
+        saved = json.loads((out / "config.json").read_text())
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a server
+        assert saved["num_attention_heads"] == heads and saved["num_key_value_heads"] == report.params["kv_heads_after"]
+        assert saved["head_dim"] == 128 and saved["hidden_size"] == hidden and "auto_map" not in saved
+        assert saved["intermediate_size"] == report.params["intermediate_after"]
+        remapped = model_type == "llama" and hidden % heads != 0
+        assert saved["model_type"] == ("mistral" if remapped else model_type)
+        assert report.checkpoint["kind"] == ("remapped" if remapped else "stock")
+        if remapped:  # what a serving engine reading config.json needs to see
+            assert saved["architectures"] == ["MistralForCausalLM"] and saved["sliding_window"] is None
+            assert saved["rope_parameters"] == pruned.config.rope_parameters
+            assert saved["tie_word_embeddings"] == pruned.config.tie_word_embeddings
+        with torch.no_grad():
+            expected[str(out)] = pruned(x).logits
+        ckpts.append(str(out))
+        del pruned, model
+    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), *ckpts], check=True,
+                   capture_output=True, text=True)
+    for ckpt in ckpts:
+        loaded = json.loads(open(f"{ckpt}/loaded.json").read())
+        assert loaded["dtype"] == "torch.bfloat16"
+        torch.testing.assert_close(torch.load(f"{ckpt}/logits.pt"), expected[ckpt], atol=0, rtol=0)
+
+
+def test_paper_head_counts_are_the_default():
+    """LLaMA-7B (32 heads, no GQA) at the paper's ratios: floor(rho * 32) heads go."""
+    for ratio, heads in ((0.1, 29), (0.2, 26), (0.3, 23)):
+        cfg = PruneConfig(method="wanda-sp", pruning_ratio=ratio, nsamples=2, seqlen=8, batch_size=2)
+        from rcpu.api import check_saveable
+
+        fmt = check_saveable(_meta_llama7b(), cfg)
+        assert fmt.config.num_attention_heads == heads and fmt.kind == "remapped"
+
+
+def _meta_llama7b() -> torch.nn.Module:
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=4096, num_attention_heads=32,
+                                            intermediate_size=11008, vocab_size=VOCAB))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mistral_remap_is_exactly_equivalent(tied):
+    """The remapped twin computes the same logits as the Llama model, including Llama-3 RoPE
+    scaling and tied embeddings, and shares its tensors (no copy)."""
+    model = make_model("llama", heads=8, kv_heads=2, hidden=64, head_dim=16, tie_word_embeddings=tied,
+                       rope_parameters=LLAMA3_ROPE)
+    adapter = get_adapter(model)
+    for layer in adapter.layers:  # one query head less per KV group: 6 heads
+        adapter.prune_attention(layer, torch.tensor([0, 1, 2, 4, 5, 7]), torch.tensor([0, 1]))
+    adapter.finalize()
+    fmt = adapter.saved_format()
+    assert fmt.kind == "remapped"  # 64 % 6 != 0
+    twin = model_for_saving(model, fmt)
+    assert type(twin).__name__ == "MistralForCausalLM"
+    assert twin.model.layers[0].mlp.up_proj.weight.data_ptr() == model.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert (twin.lm_head.weight.data_ptr() == twin.model.embed_tokens.weight.data_ptr()) == tied
+    x = make_windows(2, 200, seed=4)  # long enough for positions where llama3 scaling changes RoPE
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_llama_with_biases_and_indivisible_heads_fails_before_pruning():
+    """No stock config carries it: refused before any layer is touched."""
+    model = make_model("llama", heads=8, kv_heads=8, hidden=64, head_dim=8, attention_bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = PruneConfig(method="wanda-sp", pruning_ratio=0.2)
+    with pytest.raises(RcpuError, match="cannot be saved as a stock llama checkpoint.*multiple.*bias"):
+        prune(model, cfg, windows=make_windows(), device="cpu", progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mistral_equivalent_refuses_biases():
+    with pytest.raises(ValueError):
+        mistral_equivalent(LlamaConfig(attention_bias=True))
+
+
+def test_cli_refuses_unsaveable_setting_with_exit_2(tmp_path, capsys):
+    from rcpu.cli import main
+
+    model = make_model("llama", heads=8, kv_heads=8, hidden=64, head_dim=8, layers=1)
+    from conftest import make_text, make_tokenizer
+
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(make_text(2000))
+    rc = main(["prune", "--model", str(tmp_path / "m"), "--method", "wanda-sp", "--compensation", "bias",
+               "--pruning_ratio", "0.2", "--calib", str(tmp_path / "t.txt"), "--eval", "none", "--device", "cpu",
+               "--save_model", str(tmp_path / "out"), "-q"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rcpu")]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("rcpu: error: the pruned model cannot be saved")
+    assert not (tmp_path / "out").exists()

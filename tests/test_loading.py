@@ -123,11 +123,29 @@ def test_nonexistent_path(source):
         load_model(source)
 
 
+def test_dir_load_in_bfloat16_owns_its_memory(tiny, tmp_path):
+    """The weights are cast tensor by tensor into memory the process owns: no mapping of the
+    checkpoint stays open (a memory map keeps every page pruning reads resident)."""
+    path, ref = tiny
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    _tokenizer().save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    loaded = load_model(str(sharded), dtype=torch.bfloat16)
+    state = loaded.model.state_dict()
+    for name, tensor in ref.state_dict().items():
+        assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], tensor.to(torch.bfloat16)), name
+    same_dtype = load_model(str(sharded), dtype=torch.float32)  # where a memory map would be kept alive
+    with open("/proc/self/maps") as fh:
+        mapped = [line for line in fh if str(sharded) in line]
+    assert not mapped and same_dtype.model.dtype == torch.float32
+
+
 def test_hub_failure(monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
 
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(loading, "snapshot_download", boom)
     with pytest.raises(RcpuError) as info:
         load_model("SomeOrg/Some-Model-0.5B")
     msg = str(info.value)
@@ -135,21 +153,20 @@ def test_hub_failure(monkeypatch):
                    "(We couldn't connect to 'https://huggingface.co')")
 
 
-def test_hub_passthrough(tiny, monkeypatch):
+def test_hub_downloads_safetensors_only_then_loads_the_snapshot(tiny, monkeypatch):
     path = tiny[0]
     seen = {}
-    original = loading.AutoModelForCausalLM.from_pretrained
 
-    def fake(name, **kwargs):
-        seen.update(kwargs, name=name)
-        return original(str(path), **kwargs)
+    def fake(repo_id, allow_patterns):
+        seen.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(path)
 
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake)
-    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda name, **kw: _tokenizer())
+    monkeypatch.setattr(loading, "snapshot_download", fake)
     loaded = load_model("org/model", dtype=torch.bfloat16)
-    assert loaded.kind == "hub" and loaded.path is None
-    assert seen["name"] == "org/model" and seen["use_safetensors"] is True
-    assert seen["dtype"] == torch.bfloat16 and seen["trust_remote_code"] is False
+    assert loaded.kind == "hub" and loaded.path == str(path)
+    assert seen["repo_id"] == "org/model" and "*.safetensors" in seen["patterns"]
+    assert not any(p.endswith((".bin", ".py", ".pt")) for p in seen["patterns"])  # no pickles, no code
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
 
 
 def test_builtin_from_cache_case_insensitive(tiny, tmp_path, monkeypatch):

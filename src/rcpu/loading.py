@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -72,7 +73,7 @@ class LoadedModel:
     tokenizer: transformers.PreTrainedTokenizerBase
     source: str  #: what the user passed
     kind: str  #: "builtin" | "dir" | "gguf" | "hub"
-    path: str | None  #: resolved local directory (or GGUF file), None for a hub id
+    path: str | None  #: resolved local directory (the hub cache's snapshot for a hub id) or GGUF file
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -284,18 +285,22 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model, tokenizer
 
 
+#: files a causal LM checkpoint needs from the hub (weights as safetensors only, never pickles)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
 def _load_hub(source: str, dtype: torch.dtype, trust_remote_code: bool):
+    """Download (or find in the hub cache) the checkpoint's files, then load the local copy
+    like any directory, so hub models get the same memory behaviour and checks."""
     logger.info("loading %r from the Hugging Face hub (or its local cache)", source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        path = Path(snapshot_download(source, allow_patterns=_HUB_PATTERNS + (["*.py"] if trust_remote_code else [])))
     except Exception as exc:
         raise RcpuError(
             f"could not load model {source!r}: not a local path, and the hub load failed ({_first_line(exc)})"
         ) from exc
-    return model, tokenizer
+    model, tokenizer = _load_dir(path, dtype, trust_remote_code)
+    return model, tokenizer, path
 
 
 def _convert_builtin(key: str) -> Path:
@@ -401,8 +406,8 @@ def load_model(
     elif _looks_like_path(source):
         raise RcpuError(f"model path {source} does not exist; check the path (or use a built-in name such as smollm2-135m)")
     else:
-        model, tokenizer = _load_hub(source, dtype, trust_remote_code)
-        kind, resolved = "hub", None
+        model, tokenizer, snapshot = _load_hub(source, dtype, trust_remote_code)
+        kind, resolved = "hub", str(snapshot)
 
     model = _finish(model, device)
     logger.info("loaded %s model %r (%s, %s)", kind, source, type(model).__name__, dtype)

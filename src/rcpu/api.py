@@ -70,8 +70,65 @@ def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | 
         shape = adapter.layer_shape(layers[0])
         plans = [plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)] * len(layers)
     shapes = [planned_shape(adapter.layer_shape(layer), plan) for layer, plan in zip(layers, plans, strict=True)]
+    attn_bias, mlp_bias = planned_biases(adapter, cfg, plans)
+    return adapter.saved_format(shapes, attn_bias=attn_bias, mlp_bias=mlp_bias)
+
+
+def planned_biases(adapter: DecoderAdapter, cfg: PruneConfig, plans: list[LayerPlan]) -> tuple[bool, bool]:
+    """Whether o_proj / down_proj will carry biases once pruned: the source's own, or bias
+    compensation of a sublayer that loses units in some layer."""
+    layers = adapter.layers
     bias = cfg.resolved_compensation == "bias"
-    return adapter.saved_format(shapes, attn_bias=bias and cfg.compensate_attn, mlp_bias=bias and cfg.compensate_mlp)
+    heads_go = any(plan.heads_removed(adapter.geometry(layer)) > 0 for layer, plan in zip(layers, plans, strict=True))
+    channels_go = any(plan.channels_removed > 0 for plan in plans)
+    src_attn, src_mlp = adapter.output_biases()
+    return (src_attn or (bias and cfg.compensate_attn and heads_go),
+            src_mlp or (bias and cfg.compensate_mlp and channels_go))
+
+
+def resolve_windows(cfg: PruneConfig, tokenizer, calib: str, windows: torch.Tensor | None,
+                    heldout_windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Calibration (and held-out) windows: the given ones, or drawn from ``calib``; plus their record."""
+    if windows is None:
+        if tokenizer is None:
+            raise RcpuError("prune() needs a tokenizer or precomputed calibration windows")
+        return calibration_windows_for(tokenizer, cfg, calib)
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise RcpuError("calibration windows must be a [nsamples, seqlen] tensor of token ids")
+    from .data import token_hash
+
+    calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
+                  "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
+    if cfg.ridge_auto and heldout_windows is None:
+        raise RcpuError("ridge_lambda='auto' with precomputed windows needs heldout_windows too")
+    if heldout_windows is not None:
+        calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]), "sha256": token_hash(heldout_windows)}
+    return windows, heldout_windows, calib_info
+
+
+def param_summary(adapter: DecoderAdapter, dense_shapes: list, params_before: int) -> dict:
+    """Parameter counts and widths before and after pruning (for the report)."""
+    layers = adapter.layers
+    new_shapes = [adapter.layer_shape(layer) for layer in layers]
+    shape, new_shape = dense_shapes[0], new_shapes[0]
+    attn_mlp_before = sum(s.attn_params + s.mlp_params for s in dense_shapes)
+    attn_mlp_after = sum(s.attn_params + s.mlp_params for s in new_shapes)
+    params_after = count_params(adapter.model)
+    params = {
+        "total_before": params_before, "total_after": params_after,
+        "attn_mlp_before": attn_mlp_before, "attn_mlp_after": attn_mlp_after,
+        "ratio_total": 1 - params_after / params_before,
+        "ratio_attn_mlp": 1 - attn_mlp_after / attn_mlp_before,
+        "heads_before": shape.attn.num_heads, "heads_after": new_shape.attn.num_heads,
+        "kv_heads_before": shape.attn.num_kv_heads, "kv_heads_after": new_shape.attn.num_kv_heads,
+        "intermediate_before": shape.intermediate_size, "intermediate_after": new_shape.intermediate_size,
+        "uniform": len({(s.attn, s.intermediate_size) for s in new_shapes}) == 1,
+    }
+    if not params["uniform"]:
+        params["heads_after"] = [s.attn.num_heads for s in new_shapes]
+        params["kv_heads_after"] = [s.attn.num_kv_heads for s in new_shapes]
+        params["intermediate_after"] = [s.intermediate_size for s in new_shapes]
+    return params
 
 
 def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
@@ -100,29 +157,9 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
     device = torch.device(device) if device is not None else default_device()
 
-    if windows is None:
-        if tokenizer is None:
-            raise RcpuError("prune() needs a tokenizer or precomputed calibration windows")
-        windows, heldout_windows, calib_info = calibration_windows_for(tokenizer, cfg, calib)
-    else:
-        if windows.dim() != 2 or windows.shape[1] < 2:
-            raise RcpuError("calibration windows must be a [nsamples, seqlen] tensor of token ids")
-        from .data import token_hash
-
-        calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
-                      "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
-        if cfg.ridge_auto and heldout_windows is None:
-            raise RcpuError("ridge_lambda='auto' with precomputed windows needs heldout_windows too")
-        if heldout_windows is not None:
-            calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]),
-                                             "sha256": token_hash(heldout_windows)}
-
-    layers = adapter.layers
-    shape = adapter.layer_shape(layers[0])
-    geom = shape.attn
+    windows, heldout_windows, calib_info = resolve_windows(cfg, tokenizer, calib, windows, heldout_windows)
+    dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
     params_before = count_params(model)
-    attn_mlp_before = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
-                          for layer in layers)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -141,31 +178,12 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     model.train(was_training)
     adapter.finalize()
     prune_s = time.perf_counter() - t0
-
-    new_shapes = [adapter.layer_shape(layer) for layer in layers]
-    new_shape = new_shapes[0]
-    attn_mlp_after = sum(adapter.layer_shape(layer).attn_params + adapter.layer_shape(layer).mlp_params
-                         for layer in layers)
-    params_after = count_params(model)
-    params = {
-        "total_before": params_before, "total_after": params_after,
-        "attn_mlp_before": attn_mlp_before, "attn_mlp_after": attn_mlp_after,
-        "ratio_total": 1 - params_after / params_before,
-        "ratio_attn_mlp": 1 - attn_mlp_after / attn_mlp_before,
-        "heads_before": geom.num_heads, "heads_after": new_shape.attn.num_heads,
-        "kv_heads_before": geom.num_kv_heads, "kv_heads_after": new_shape.attn.num_kv_heads,
-        "intermediate_before": shape.intermediate_size, "intermediate_after": new_shape.intermediate_size,
-        "uniform": len({(s.attn, s.intermediate_size) for s in new_shapes}) == 1,
-    }
-    if not params["uniform"]:
-        params["heads_after"] = [s.attn.num_heads for s in new_shapes]
-        params["kv_heads_after"] = [s.attn.num_kv_heads for s in new_shapes]
-        params["intermediate_after"] = [s.intermediate_size for s in new_shapes]
+    params = param_summary(adapter, dense_shapes, params_before)
     memory = {**peak.result, "process_peak_rss_mib": round(_peak_rss_mib(), 1)}
     report = PruneReport(
         config=cfg.to_dict(),
         model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
-               "adapter": adapter.name, "num_layers": len(layers), "device": str(device),
+               "adapter": adapter.name, "num_layers": len(adapter.layers), "device": str(device),
                "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         calibration=calib_info,
         checkpoint=saved.to_dict(),

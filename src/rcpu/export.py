@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import RcpuError
@@ -58,6 +61,57 @@ def _readable(directory: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def _commit(tmp: Path, out: Path, provenance: dict) -> None:
+    """Add the provenance and move the finished directory into place (replacing ``out``)."""
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str))
+    _readable(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def finish_checkpoint(model: nn.Module, work: Path, out: Path, provenance: dict, *, tokenizer, generation_config,
+                      shards: list[str], dtype: torch.dtype, remove: list[str], overwrite: bool = False) -> Path:
+    """Complete a checkpoint whose weight shards were written into ``work`` (streamed
+    pruning): config for the saved format, shard index, tokenizer, provenance; then
+    rename into place. ``model`` is the pruned model's skeleton (shapes, config)."""
+    out = check_output_dir(out, overwrite)
+    fmt = get_adapter(model).saved_format()
+    config = fmt.config
+    config.dtype = dtype
+    if fmt.kind != "remapped":
+        config.architectures = [type(model).__name__]
+    config.save_pretrained(work)
+    if fmt.kind == "per-layer":
+        prepare_nonuniform_save(model, work)
+    if generation_config is not None:
+        generation_config.save_pretrained(work)
+    weight_map, total = {}, 0
+    for shard in shards:
+        with safe_open(str(work / shard), framework="pt") as fh:
+            for name in fh.keys():
+                weight_map[name] = shard
+                sl = fh.get_slice(name)
+                total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+    for name in remove:
+        (work / name).unlink(missing_ok=True)
+    _commit(work, out, provenance)
+    logger.info("saved pruned model to %s", out)
+    return out
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance: dict,
                 overwrite: bool = False) -> Path:
     """Save ``model`` (+ tokenizer + provenance) to ``path`` and return the final path."""
@@ -74,15 +128,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance
             prepare_nonuniform_save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str))
-        _readable(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        _commit(tmp, out, provenance)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

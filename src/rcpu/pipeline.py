@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import compensate as comp
 from .config import PruneConfig
 from .models import DecoderAdapter
+from .report import LayerMemory
 from .scores import channel_scores, group_scores
 from .select import (
     LayerPlan,
@@ -51,9 +52,33 @@ class LayerResult:
     attn: dict = field(default_factory=dict)
     mlp: dict = field(default_factory=dict)
     seconds: float = 0.0
+    memory: dict = field(default_factory=dict)  #: peak RSS (and CUDA) while this layer was pruned
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class LayerStore:
+    """Where decoder layers come from and go to during the loop.
+
+    This base class is the in-memory case: layers live in the model and stay there.
+    :class:`rcpu.streaming.StreamingStore` reads each layer from the checkpoint on disk
+    instead, and writes and frees it once pruned, so the loop never needs the whole model.
+    """
+
+    def __init__(self, adapter: DecoderAdapter):
+        self.adapter = adapter
+
+    def load(self, index: int) -> nn.Module:
+        """Layer ``index`` with its (unpruned) weights, on its home device."""
+        return self.adapter.layers[index]
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        """Done reading layer ``index`` without changing it (scoring pass)."""
+
+    def finish(self, index: int, layer: nn.Module, result: LayerResult, batches: list, heldout: list | None,
+               warnings: list[str]) -> None:
+        """Layer ``index`` is pruned; ``batches`` / ``heldout`` are the next layer's inputs."""
 
 
 class _StopForward(Exception):
@@ -252,14 +277,16 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
 @torch.no_grad()
 def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
-                 cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True) -> list[LayerPlan]:
+                 cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True,
+                 store: LayerStore | None = None) -> list[LayerPlan]:
     """FLAP-style allocation: one pass over the dense model scores every unit of every
     layer (standardised per layer and module), then :func:`allocate_global` decides
     how many units each layer keeps. Only per-layer score vectors are kept."""
     unit_scores, shapes = [], []
     bar = tqdm(range(len(adapter.layers)), desc="scoring (allocation)", unit="layer", disable=not progress)
+    store = store or LayerStore(adapter)
     for i in bar:
-        layer = adapter.layers[i]
+        layer = store.load(i)
         home = _module_device(layer)
         layer.to(device)
         o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
@@ -272,38 +299,52 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
         shapes.append(adapter.layer_shape(layer))
         layer.to(home)
+        store.unload(i, layer)
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
 
 
 def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
-               cfg: PruneConfig, device: torch.device, progress: bool = True) -> list[LayerPlan]:
+               cfg: PruneConfig, device: torch.device, progress: bool = True,
+               store: LayerStore | None = None) -> list[LayerPlan]:
     """How many units each layer loses: the same everywhere (uniform) or allocated globally."""
     shape = adapter.layer_shape(adapter.layers[0])
     uniform = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)
     if cfg.resolved_allocation == "uniform":
         return [uniform] * len(adapter.layers)
-    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress)
+    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress, store)
 
 
 def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plans: list[LayerPlan],
                    cfg: PruneConfig, device: torch.device, progress: bool = True,
                    batches: list[tuple[torch.Tensor, dict]] | None = None,
-                   heldout_windows: torch.Tensor | None = None) -> tuple[list[LayerResult], list[str]]:
-    """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings."""
-    warnings: list[str] = []
+                   heldout_windows: torch.Tensor | None = None, store: LayerStore | None = None,
+                   start: int = 0, heldout: list[tuple[torch.Tensor, dict]] | None = None,
+                   results: list[LayerResult] | None = None, warnings: list[str] | None = None
+                   ) -> tuple[list[LayerResult], list[str]]:
+    """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings.
+
+    ``start`` > 0 resumes an interrupted run: ``batches`` / ``heldout`` are then the inputs of
+    layer ``start`` and ``results`` / ``warnings`` those of the layers before it.
+    """
+    warnings = [] if warnings is None else warnings
+    results = [] if results is None else results
+    store = store or LayerStore(adapter)
     if batches is None:
         batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
-    heldout = None
-    if heldout_windows is not None:
+    if heldout is None and heldout_windows is not None:
         heldout = capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
-    results = []
-    bar = tqdm(range(len(adapter.layers)), desc="pruning layers", unit="layer", disable=not progress)
+    n = len(adapter.layers)
+    bar = tqdm(range(start, n), desc="pruning layers", unit="layer", disable=not progress, initial=start, total=n)
     for i in bar:
-        layer = adapter.layers[i]
+        layer = store.load(i)
         home = _module_device(layer)
         layer.to(device)
-        result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout)
+        with LayerMemory(device) as mem:
+            result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout)
+        result.memory = mem.result
         layer.to(home)
         results.append(result)
+        store.finish(i, layer, result, batches, heldout, warnings)
         bar.set_postfix_str(f"{result.seconds:.1f}s")
+        logger.debug("layer %d: %.1f s, %s", i, result.seconds, mem.result)
     return results, warnings

@@ -106,3 +106,34 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             self.result["peak_cuda_allocated_mib"] = round(peak / mib, 1)
             self.result["peak_cuda_growth_mib"] = round((peak - self._start) / mib, 1)
+
+
+class LayerMemory:
+    """Memory while one layer is processed: peak RSS sampled over the block (Linux) and, on
+    CUDA, the allocation at the end and the run's peak so far (CUDA keeps one peak counter,
+    which :class:`PeakMemory` owns for the whole run, so it is not reset per layer)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.result: dict = {}
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def __enter__(self) -> LayerMemory:
+        self._peak = _rss_bytes() or 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        mib = 2**20
+        self.result = {"peak_rss_mib": round(max(self._peak, _rss_bytes() or 0) / mib, 1)}
+        if self.device.type == "cuda":
+            self.result["cuda_allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / mib, 1)
+            self.result["cuda_peak_so_far_mib"] = round(torch.cuda.max_memory_allocated(self.device) / mib, 1)

@@ -136,23 +136,39 @@ class DecoderAdapter:
                      mlp_bias: bool | None = None) -> SavedFormat:
         """The config the model will be saved with: for the given (planned) layer shapes and
         output biases, or by default for the model as it is now. RcpuError if none can."""
-        layers = list(self.layers)
         if shapes is None:
-            shapes = [self.layer_shape(layer) for layer in layers]
-        if attn_bias is None:
-            attn_bias = any(self.attn_out(layer).bias is not None for layer in layers)
-        if mlp_bias is None:
-            mlp_bias = any(self.mlp_out(layer).bias is not None for layer in layers)
+            shapes = [self.layer_shape(layer) for layer in self.layers]
+        if attn_bias is None or mlp_bias is None:
+            attn_bias, mlp_bias = self.output_biases()
         return saved_format(self.config, shapes, attn_bias, mlp_bias)
 
-    def finalize(self) -> None:
+    def finalize_layer(self, layer: nn.Module, attn_bias: bool, mlp_bias: bool) -> None:
+        """Give one layer the (zero) biases that the config's bias switches will build."""
+        if (attn_bias or mlp_bias) and not self.output_bias_switches:
+            raise ValueError(f"{self.name} checkpoints cannot carry output biases")
+        attn, mlp = self.attn(layer), self.mlp(layer)
+        if attn_bias:
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                _ensure_bias(lin)
+        if mlp_bias:
+            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                _ensure_bias(lin)
+
+    def output_biases(self) -> tuple[bool, bool]:
+        """Whether any o_proj / down_proj has a bias (compensation may have added them)."""
+        layers = list(self.layers)
+        return (any(self.attn_out(layer).bias is not None for layer in layers),
+                any(self.mlp_out(layer).bias is not None for layer in layers))
+
+    def finalize(self, biases: tuple[bool, bool] | None = None) -> None:
         """Write the new widths into the config so it loads as a stock model.
 
         Non-uniform widths (global allocation) cannot be described by a stock config:
         the config keeps the original widths and the exporter writes per-layer widths
         plus a small modeling file instead. Output biases added by compensation need
         the config's bias switches; those also create q/k/v (resp. gate/up) biases,
-        which get explicit zeros here.
+        which get explicit zeros here (:meth:`finalize_layer`). ``biases`` = (attention,
+        MLP) overrides the detection, for layers that were written out already.
         """
         layers = list(self.layers)
         shapes = {(self.layer_shape(layer).attn, self.layer_shape(layer).intermediate_size) for layer in layers}
@@ -163,18 +179,9 @@ class DecoderAdapter:
             cfg.num_key_value_heads = geom.num_kv_heads
             cfg.head_dim = geom.head_dim
             cfg.intermediate_size = d_ff
-        attn_bias = any(self.attn_out(layer).bias is not None for layer in layers)
-        mlp_bias = any(self.mlp_out(layer).bias is not None for layer in layers)
+        attn_bias, mlp_bias = biases or self.output_biases()
         if attn_bias or mlp_bias:
-            if not self.output_bias_switches:
-                raise ValueError(f"{self.name} checkpoints cannot carry output biases")
             for layer in layers:
-                attn, mlp = self.attn(layer), self.mlp(layer)
-                if attn_bias:
-                    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                        _ensure_bias(lin)
-                if mlp_bias:
-                    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                        _ensure_bias(lin)
+                self.finalize_layer(layer, attn_bias, mlp_bias)
             cfg.attention_bias = cfg.attention_bias or attn_bias
             cfg.mlp_bias = getattr(cfg, "mlp_bias", False) or mlp_bias

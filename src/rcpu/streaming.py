@@ -1,0 +1,302 @@
+"""Prune a checkpoint on disk one decoder layer at a time, for models larger than memory.
+
+The model is built on the meta device (shapes only). The embeddings are read to capture the
+calibration inputs of layer 0; then each decoder layer is read from the safetensors files
+(tensor by tensor, no memory map), pruned exactly as the in-memory loop does, written to its
+own output shard and freed. The final norm and the head are copied at the end. Host memory
+is about one layer in the compute dtype, the embeddings, the calibration hidden states and
+the statistics; it does not grow with depth.
+
+Resume: the output is assembled in a work directory beside the target
+(``.<name>.rcpu-partial``). After every layer it holds the layer's shard, the next layer's
+input hidden states and ``rcpu_resume.json`` (the per-layer results and a hash of the
+settings and the model). ``resume=True`` continues from the last finished layer and gives
+the same bytes as an uninterrupted run; a finished run renames the directory into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from .config import PruneConfig
+from .errors import RcpuError
+from .models import DecoderAdapter, get_adapter
+from .pipeline import LayerResult, LayerStore, capture_layer_inputs, make_plans, run_sequential
+from .report import PeakMemory, PruneReport, count_params, versions
+
+logger = logging.getLogger(__name__)
+
+RESUME_FILE = "rcpu_resume.json"
+HIDDEN_FILE = "rcpu_hidden.safetensors"
+LAYER_PREFIX = "model.layers."
+
+
+class SafetensorsCheckpoint:
+    """Tensors of a local safetensors checkpoint (one file or sharded with an index),
+    read on demand with plain reads and cast to ``dtype`` one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype):
+        self.path = Path(path)
+        self.dtype = dtype
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as fh:
+                self.weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        for file, members in by_file.items():
+            with safe_open(str(self.path / file), framework="pt", device="cpu", backend="pread") as fh:
+                for name in members:
+                    t = fh.get_tensor(name)
+                    out[name] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def fingerprint(self) -> dict:
+        """What identifies the weights cheaply: file names, sizes and modification times."""
+        files = sorted(set(self.weight_map.values()))
+        return {"path": str(self.path.resolve()),
+                "files": {f: [(self.path / f).stat().st_size, (self.path / f).stat().st_mtime_ns] for f in files}}
+
+
+def _layer_names(reader: SafetensorsCheckpoint, index: int) -> list[str]:
+    return reader.names(f"{LAYER_PREFIX}{index}.")
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, assign=True, strict=True)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+class StreamingStore(LayerStore):
+    """Reads each decoder layer from disk; writes pruned layers as output shards."""
+
+    def __init__(self, adapter: DecoderAdapter, reader: SafetensorsCheckpoint, work: Path,
+                 biases: tuple[bool, bool], state: dict):
+        super().__init__(adapter)
+        self.reader, self.work, self.biases, self.state = reader, work, biases, state
+        self.n_shards = len(adapter.layers) + 1
+
+    def load(self, index: int) -> nn.Module:
+        layer = self.adapter.layers[index]
+        prefix = f"{LAYER_PREFIX}{index}."
+        _assign(layer, self.reader.read(_layer_names(self.reader, index)), prefix)
+        return layer
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        layer.to("meta")
+
+    def finish(self, index, layer, result, batches, heldout, warnings) -> None:
+        self.adapter.finalize_layer(layer, *self.biases)
+        prefix = f"{LAYER_PREFIX}{index}."
+        tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
+        _atomic_save(tensors, self.work / shard_name(index, self.n_shards))
+        del tensors
+        layer.to("meta")
+        hidden = {f"calib.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(batches)}
+        if heldout is not None:
+            hidden.update({f"heldout.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(heldout)})
+        _atomic_save(hidden, self.work / HIDDEN_FILE)
+        self.state["next_layer"] = index + 1
+        self.state["layers"].append(result.to_dict())
+        self.state["warnings"] = list(warnings)
+        _atomic_json(self.state, self.work / RESUME_FILE)
+        logger.info("layer %d written (%.1f s, peak RSS %.0f MiB)", index, result.seconds,
+                    result.memory.get("peak_rss_mib", 0))
+
+
+@dataclass
+class StreamResult:
+    path: Path
+    report: PruneReport
+
+
+def _run_key(reader: SafetensorsCheckpoint, config_json: str, cfg: PruneConfig, windows: torch.Tensor,
+             heldout: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
+    from .data import token_hash
+
+    ident = {"model": reader.fingerprint(), "config": config_json, "prune": cfg.to_dict(),
+             "windows": token_hash(windows), "heldout": heldout is not None and token_hash(heldout),
+             "dtype": str(dtype), "device": device.type}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.rcpu-partial")
+
+
+def _restore_layer(adapter: DecoderAdapter, layer: nn.Module, res: dict) -> None:
+    """Give a finished (written) meta layer its pruned shapes again, from its recorded units."""
+    geom = adapter.geometry(layer)
+    if len(res["kept_heads"]) < geom.num_heads:
+        adapter.prune_attention(layer, torch.tensor(res["kept_heads"]), torch.tensor(res["kept_kv_heads"]))
+    if len(res["kept_channels"]) < adapter.mlp_out(layer).in_features:
+        adapter.prune_mlp(layer, torch.tensor(res["kept_channels"]))
+
+
+@torch.no_grad()
+def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.PathLike, *,
+                     windows: torch.Tensor, heldout_windows: torch.Tensor | None = None,
+                     calib_info: dict | None = None, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
+                     trust_remote_code: bool = False, progress: bool = True) -> StreamResult:
+    """Prune the safetensors checkpoint directory ``source`` layer by layer into ``out``.
+
+    The weights written are those :func:`rcpu.api.prune` followed by
+    :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
+    """
+    from .api import check_saveable, planned_biases
+    from .export import check_output_dir, finish_checkpoint
+
+    cfg = cfg.validate()
+    src = Path(source)
+    out = check_output_dir(out, overwrite)
+    device = torch.device(device)
+    reader = SafetensorsCheckpoint(src, dtype)
+    config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+    config_json = config.to_json_string()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    adapter = get_adapter(model)
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg, adapter=adapter)  # fail fast
+    dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
+    params_before = count_params(model)
+
+    work = work_dir_for(out)
+    key = _run_key(reader, config_json, cfg, windows, heldout_windows, dtype, device)
+    state = {"key": key, "next_layer": 0, "layers": [], "warnings": [], "num_layers": len(adapter.layers)}
+    if work.exists():
+        previous = json.loads((work / RESUME_FILE).read_text()) if (work / RESUME_FILE).is_file() else None
+        if not resume:
+            raise RcpuError(f"an interrupted run left {work}; pass --resume to continue it or delete it")
+        if previous is None or previous.get("key") != key:
+            raise RcpuError(f"{work} belongs to a run with other settings or another model; "
+                            "use the same command to resume, or delete it to start over")
+        state = previous
+    elif resume:
+        logger.info("nothing to resume at %s; starting from the first layer", work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = state["next_layer"]
+    n_layers = len(adapter.layers)
+    if start:
+        print(f"resuming at layer {start} of {n_layers}")
+        logger.info("resuming at layer %d of %d", start, n_layers)
+
+    t0 = time.perf_counter()
+    with PeakMemory(device) as peak:
+        # embeddings and rotary frequencies: the only non-layer modules the loop runs
+        embed = adapter.base.embed_tokens
+        _assign(embed, reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
+        rotary = getattr(adapter.base, "rotary_emb", None)
+        if rotary is not None:
+            with torch.device("cpu"):
+                adapter.base.rotary_emb = type(rotary)(config)
+        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
+                   if heldout_windows is not None else None)
+        embed.to("meta")
+        store = StreamingStore(adapter, reader, work, (False, False), state)
+        if start == 0:
+            plans = make_plans(model, adapter, batches, cfg, device, progress=progress, store=store)
+            state["plans"] = [p.to_dict() for p in plans]
+        else:
+            from .select import LayerPlan
+
+            plans = [LayerPlan(**p) for p in state["plans"]]
+            with safe_open(str(work / HIDDEN_FILE), framework="pt", device="cpu") as fh:
+                saved = {k: fh.get_tensor(k) for k in fh.keys()}
+            batches = [(saved[f"calib.{i}"].to(device), kw) for i, (_, kw) in enumerate(batches)]
+            if heldout is not None:
+                heldout = [(saved[f"heldout.{i}"].to(device), kw) for i, (_, kw) in enumerate(heldout)]
+            del saved
+            for i, res in enumerate(state["layers"]):
+                _restore_layer(adapter, adapter.layers[i], res)
+        saved_fmt = check_saveable(model, cfg, plans, adapter)
+        store.biases = planned_biases(adapter, cfg, plans)
+        results = [LayerResult(**r) for r in state["layers"]]
+        results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
+                                           batches=batches, store=store, start=start, heldout=heldout,
+                                           results=results, warnings=list(state["warnings"]))
+        del batches, heldout
+        # the rest of the weights (final norm, head), as they are
+        rest = [n for n in reader.names() if not n.startswith(LAYER_PREFIX)
+                and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+        _atomic_save(reader.read(rest), work / shard_name(n_layers, n_layers + 1))
+    prune_s = time.perf_counter() - t0
+
+    adapter.finalize(store.biases)
+    report = _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt,
+                     prune_s, {**peak.result}, device, dtype, dense_shapes, params_before)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+    generation = (GenerationConfig.from_pretrained(str(src))
+                  if (src / "generation_config.json").is_file() else None)
+    final = finish_checkpoint(model, work, out, report.to_dict(), tokenizer=tokenizer, generation_config=generation,
+                              shards=[shard_name(k, n_layers + 1) for k in range(n_layers + 1)], dtype=dtype,
+                              remove=[RESUME_FILE, HIDDEN_FILE], overwrite=overwrite)
+    return StreamResult(final, report)
+
+
+def _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt, prune_s, memory,
+            device, dtype, dense_shapes, params_before) -> PruneReport:
+    from .api import param_summary
+
+    report = PruneReport(
+        config=cfg.to_dict(),
+        model={"source": str(src), "model_type": config.model_type, "adapter": adapter.name,
+               "num_layers": len(adapter.layers), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               "streamed": True},
+        calibration=calib_info or {},
+        plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
+              "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
+              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation == "global" else plans[0].to_dict()},
+        params=param_summary(adapter, dense_shapes, params_before),
+        checkpoint=saved_fmt.to_dict(),
+        layers=[r.to_dict() for r in results],
+        timings={"prune_s": round(prune_s, 3)},
+        memory=memory,
+        warnings=warnings,
+        versions=versions(),
+    )
+    return report
+
+
+def remove_work_dir(out: str | os.PathLike) -> None:
+    shutil.rmtree(work_dir_for(Path(out).expanduser().resolve()), ignore_errors=True)

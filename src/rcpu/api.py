@@ -31,6 +31,37 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The compute device for ``name`` (default: CUDA if available), checked to be usable here."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise RcpuError(f"unknown device {str(name)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise RcpuError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                            f"{build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RcpuError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise RcpuError(f"--device {name} is not usable here ({str(exc).splitlines()[0]}); use cpu or cuda") from None
+    return device
+
+
+def check_seqlen(config, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context window (positions beyond it are garbage)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise RcpuError(f"{flag} {seqlen} is longer than the model's context window ({limit} positions); "
+                        f"use {flag} {limit} or less")
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -155,9 +186,10 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     adapter = get_adapter(model)
     if cfg.resolved_allocation == "uniform":
         check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     windows, heldout_windows, calib_info = resolve_windows(cfg, tokenizer, calib, windows, heldout_windows)
+    check_seqlen(model.config, int(windows.shape[1]))
     dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
     params_before = count_params(model)
     t0 = time.perf_counter()

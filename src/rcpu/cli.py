@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "save_model", default=None, help="write the pruned checkpoint to this directory")
     _add(p, "overwrite", action="store_true", help="replace an existing --save_model directory")
     _add(p, "report", default=None, help="also write the JSON report to this file")
+    _add(p, "stream", action=argparse.BooleanOptionalAction, default=True,
+         help="with --save_model and a local safetensors directory (or built-in model): read, prune and write "
+              "one decoder layer at a time, so models larger than memory fit (default on)")
+    _add(p, "resume", action="store_true",
+         help="continue an interrupted streamed run into the same --save_model from its last finished layer")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
@@ -160,16 +165,8 @@ def _grid(value: str) -> tuple[float, ...]:
         raise RcpuError(f"--ridge_grid must be comma-separated numbers, got {value!r}") from None
 
 
-def cmd_prune(args) -> int:
-    import torch
-
-    from .api import check_saveable, default_device, prune
-    from .export import check_output_dir, save_pruned
-    from .loading import load_model
-    from .report import count_params
-
-    t_start = time.perf_counter()
-    cfg = PruneConfig(
+def _prune_config(args) -> PruneConfig:
+    return PruneConfig(
         method=args.method, pruning_ratio=args.pruning_ratio, score=args.score, compensation=args.compensation,
         allocation=args.allocation, statistics=args.statistics,
         compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
@@ -179,10 +176,33 @@ def cmd_prune(args) -> int:
         mlp_stats=args.mlp_stats, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()
+
+
+def _finish_prune(args, report, dense, pruned, t_start: float) -> None:
+    if pruned is not None:
+        print(f"pruned: {pruned.format()}")
+        report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+    print(f"peak memory: {', '.join(f'{k} {v:,.0f}' for k, v in report.memory.items())}")
+    if args.report:
+        with open(args.report, "w") as fh:
+            json.dump(report.to_dict(), fh, indent=2, default=str)
+    print(f"total time {time.perf_counter() - t_start:.1f} s")
+
+
+def cmd_prune(args) -> int:
+    from .api import check_saveable, check_seqlen, prune, resolve_device
+    from .export import check_output_dir, save_pruned
+    from .loading import load_model, streamable_dir
+    from .report import count_params
+
+    t_start = time.perf_counter()
+    cfg = _prune_config(args)
     dtype = parse_dtype(args.dtype)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite)
+    elif args.resume:
+        raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
     if args.max_eval_tokens is None:
         args.max_eval_tokens = 16384  # a quick before/after check; `rcpu eval` uses all tokens
     from . import data
@@ -190,15 +210,23 @@ def cmd_prune(args) -> int:
     for source, split in ((args.calib, "calib"), (args.eval, "eval")):  # fail fast, before loading
         if source != "none":
             data.describe_source(source, split)
+    stream_dir = streamable_dir(args.model, args.trust_remote_code) if args.save_model and args.stream else None
+    if stream_dir is not None:
+        return _prune_streaming(args, cfg, stream_dir, dtype, device, t_start)
+    if args.resume:
+        raise RcpuError("--resume needs a streamed run: a local safetensors directory or built-in model "
+                        "with --save_model (and without --no-stream)")
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
+    check_seqlen(model.config, cfg.seqlen)
+    check_seqlen(model.config, args.eval_seqlen, "--eval_seqlen")
     if cfg.resolved_allocation == "uniform":
         check_saveable(model, cfg)  # an unsaveable setting fails now, not after the run
     print(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
           f"{count_params(model):,} parameters, {args.dtype}, device {device}")
     eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)
-    dense = None
+    dense = pruned = None
     if eval_ids is not None:
         model.to(device)
         dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
@@ -213,30 +241,71 @@ def cmd_prune(args) -> int:
     if eval_ids is not None:
         model.to(device)
         pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
-        print(f"pruned: {pruned.format()}")
-        report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
-    print(f"peak memory: {', '.join(f'{k} {v:,.0f}' for k, v in report.memory.items())}")
-    provenance = report.to_dict()
     if args.save_model:
         model.to("cpu")
-        out = save_pruned(model, tok, args.save_model, provenance, overwrite=args.overwrite)
+        if pruned is not None:
+            report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+        out = save_pruned(model, tok, args.save_model, report.to_dict(), overwrite=args.overwrite)
         print(f"saved to {out}")
-    if args.report:
-        with open(args.report, "w") as fh:
-            json.dump(provenance, fh, indent=2, default=str)
-    print(f"total time {time.perf_counter() - t_start:.1f} s")
+    _finish_prune(args, report, dense, pruned, t_start)
+    return 0
+
+
+def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float) -> int:
+    """Layer by layer from disk into --save_model; evaluation (if any) loads whole models."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .api import calibration_windows_for, check_seqlen
+    from .export import PROVENANCE
+    from .loading import load_model
+    from .streaming import prune_checkpoint
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=args.trust_remote_code)
+    check_seqlen(config, cfg.seqlen)
+    check_seqlen(config, args.eval_seqlen, "--eval_seqlen")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=args.trust_remote_code)
+    print(f"model {args.model}: {config.model_type}, {config.num_hidden_layers} layers, {args.dtype}, "
+          f"device {device}, streamed from {path}")
+    windows, heldout, calib_info = calibration_windows_for(tok, cfg, args.calib)
+    eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)
+    dense = pruned = None
+    if eval_ids is not None:  # evaluation needs the whole model; --eval none keeps memory at one layer
+        model = load_model(str(path), dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
+        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        print(f"dense : {dense.format()}")
+        del model
+    res = prune_checkpoint(path, cfg, args.save_model, windows=windows, heldout_windows=heldout,
+                           calib_info={"source": args.calib, **calib_info}, dtype=dtype, device=device,
+                           resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                           progress=not args.quiet)
+    report = res.report
+    report.model["source"] = args.model
+    for line in report.summary_lines():
+        print(line)
+    for w in report.warnings:
+        print(f"warning: {w}")
+    print(f"saved to {res.path}")
+    if eval_ids is not None:
+        remote = args.trust_remote_code or (res.path / "modeling_rcpu.py").is_file()  # our own per-layer file
+        model = load_model(str(res.path), dtype=dtype, device=device, trust_remote_code=remote).model
+        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        del model
+        report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+        tmp = res.path / (PROVENANCE + ".partial")
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        tmp.replace(res.path / PROVENANCE)
+    _finish_prune(args, report, dense, pruned, t_start)
     return 0
 
 
 def cmd_eval(args) -> int:
-    import torch
 
-    from .api import default_device
+    from .api import resolve_device
     from .loading import load_model
     from .report import count_params
 
     dtype = parse_dtype(args.dtype)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     if any(s < 2 for s in args.seqlen):
         raise RcpuError("--seqlen values must be >= 2")
     loaded = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
@@ -270,12 +339,11 @@ def _floats(value: str, flag: str) -> list[float]:
 
 
 def cmd_compare(args) -> int:
-    import torch
 
-    from .api import default_device
+    from .api import resolve_device
     from .compare import run_compare
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     results = run_compare(
         args.model, [m.strip() for m in args.methods.split(",") if m.strip()],
         _floats(args.pruning_ratios, "--pruning_ratios"), args.output, calib=args.calib, eval_source=args.eval,
@@ -291,14 +359,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
 
-    from .api import default_device
+    from .api import resolve_device
     from .evaluate import compare_speed
     from .loading import load_model
 
     dtype = parse_dtype(args.dtype)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device)
     model = load_model(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
     base = load_model(args.baseline, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
     res = compare_speed(model, base, batch_size=args.batch_size, prompt_len=args.prompt_len,

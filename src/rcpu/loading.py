@@ -366,6 +366,24 @@ def resolve_model_dir(source: str) -> str:
     return source
 
 
+def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
+    """The local safetensors directory of ``source`` when it can be pruned layer by layer
+    from disk (a built-in model or a directory with a stock architecture), else None."""
+    key = _builtin_key(source)
+    if key is not None:
+        path = _convert_builtin(key)
+    else:
+        path = Path(os.path.expanduser(source))
+        if not path.is_dir():
+            return None
+        _check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+    return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None
+
+
 def load_model(
     source: str,
     *,

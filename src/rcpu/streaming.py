@@ -233,6 +233,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
         heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
                    if heldout_windows is not None else None)
         embed.to("meta")
+        if config.tie_word_embeddings:
+            model.tie_weights()  # assign and .to("meta") replaced the shared parameter
         store = StreamingStore(adapter, reader, work, (False, False), state)
         if start == 0:
             plans = make_plans(model, adapter, batches, cfg, device, progress=progress, store=store)

@@ -1,0 +1,165 @@
+"""Pruning layer by layer from disk: the same bytes as the in-memory path, resume after a
+killed process, and one-line errors for devices and window lengths."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, make_text, make_tokenizer, make_windows
+from safetensors.torch import load_file
+
+from rcpu.api import prune
+from rcpu.cli import main
+from rcpu.config import PruneConfig
+from rcpu.export import PROVENANCE, save_pruned
+from rcpu.loading import load_model
+from rcpu.streaming import RESUME_FILE, prune_checkpoint, work_dir_for
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    la = json.loads((a / PROVENANCE).read_text())["layers"]
+    lb = json.loads((b / PROVENANCE).read_text())["layers"]
+    assert len(la) == len(lb)
+    for ra, rb in zip(la, lb, strict=True):
+        for key in ("index", "kept_heads", "kept_kv_heads", "kept_channels"):
+            assert ra[key] == rb[key]
+        for part in ("attn", "mlp"):  # float64 diagnostics; BLAS threading may change the last bits
+            fa, fb = _flat(ra[part]), _flat(rb[part])
+            assert fa.keys() == fb.keys()
+            for k in fa:
+                assert fa[k] == (pytest.approx(fb[k], rel=1e-9) if isinstance(fb[k], float) else fb[k]), k
+
+
+@pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge-auto"), ("llama", "flap"),
+                                           ("mistral", "wanda-sp")])
+def test_streamed_equals_in_memory(tmp_path, family, method):
+    src = tmp_path / "src"
+    tied = {"tie_word_embeddings": True} if family == "llama" else {}
+    make_model(family, layers=3, **tied).save_pretrained(src, max_shard_size="50KB")
+    make_tokenizer().save_pretrained(src)
+    assert (src / "model.safetensors.index.json").is_file()
+    cfg = PruneConfig(method=method, pruning_ratio=0.5)
+    windows = make_windows()
+    heldout = make_windows(8, 32, seed=7) if cfg.ridge_auto else None
+    loaded = load_model(str(src))
+    model, report = prune(loaded.model, cfg, windows=windows, heldout_windows=heldout, device="cpu", progress=False)
+    save_pruned(model, loaded.tokenizer, tmp_path / "memory", report.to_dict())
+    res = prune_checkpoint(src, cfg, tmp_path / "streamed", windows=windows, heldout_windows=heldout, progress=False)
+    _assert_same_checkpoint(tmp_path / "memory", res.path)
+    assert res.report.params == report.params
+    assert res.report.model["streamed"] and not work_dir_for(res.path).exists()
+    reloaded = load_model(str(res.path), trust_remote_code=method == "flap").model
+    x = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def _checkpoint(root: Path, layers: int, hidden: int = 64, intermediate: int = 96) -> Path:
+    src = root / "src"
+    make_model("llama", layers=layers, hidden=hidden, intermediate=intermediate, heads=8, kv_heads=2,
+               head_dim=hidden // 8).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    (root / "text.txt").write_text(make_text(20000))
+    return src
+
+
+def _cli(src: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(src), "--calib", str(text), "--eval", "none", "--device", "cpu",
+            "--method", "rcpu", "--pruning_ratio", "0.3", "--nsamples", "32", "--seqlen", "64",
+            "--save_model", str(out), "-q", *extra]
+
+
+def test_cli_streams_by_default_and_matches_in_memory(tmp_path, capsys):
+    src = _checkpoint(tmp_path, layers=2)
+    assert main(_cli(src, tmp_path / "text.txt", tmp_path / "streamed")) == 0
+    assert "streamed from" in capsys.readouterr().out
+    assert main(_cli(src, tmp_path / "text.txt", tmp_path / "memory", "--no-stream")) == 0
+    _assert_same_checkpoint(tmp_path / "streamed", tmp_path / "memory")
+    assert json.loads((tmp_path / "streamed" / PROVENANCE).read_text())["model"]["streamed"]
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
+    """A real process is killed with SIGKILL mid-run; --resume finishes it bit for bit."""
+    n_layers = 24
+    src = _checkpoint(tmp_path, layers=n_layers, hidden=128, intermediate=384)
+    text, out = tmp_path / "text.txt", tmp_path / "out"
+    cmd = [sys.executable, "-m", "rcpu.cli", *_cli(src, text, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    state = work_dir_for(out) / RESUME_FILE
+    deadline = time.monotonic() + 300
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                done = json.loads(state.read_text())["next_layer"]
+            except (ValueError, KeyError):
+                done = 0
+            if done >= 2:
+                break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and work_dir_for(out).exists()
+    killed_at = json.loads(state.read_text())["next_layer"]
+    assert 2 <= killed_at < n_layers
+
+    # without --resume, and with other settings, the leftover is not silently reused
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "pass --resume" in run.stderr
+    other = [c if c != "0.3" else "0.2" for c in cmd] + ["--resume"]
+    run = subprocess.run(other, capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "other settings" in run.stderr.strip().splitlines()[-1]
+
+    run = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert f"resuming at layer {killed_at} of {n_layers}" in run.stdout
+    assert out.is_dir() and not work_dir_for(out).exists()
+
+    assert main(_cli(src, text, tmp_path / "uninterrupted")) == 0
+    _assert_same_checkpoint(out, tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--seqlen", "100000"], "--seqlen 100000 is longer than the model's context window (256 positions)"),
+])
+def test_bad_device_and_seqlen_are_one_line_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
+    args = ["prune", "--model", str(tiny_checkpoint / "model"), "--calib", str(tiny_checkpoint / "text.txt"),
+            "--eval", "none", "-q", "--save_model", str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rcpu")]
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(tiny_checkpoint, capsys):
+    assert main(["eval", "--model", str(tiny_checkpoint / "model"), "--device", "cuda", "--ppl", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rcpu: error: --device cuda: CUDA is not available on this machine")

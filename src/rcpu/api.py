@@ -20,7 +20,7 @@ from .config import PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter, get_adapter
 from .models.checkpoint import SavedFormat, planned_shape
-from .pipeline import capture_layer_inputs, make_plans, run_sequential
+from .pipeline import capture_layer_inputs, hidden_state_storage, make_plans, run_sequential
 from .report import PeakMemory, PruneReport, count_params
 from .select import LayerPlan, plan_uniform
 
@@ -165,7 +165,8 @@ def param_summary(adapter: DecoderAdapter, dense_shapes: list, params_before: in
 def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
           calib: str = "builtin", windows: torch.Tensor | None = None,
           heldout_windows: torch.Tensor | None = None, device: str | torch.device | None = None,
-          progress: bool = True) -> tuple[nn.Module, PruneReport]:
+          progress: bool = True, hidden_states: str = "auto", max_hidden_gib: float | None = None
+          ) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place (heads and MLP channels of every layer) and compensate.
 
     ``model`` is a loaded Hugging Face causal LM or a model source understood by
@@ -174,6 +175,8 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     with ``tokenizer``; ``heldout_windows`` (drawn automatically from ``calib``) tune
     ridge's lambda when ``ridge_lambda="auto"``. ``device`` is where each layer is processed (default: CUDA if
     available); the model stays where it is, one layer visiting the device at a time.
+    ``hidden_states`` ("auto", "device", "cpu") places the calibration hidden states
+    (:func:`rcpu.pipeline.hidden_state_storage`; ``max_hidden_gib`` bounds them on the device).
     """
     cfg = (config or PruneConfig()).validate()
     source = None
@@ -195,8 +198,14 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    heldout_windows = heldout_windows if cfg.ridge_auto else None
+    storage, hidden_info = hidden_state_storage(
+        hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
+        model.config.hidden_size, next(model.parameters()).dtype, max_hidden_gib)
     with PeakMemory(device) as peak:
-        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
+        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, storage)
+        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device, storage)
+                   if heldout_windows is not None else None)
         plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
         saved = check_saveable(model, cfg, plans, adapter)  # before the first layer is pruned
         if saved.note:
@@ -204,14 +213,13 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         for note in dict.fromkeys(n for p in plans for n in p.notes):
             logger.warning(note)
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                           batches=batches,
-                                           heldout_windows=heldout_windows if cfg.ridge_auto else None)
-        del batches
+                                           batches=batches, heldout=heldout)
+        del batches, heldout
     model.train(was_training)
     adapter.finalize()
     prune_s = time.perf_counter() - t0
     params = param_summary(adapter, dense_shapes, params_before)
-    memory = {**peak.result, "process_peak_rss_mib": round(_peak_rss_mib(), 1)}
+    memory = {**peak.result, "process_peak_rss_mib": round(_peak_rss_mib(), 1), **hidden_info}
     report = PruneReport(
         config=cfg.to_dict(),
         model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "stream", action=argparse.BooleanOptionalAction, default=True,
          help="with --save_model and a local safetensors directory (or built-in model): read, prune and write "
               "one decoder layer at a time, so models larger than memory fit (default on)")
+    _add(p, "hidden_states", default="auto", choices=["auto", "device", "cpu"],
+         help="where calibration hidden states live: on the compute device when they fit (auto), or always "
+              "there / on the CPU (moved per batch)")
+    _add(p, "max_hidden_gib", type=float, default=None,
+         help="with --hidden_states auto: keep hidden states on the device only up to this size")
     _add(p, "resume", action="store_true",
          help="continue an interrupted streamed run into the same --save_model from its last finished layer")
 
@@ -182,7 +187,8 @@ def _finish_prune(args, report, dense, pruned, t_start: float) -> None:
     if pruned is not None:
         print(f"pruned: {pruned.format()}")
         report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
-    print(f"peak memory: {', '.join(f'{k} {v:,.0f}' for k, v in report.memory.items())}")
+    print("memory: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                 for k, v in report.memory.items()))
     if args.report:
         with open(args.report, "w") as fh:
             json.dump(report.to_dict(), fh, indent=2, default=str)
@@ -232,7 +238,8 @@ def cmd_prune(args) -> int:
         dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
         model.to("cpu")
         print(f"dense : {dense.format()}")
-    model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet)
+    model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet,
+                          hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib)
     report.model["source"] = args.model
     for line in report.summary_lines():
         print(line)
@@ -277,7 +284,8 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
     res = prune_checkpoint(path, cfg, args.save_model, windows=windows, heldout_windows=heldout,
                            calib_info={"source": args.calib, **calib_info}, dtype=dtype, device=device,
                            resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                           progress=not args.quiet)
+                           progress=not args.quiet, hidden_states=args.hidden_states,
+                           max_hidden_gib=args.max_hidden_gib)
     report = res.report
     report.model["source"] = args.model
     for line in report.summary_lines():

@@ -121,8 +121,12 @@ def _module_device(module: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int,
-                         device: torch.device) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, layer kwargs) at the input of decoder layer 0, one entry per batch."""
+                         device: torch.device, storage: torch.device | None = None) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, layer kwargs) at the input of decoder layer 0, one entry per batch.
+
+    Hidden states are kept on ``storage`` (default: ``device``); every later layer's outputs
+    stay where its inputs were (see :func:`_forward`), so CPU storage bounds device memory.
+    """
     layers = adapter.layers
     first = layers[0]
     sink: list = []
@@ -141,19 +145,47 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: tor
         layers[0] = first
         for m, home in moved:
             m.to(home)
-    return [(h, _to_device(kw, device)) for h, kw in sink]
+    return [(h.to(storage or device), _to_device(kw, device)) for h, kw in sink]
+
+
+def _forward(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    """One decoder layer on one batch; the output goes back to where the input was kept."""
+    out = layer(h.to(_module_device(layer)), **kw)
+    if isinstance(out, tuple):
+        out = out[0]
+    return out.to(h.device)
 
 
 def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool
                ) -> list[tuple[torch.Tensor, dict]]:
     outs = []
     for h, kw in batches:
-        out = layer(h, **kw)
-        if isinstance(out, tuple):
-            out = out[0]
+        out = _forward(layer, h, kw)
         if keep_outputs:
             outs.append((out, kw))
     return outs
+
+
+def hidden_state_storage(placement: str, device: torch.device, n_tokens: int, hidden_size: int,
+                         dtype: torch.dtype, max_gib: float | None = None) -> tuple[torch.device, dict]:
+    """Where the calibration hidden states live: on the compute device when they fit, else on
+    the CPU. They take inputs + outputs of one layer at a time, ``2 * n_tokens * hidden`` values
+    (``n_tokens`` counts held-out windows too). "auto" keeps them on a CUDA device when that
+    is at most ``max_gib`` (default: a quarter of the free memory)."""
+    size = 2 * n_tokens * hidden_size * torch.finfo(dtype).bits // 8
+    info = {"hidden_states_mib": round(size / 2**20, 1)}
+    if placement not in ("auto", "device", "cpu"):
+        raise ValueError(placement)
+    if device.type == "cpu" or placement == "device":
+        where = device
+    elif placement == "cpu":
+        where = torch.device("cpu")
+    else:
+        limit = max_gib * 2**30 if max_gib is not None else (
+            torch.cuda.mem_get_info(device)[0] / 4 if device.type == "cuda" else float("inf"))
+        where = device if size <= limit else torch.device("cpu")
+    info["hidden_states_on"] = str(where)
+    return where, info
 
 
 def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
@@ -198,7 +230,9 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
 def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor,
               cfg: PruneConfig, layer_index: int, name: str, warnings: list[str],
               heldout: InputStats | None = None) -> comp.Compensated:
+    t0 = time.perf_counter()
     result = _compensate(kind if enabled else "none", weight, stats, kept, cfg, heldout)
+    result.info["compensate_s"] = round(time.perf_counter() - t0, 4)  # solve / SVD (+ error checks)
     if "fallback" in result.info:
         msg = (f"layer {layer_index} {name}: {result.info['reason']}; kept the weights uncompensated. "
                f"Use more calibration tokens (--nsamples x --seqlen >= {weight.shape[0]}) or --compensation ridge")

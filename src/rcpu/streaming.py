@@ -34,7 +34,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from .config import PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter, get_adapter
-from .pipeline import LayerResult, LayerStore, capture_layer_inputs, make_plans, run_sequential
+from .pipeline import (
+    LayerResult,
+    LayerStore,
+    capture_layer_inputs,
+    hidden_state_storage,
+    make_plans,
+    run_sequential,
+)
 from .report import PeakMemory, PruneReport, count_params, versions
 
 logger = logging.getLogger(__name__)
@@ -175,7 +182,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
                      windows: torch.Tensor, heldout_windows: torch.Tensor | None = None,
                      calib_info: dict | None = None, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
-                     trust_remote_code: bool = False, progress: bool = True) -> StreamResult:
+                     trust_remote_code: bool = False, progress: bool = True, hidden_states: str = "auto",
+                     max_hidden_gib: float | None = None) -> StreamResult:
     """Prune the safetensors checkpoint directory ``source`` layer by layer into ``out``.
 
     The weights written are those :func:`rcpu.api.prune` followed by
@@ -220,6 +228,10 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
         print(f"resuming at layer {start} of {n_layers}")
         logger.info("resuming at layer %d of %d", start, n_layers)
 
+    heldout_windows = heldout_windows if cfg.ridge_auto else None
+    storage, hidden_info = hidden_state_storage(
+        hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
+        config.hidden_size, dtype, max_hidden_gib)
     t0 = time.perf_counter()
     with PeakMemory(device) as peak:
         # embeddings and rotary frequencies: the only non-layer modules the loop runs
@@ -229,8 +241,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
         if rotary is not None:
             with torch.device("cpu"):
                 adapter.base.rotary_emb = type(rotary)(config)
-        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device)
-        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
+        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, storage)
+        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device, storage)
                    if heldout_windows is not None else None)
         embed.to("meta")
         if config.tie_word_embeddings:
@@ -245,9 +257,9 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
             plans = [LayerPlan(**p) for p in state["plans"]]
             with safe_open(str(work / HIDDEN_FILE), framework="pt", device="cpu") as fh:
                 saved = {k: fh.get_tensor(k) for k in fh.keys()}
-            batches = [(saved[f"calib.{i}"].to(device), kw) for i, (_, kw) in enumerate(batches)]
+            batches = [(saved[f"calib.{i}"].to(storage), kw) for i, (_, kw) in enumerate(batches)]
             if heldout is not None:
-                heldout = [(saved[f"heldout.{i}"].to(device), kw) for i, (_, kw) in enumerate(heldout)]
+                heldout = [(saved[f"heldout.{i}"].to(storage), kw) for i, (_, kw) in enumerate(heldout)]
             del saved
             for i, res in enumerate(state["layers"]):
                 _restore_layer(adapter, adapter.layers[i], res)
@@ -266,7 +278,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
 
     adapter.finalize(store.biases)
     report = _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt,
-                     prune_s, {**peak.result}, device, dtype, dense_shapes, params_before)
+                     prune_s, {**peak.result, **hidden_info}, device, dtype, dense_shapes, params_before)
     tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
     generation = (GenerationConfig.from_pretrained(str(src))
                   if (src / "generation_config.json").is_file() else None)

@@ -220,7 +220,7 @@ def cmd_prune(args) -> int:
     if stream_dir is not None:
         return _prune_streaming(args, cfg, stream_dir, dtype, device, t_start)
     if args.resume:
-        raise RcpuError("--resume needs a streamed run: a local safetensors directory or built-in model "
+        raise RcpuError("--resume needs a streamed run: a local safetensors directory, GGUF file or built-in model "
                         "with --save_model (and without --no-stream)")
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
@@ -260,17 +260,14 @@ def cmd_prune(args) -> int:
 
 def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float) -> int:
     """Layer by layer from disk into --save_model; evaluation (if any) loads whole models."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from .api import calibration_windows_for, check_seqlen
     from .export import PROVENANCE
     from .loading import load_model
-    from .streaming import prune_checkpoint
+    from .streaming import load_source_config, prune_checkpoint
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=args.trust_remote_code)
+    config, tok, _ = load_source_config(path, args.trust_remote_code)
     check_seqlen(config, cfg.seqlen)
     check_seqlen(config, args.eval_seqlen, "--eval_seqlen")
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=args.trust_remote_code)
     print(f"model {args.model}: {config.model_type}, {config.num_hidden_layers} layers, {args.dtype}, "
           f"device {device}, streamed from {path}")
     windows, heldout, calib_info = calibration_windows_for(tok, cfg, args.calib)

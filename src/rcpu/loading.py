@@ -367,18 +367,20 @@ def resolve_model_dir(source: str) -> str:
 
 
 def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
-    """The local safetensors directory of ``source`` when it can be pruned layer by layer
-    from disk (a built-in model or a directory with a stock architecture), else None."""
+    """The local safetensors directory or GGUF file of ``source`` when it can be pruned layer by
+    layer from disk (a built-in model, or a directory / GGUF file of a stock architecture), else None."""
     key = _builtin_key(source)
-    if key is not None:
-        path = _convert_builtin(key)
-    else:
-        path = Path(os.path.expanduser(source))
-        if not path.is_dir():
-            return None
-        _check_model_dir(path)
+    path = _convert_builtin(key) if key is not None else Path(os.path.expanduser(source))
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        elif path.is_dir():
+            _check_model_dir(path)
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        else:
+            return None
+    except RcpuError:
+        raise
     except Exception:
         return None
     return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None

@@ -87,7 +87,72 @@ class SafetensorsCheckpoint:
                 "files": {f: [(self.path / f).stat().st_size, (self.path / f).stat().st_mtime_ns] for f in files}}
 
 
-def _layer_names(reader: SafetensorsCheckpoint, index: int) -> list[str]:
+class GGUFCheckpoint:
+    """Tensors of a GGUF file under their Hugging Face names, dequantised one tensor at a time
+    (with transformers' own GGUF name map and tensor processors, so they equal what
+    ``from_pretrained(..., gguf_file=...)`` gives). The file is opened per read, so the pages
+    a read touched are unmapped again afterwards."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype, model: nn.Module):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            load_gguf_checkpoint,
+            read_field,
+        )
+
+        self.path = Path(path)
+        self.dtype = dtype
+        self.parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+        reader = GGUFReader(str(self.path))
+        arch = read_field(reader, "general.architecture")[0]
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.parsed["config"])
+        self.key_map = get_gguf_hf_weights_map(model, self.processor)
+        self.weight_map: dict[str, str] = {self.key_map[t.name]: t.name for t in reader.tensors
+                                           if t.name in self.key_map}
+        del reader
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from gguf import GGUFReader, dequantize
+
+        wanted = {self.weight_map[n]: n for n in names}
+        reader = GGUFReader(str(self.path))
+        out: dict[str, torch.Tensor] = {}
+        for tensor in reader.tensors:
+            if tensor.name not in wanted:
+                continue
+            result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                            tensor_key_mapping=self.key_map, parsed_parameters=self.parsed)
+            out[wanted[tensor.name]] = torch.from_numpy(np.copy(result.weights)).to(self.dtype)
+        del reader
+        return out
+
+    def fingerprint(self) -> dict:
+        st = self.path.stat()
+        return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
+
+
+def load_source_config(src: Path, trust_remote_code: bool = False):
+    """(config, tokenizer, generation config or None) of a checkpoint directory or GGUF file."""
+    if src.suffix.lower() == ".gguf":
+        kw = {"gguf_file": src.name}
+        where = str(src.parent)
+    else:
+        kw, where = {}, str(src)
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    generation = (GenerationConfig.from_pretrained(where)
+                  if not kw and (src / "generation_config.json").is_file() else None)
+    return config, tokenizer, generation
+
+
+def _layer_names(reader: SafetensorsCheckpoint | GGUFCheckpoint, index: int) -> list[str]:
     return reader.names(f"{LAYER_PREFIX}{index}.")
 
 
@@ -114,7 +179,7 @@ def shard_name(k: int, n: int) -> str:
 class StreamingStore(LayerStore):
     """Reads each decoder layer from disk; writes pruned layers as output shards."""
 
-    def __init__(self, adapter: DecoderAdapter, reader: SafetensorsCheckpoint, work: Path,
+    def __init__(self, adapter: DecoderAdapter, reader: SafetensorsCheckpoint | GGUFCheckpoint, work: Path,
                  biases: tuple[bool, bool], state: dict):
         super().__init__(adapter)
         self.reader, self.work, self.biases, self.state = reader, work, biases, state
@@ -154,7 +219,7 @@ class StreamResult:
     report: PruneReport
 
 
-def _run_key(reader: SafetensorsCheckpoint, config_json: str, cfg: PruneConfig, windows: torch.Tensor,
+def _run_key(reader: SafetensorsCheckpoint | GGUFCheckpoint, config_json: str, cfg: PruneConfig, windows: torch.Tensor,
              heldout: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
     from .data import token_hash
 
@@ -184,7 +249,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
                      device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
                      trust_remote_code: bool = False, progress: bool = True, hidden_states: str = "auto",
                      max_hidden_gib: float | None = None) -> StreamResult:
-    """Prune the safetensors checkpoint directory ``source`` layer by layer into ``out``.
+    """Prune the safetensors checkpoint directory (or GGUF file) ``source`` layer by layer into ``out``.
 
     The weights written are those :func:`rcpu.api.prune` followed by
     :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
@@ -196,12 +261,13 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     src = Path(source)
     out = check_output_dir(out, overwrite)
     device = torch.device(device)
-    reader = SafetensorsCheckpoint(src, dtype)
-    config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+    config, tokenizer, generation = load_source_config(src, trust_remote_code)
     config_json = config.to_json_string()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
+    reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
+              else SafetensorsCheckpoint(src, dtype))
     adapter = get_adapter(model)
     if cfg.resolved_allocation == "uniform":
         check_saveable(model, cfg, adapter=adapter)  # fail fast
@@ -279,9 +345,6 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     adapter.finalize(store.biases)
     report = _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt,
                      prune_s, {**peak.result, **hidden_info}, device, dtype, dense_shapes, params_before)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
-    generation = (GenerationConfig.from_pretrained(str(src))
-                  if (src / "generation_config.json").is_file() else None)
     final = finish_checkpoint(model, work, out, report.to_dict(), tokenizer=tokenizer, generation_config=generation,
                               shards=[shard_name(k, n_layers + 1) for k in range(n_layers + 1)], dtype=dtype,
                               remove=[RESUME_FILE, HIDDEN_FILE], overwrite=overwrite)

@@ -1,0 +1,192 @@
+"""Streamed (layer-by-layer) pruning: memory and time, against the in-memory path; resume.
+
+Parts (each stored in the JSON as it finishes; finished parts are skipped when rerun):
+
+- ``smollm2``: SmolLM2-135M, rcpu at 20 %, 128 x 128 calibration tokens, streamed vs in-memory
+  (``--no-stream``), each in its own process: peak RSS, wall time, pruning time, identical bytes.
+- ``resume``: the streamed SmolLM2 run killed with SIGKILL after a few layers, then ``--resume``:
+  the result must be byte-identical to the uninterrupted streamed run.
+- ``13b-wanda``: a randomly initialised Llama-2-13B-shaped checkpoint (40 layers, bf16, one shard
+  per layer, about 26 GB; larger than this machine's RAM), written shard by shard without ever
+  holding it; wanda-sp over the full depth, streamed, with 8 x 128 calibration tokens.
+- ``13b-rcpu``: rcpu (Gram matrices, SVD) on the first 3 layers of the same shapes, with the
+  time per layer, the compensation (solve / SVD) share of it, and the extrapolation to 40 layers.
+
+    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "streaming" / "results.json"
+PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu")
+
+
+def _run(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command under /usr/bin/time -v; return wall seconds, peak RSS and its stdout."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
+    # CPU seconds (user + system) are less sensitive than wall time to other load on the machine
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(rss_kib / 1024, 1),
+            "stdout": proc.stdout}
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _identical(a: Path, b: Path) -> bool:
+    import torch
+
+    ta, tb = _tensors(a), _tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _prov(path: Path) -> dict:
+    return json.loads((path / "rcpu_provenance.json").read_text())
+
+
+def _prune_cmd(model: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rcpu.cli", "prune", "--model", model, "--save_model", str(out),
+            "--eval", "none", "--device", "cpu", "-q", "--overwrite", *extra]
+
+
+def part_smollm2(work: Path) -> dict:
+    res = {}
+    for mode, extra in (("streamed", []), ("in_memory", ["--no-stream"])):
+        out = work / f"smol-{mode}"
+        r = _run(_prune_cmd("smollm2-135m", out, "--method", "rcpu", "--pruning_ratio", "0.2", *extra))
+        prov = _prov(out)
+        res[mode] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "peak_rss_mib": r["peak_rss_mib"],
+                     "prune_s": prov["timings"]["prune_s"],
+                     "per_layer_s_mean": round(sum(x["seconds"] for x in prov["layers"]) / len(prov["layers"]), 2)}
+        print(mode, res[mode], flush=True)
+    res["identical_bytes"] = _identical(work / "smol-streamed", work / "smol-in_memory")
+    res["settings"] = "rcpu, ratio 0.2, 128 x 128 calibration tokens (built-in text), float32, CPU, --eval none"
+    return res
+
+
+def part_resume(work: Path) -> dict:
+    out = work / "smol-resumed"
+    shutil.rmtree(out, ignore_errors=True)
+    partial = out.with_name(f".{out.name}.rcpu-partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    cmd = _prune_cmd("smollm2-135m", out, "--method", "rcpu", "--pruning_ratio", "0.2")
+    cmd.remove("--overwrite")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = partial / "rcpu_resume.json"
+    killed_at = 0
+    while proc.poll() is None:
+        if state.is_file():
+            try:
+                killed_at = json.loads(state.read_text())["next_layer"]
+            except (ValueError, KeyError):
+                pass
+            if killed_at >= 10:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["next_layer"]
+    r = _run(cmd + ["--resume"])
+    line = next(x for x in r["stdout"].splitlines() if x.startswith("resuming at layer"))
+    res = {"killed_after_layers": killed_at, "signal": "SIGKILL", "printed": line, "resume_wall_s": r["wall_s"],
+           "work_dir_removed": not partial.exists(),
+           "identical_to_uninterrupted": _identical(out, work / "smol-streamed")}
+    print(res, flush=True)
+    return res
+
+
+def _make_13b(work: Path, layers: int) -> Path:
+    path = work / f"llama2-13b-{layers}l-bf16"
+    if not (path / "config.json").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), "--shape", "llama2-13b", "--layers",
+                        str(layers), "--dtype", "bfloat16", "--out", str(path)], check=True)
+        print(f"generated {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def _dir_gb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9, 2)
+
+
+def part_13b(work: Path, method: str, layers: int) -> dict:
+    src = _make_13b(work, layers)
+    out = work / f"13b-{method}-out"
+    r = _run(_prune_cmd(str(src), out, "--method", method, "--pruning_ratio", "0.2", "--nsamples", "8",
+                        "--seqlen", "128", "--dtype", "bfloat16"))
+    prov = _prov(out)
+    secs = [x["seconds"] for x in prov["layers"]]
+    comp = [x["attn"].get("compensate_s", 0) + x["mlp"].get("compensate_s", 0) for x in prov["layers"]]
+    res = {"checkpoint_gb": _dir_gb(src), "layers": layers, "output_gb": _dir_gb(out),
+           "peak_rss_mib": r["peak_rss_mib"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+           "prune_s": prov["timings"]["prune_s"],
+           "per_layer_s": [round(s, 2) for s in secs], "per_layer_s_mean": round(sum(secs) / len(secs), 2),
+           "compensate_share": round(sum(comp) / sum(secs), 3) if sum(secs) else 0,
+           "per_layer_peak_rss_mib": [x["memory"].get("peak_rss_mib") for x in prov["layers"]],
+           "memory": prov["memory"], "params": {k: prov["params"][k] for k in ("total_before", "total_after")},
+           "settings": f"{method}, ratio 0.2, 8 x 128 calibration tokens, bfloat16, CPU, --eval none"}
+    if layers < 40:
+        res["extrapolated_40_layers_s"] = round(res["per_layer_s_mean"] * 40, 0)
+    shutil.rmtree(out)
+    print({k: v for k, v in res.items() if k not in ("per_layer_s", "per_layer_peak_rss_mib")}, flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/rcpu/bench-streaming"))
+    ap.add_argument("--redo", action="store_true", help="rerun parts already in the JSON")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    from rcpu.report import versions
+
+    results["machine"] = {"cpus": os.cpu_count(), "versions": versions()}
+    for part in args.parts.split(","):
+        if part in results and not args.redo:
+            print(f"{part}: done earlier, skipped")
+            continue
+        if part == "smollm2":
+            results[part] = part_smollm2(work)
+        elif part == "resume":
+            results[part] = part_resume(work)
+        elif part == "13b-wanda":
+            results[part] = part_13b(work, "wanda-sp", 40)
+        elif part == "13b-rcpu":
+            results[part] = part_13b(work, "rcpu", 3)
+        else:
+            raise SystemExit(f"unknown part {part}; choose from {', '.join(PARTS)}")
+        tmp = OUT.with_name(OUT.name + ".partial")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, OUT)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

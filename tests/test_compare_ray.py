@@ -1,0 +1,74 @@
+"""`rcpu compare --executor ray` on a local Ray instance with CPU workers."""
+
+import json
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from rcpu import compare as cmp
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module (starting one takes seconds)."""
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    logging.getLogger(__name__).info("ray.init took %.1f s", time.perf_counter() - t0)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Ray tasks with one CPU run torch on one thread; match that in this process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(tiny_checkpoint, out, **kw):
+    text = str(tiny_checkpoint / "text.txt")
+    return cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp", "ridge-auto"], [0.25, 0.5], out, calib=text,
+                           eval_source=text, nsamples=[8], seqlen=32, eval_seqlens=[32], progress=False, **kw)
+
+
+def test_ray_matches_local_and_resumes(tiny_checkpoint, tmp_path, ray_session, one_thread, monkeypatch):
+    local = _run(tiny_checkpoint, tmp_path / "local")["cells"]
+    out = tmp_path / "ray"
+    res = _run(tiny_checkpoint, out, executor="ray")
+    keys = ["dense", "wanda-sp@0.25/n8", "wanda-sp@0.5/n8", "ridge-auto@0.25/n8", "ridge-auto@0.5/n8"]
+    assert list(local) == keys and list(res["cells"]) == keys and res["cells_this_run"] == keys
+    for key in keys:
+        cell = res["cells"][key]
+        assert cell["ppl"] == local[key]["ppl"]  # bit for bit: same windows, same weights, same arithmetic
+        assert cell.get("params") == local[key].get("params")  # same kept heads and channels
+        assert cell.get("ridge_lambdas") == local[key].get("ridge_lambdas")
+        assert cell["worker"]["executor"] == "ray" and cell["worker"]["pid"] != os.getpid()
+        assert cell["worker"]["ray_node"]
+    assert res["cells"]["wanda-sp@0.5/n8"]["params"]["heads_after"] < res["cells"]["wanda-sp@0.25/n8"]["params"][
+        "heads_after"]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert list(on_disk["cells"]) == keys and on_disk["protocol_details"]["executor"] == "ray"
+    assert "| ridge-auto |" in (out / "results.md").read_text()
+
+    # an interrupted run: two cells missing from results.json are the only ones computed
+    on_disk["cells"] = {k: v for k, v in on_disk["cells"].items() if k not in ("dense", "ridge-auto@0.5/n8")}
+    (out / "results.json").write_text(json.dumps(on_disk))
+    again = _run(tiny_checkpoint, out, executor="ray")
+    assert again["cells_this_run"] == ["dense", "ridge-auto@0.5/n8"]
+    assert sorted(again["cells"]) == sorted(keys)
+    for key in keys:
+        assert again["cells"][key]["ppl"] == local[key]["ppl"]
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was submitted again")
+
+    monkeypatch.setattr(cmp, "run_cell", boom)
+    final = _run(tiny_checkpoint, out, executor="ray")
+    assert final["cells_this_run"] == [] and sorted(final["cells"]) == sorted(keys)

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 def ray_session():
     """One local Ray instance for the module (starting one takes seconds)."""
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     logging.getLogger(__name__).info("ray.init took %.1f s", time.perf_counter() - t0)
     yield
     ray.shutdown()

@@ -4,7 +4,9 @@ Every cell (method x ratio x calibration size) starts from the same dense weight
 calibrated on the same windows (the first ``n`` of one seeded draw, so smaller
 calibration sets are prefixes of larger ones) and evaluated on the same tokens.
 Finished cells are stored in ``results.json`` after each one, so an interrupted run
-resumes where it stopped. Outputs: ``results.json``, ``results.md`` (tables, dense
+resumes where it stopped. Cells run one after another here by default, or in parallel
+(one per GPU, or as Ray tasks across machines; see :mod:`rcpu.executors`); either way
+only this process writes ``results.json``. Outputs: ``results.json``, ``results.md`` (tables, dense
 row included) and ``ppl.png`` (perplexity against ratio, one line per method).
 
 A method is a preset name, optionally with overrides of :class:`PruneConfig` fields:
@@ -193,7 +195,9 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     # The jobs, in table order; the tensors they name are built once, here.
     local = executor == "local"
     job_device = str(device) if local or device.type != "cuda" else "cuda"  # workers see their own GPU as cuda
-    common = dict(model_source=model_source, dtype=protocol["dtype"], device=job_device,
+    source_path = Path(os.path.expanduser(model_source))
+    job_source = model_source if local or not source_path.exists() else str(source_path.resolve())  # workers' cwd differs
+    common = dict(model_source=job_source, dtype=protocol["dtype"], device=job_device,
                   eval_seqlens=tuple(eval_seqlens), max_eval_tokens=max_eval_tokens,
                   eval_label=f"{eval_source}:eval", progress=progress and local)
     tensors: dict[str, torch.Tensor] = {"eval": eval_ids}

@@ -67,6 +67,8 @@ def _process_worker(visible: str | None, tensors: Mapping[str, torch.Tensor], ce
             results.put((job.key, cell_fn(job, tensors), None))
         except Exception:  # reported to the driver, which decides
             results.put((job.key, None, traceback.format_exc()))
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the next cell starts from a clean allocator (after an OOM too)
 
 
 def run_processes(jobs: Sequence[Any], tensors: Mapping[str, torch.Tensor], cell_fn: CellFn, on_done: OnDone,
@@ -106,9 +108,12 @@ def run_processes(jobs: Sequence[Any], tensors: Mapping[str, torch.Tensor], cell
             else:
                 on_done(job, cell)
     finally:
+        if by_key:  # interrupted: stop the work in flight, and do not wait to flush unread jobs
+            tasks.cancel_join_thread()
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
         for p in procs:
-            if p.is_alive() and by_key:  # interrupted: stop the work in flight
-                p.terminate()
             p.join(timeout=30)
     _raise_failures(failed, len(jobs))
 
@@ -164,16 +169,25 @@ def run_ray(jobs: Sequence[Any], tensors: Mapping[str, torch.Tensor], cell_fn: C
 
     Workers load the model from its source string themselves, so the model must be
     reachable from every node (a shared path, a hub id or a built-in name) and rcpu
-    installed there. Joins a running Ray session if there is one, else ``ray.init(address)``
-    (``None`` starts a local instance) and shuts it down again at the end.
+    installed there. Joins a Ray session already initialised in this process, else calls
+    ``ray.init(address)`` (``None``: ``$RAY_ADDRESS``, or a new local instance) and shuts
+    it down again at the end.
     """
     if not jobs:
         return
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
-        kwargs = {"include_dashboard": False} if address is None else {}
-        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+        # no address: RAY_ADDRESS if set, else a new local instance (never a stale cluster file)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        kwargs = {"include_dashboard": False} if address == "local" else {}
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+        except ConnectionError as exc:
+            cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+            raise RcpuError(f"cannot connect to the Ray cluster at {address}{cause}; check --ray_address (auto on a "
+                            "cluster node) and, for clusters with token authentication, RAY_AUTH_MODE=token and "
+                            "the cluster's token on this machine") from exc
     pending: dict = {}
     failed: dict[str, str] = {}
     try:

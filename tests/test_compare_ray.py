@@ -72,3 +72,18 @@ def test_ray_matches_local_and_resumes(tiny_checkpoint, tmp_path, ray_session, o
     monkeypatch.setattr(cmp, "run_cell", boom)
     final = _run(tiny_checkpoint, out, executor="ray")
     assert final["cells_this_run"] == [] and sorted(final["cells"]) == sorted(keys)
+
+
+def test_failed_cell_does_not_stop_the_others(tiny_checkpoint, tmp_path, ray_session):
+    from rcpu import RcpuError, executors
+
+    common = dict(method="dense", config=None, dtype="float32", device="cpu", eval_seqlens=(32,), max_eval_tokens=None,
+                  eval_label="test")
+    jobs = [cmp.CellJob(key="missing", model_source=str(tmp_path / "no-such-model"), **common),
+            cmp.CellJob(key="dense", model_source=str(tiny_checkpoint / "model"), **common)]
+    done = {}
+    with pytest.raises(RcpuError, match=r"1 of 2 cells failed \(missing\).*does not exist"):
+        executors.run_ray(jobs, {"eval": torch.arange(256) % 100}, cmp.run_cell, lambda job, cell: done.update(
+            {job.key: cell}), address=None, num_cpus=1, num_gpus=0)
+    assert list(done) == ["dense"] and done["dense"]["ppl"]["32"]["n_tokens"] > 0
+    assert ray.is_initialized()  # a session this process started is left to its owner

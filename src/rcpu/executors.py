@@ -57,11 +57,12 @@ def _raise_failures(failed: dict[str, str], total: int) -> None:
 
 # --- one worker process per GPU ---------------------------------------------------------
 
-def _process_worker(visible: str | None, tensors: Mapping[str, torch.Tensor], cell_fn: CellFn,
+def _process_worker(visible: str | None, threads: int, tensors: Mapping[str, torch.Tensor], cell_fn: CellFn,
                     tasks: Any, results: Any) -> None:
     """Runs in a spawned process: pin it to one GPU, then compute cells until told to stop."""
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before the first CUDA call in this process
+    torch.set_num_threads(threads)  # the workers share the host's cores instead of each taking all of them
     while (job := tasks.get()) is not None:
         try:
             results.put((job.key, cell_fn(job, tensors), None))
@@ -83,8 +84,10 @@ def run_processes(jobs: Sequence[Any], tensors: Mapping[str, torch.Tensor], cell
     tasks, results = ctx.Queue(), ctx.Queue()
     for job in jobs:
         tasks.put(job)
-    procs = [ctx.Process(target=_process_worker, args=(slot, tensors, cell_fn, tasks, results), daemon=True)
-             for slot in slots[:len(jobs)]]
+    slots = slots[:len(jobs)]
+    threads = max(1, torch.get_num_threads() // len(slots))
+    procs = [ctx.Process(target=_process_worker, args=(slot, threads, tensors, cell_fn, tasks, results), daemon=True)
+             for slot in slots]
     for _ in procs:
         tasks.put(None)
     by_key = {job.key: job for job in jobs}

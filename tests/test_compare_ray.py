@@ -87,3 +87,18 @@ def test_failed_cell_does_not_stop_the_others(tiny_checkpoint, tmp_path, ray_ses
             {job.key: cell}), address=None, num_cpus=1, num_gpus=0)
     assert list(done) == ["dense"] and done["dense"]["ppl"]["32"]["n_tokens"] > 0
     assert ray.is_initialized()  # a session this process started is left to its owner
+
+
+def test_cli_executor_ray(tiny_checkpoint, tmp_path, ray_session, capsys):
+    from rcpu.cli import main
+
+    text = str(tiny_checkpoint / "text.txt")
+    out = tmp_path / "cli"
+    assert main(["compare", "--model", str(tiny_checkpoint / "model"), "--calib", text, "--eval", text,
+                 "--methods", "wanda-sp", "--pruning_ratios", "0.5", "--nsamples", "8", "--seqlen", "32",
+                 "--eval_seqlens", "32", "--device", "cpu", "--executor", "ray", "--ray_num_cpus", "1",
+                 "--output", str(out), "-q"]) == 0
+    assert "| wanda-sp |" in capsys.readouterr().out
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert list(cells) == ["dense", "wanda-sp@0.5/n8"]
+    assert {c["worker"]["executor"] for c in cells.values()} == {"ray"}

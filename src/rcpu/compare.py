@@ -114,6 +114,7 @@ def run_cell(job: CellJob, tensors: Mapping[str, torch.Tensor], model: torch.nn.
     """Prune (unless dense) and evaluate one cell -> the JSON-serialisable dict stored in
     results.json. ``model`` is a private dense copy to prune in place; without it the
     model is loaded from ``job.model_source``, as a worker on another machine must."""
+    logger.info("== %s", job.key)
     device = torch.device(job.device)
     if model is None:
         from .loading import load_model

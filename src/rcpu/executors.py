@@ -194,6 +194,11 @@ def run_ray(jobs: Sequence[Any], tensors: Mapping[str, torch.Tensor], cell_fn: C
     pending: dict = {}
     failed: dict[str, str] = {}
     try:
+        have = ray.cluster_resources()
+        for name, need in (("GPU", num_gpus), ("CPU", num_cpus)):
+            if need and have.get(name, 0) < need:  # an autoscaling cluster may still add nodes: warn only
+                logger.warning("each cell asks for %g %s, the Ray cluster has %g now; cells wait until a node "
+                               "with enough joins", need, name, have.get(name, 0))
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ray_cell)
         refs = {name: ray.put(t) for name, t in tensors.items()}
         for job in jobs:

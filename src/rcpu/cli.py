@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="where cells run: one after another here (default), one worker process per GPU, or a Ray cluster")
     _add(c, "gpus", default=None, help="--executor gpus: comma-separated CUDA device indices (default: all)")
     _add(c, "ray_address", default=None,
-         help="--executor ray: cluster address for ray.init, e.g. auto or ray://head:10001 (default: a local instance)")
+         help="--executor ray: cluster address for ray.init, e.g. auto or HEAD_IP:6379 (default: a local instance)")
     _add(c, "ray_num_cpus", type=float, default=1, help="--executor ray: CPUs reserved per cell (default 1)")
 
     b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")

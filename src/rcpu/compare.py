@@ -155,7 +155,8 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     ``executor`` says where cells run: ``local`` (one after another in this process),
     ``gpus`` (one worker process per GPU, ``gpus`` picks them) or ``ray`` (tasks on the
     Ray cluster at ``ray_address``, or a local instance; ``ray_num_cpus`` per task). Only
-    this process writes results.json, after every finished cell.
+    this process writes results.json, after every finished cell. ``gpus`` spawns its
+    workers, so a script that calls this needs the usual ``if __name__ == "__main__":``.
     """
     from .loading import load_model
 

@@ -108,3 +108,22 @@ def test_worker_processes_match_local(tiny_checkpoint, tmp_path, monkeypatch):
     assert len({c["worker"]["pid"] for c in res["cells"].values()}) == 2  # both workers took cells
     on_disk = json.loads((tmp_path / "pool" / "results.json").read_text())
     assert on_disk["cells"] == json.loads(json.dumps(res["cells"], default=str))
+
+
+def test_gpu_slots_follow_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert executors.gpu_slots(None) == ["3", "5"]  # one worker per visible GPU, pinned by its real id
+    assert executors.gpu_slots([1]) == ["5"]
+    with pytest.raises(RcpuError, match="only 2 CUDA device"):
+        executors.gpu_slots([2])
+    with pytest.raises(RcpuError, match="twice"):
+        executors.gpu_slots([0, 0])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert executors.gpu_slots([1, 0]) == ["1", "0"]
+    with pytest.raises(RcpuError, match="runs every cell on a GPU"):
+        executors.make("gpus", torch.device("cpu"))
+    with pytest.raises(RcpuError, match="--gpus 0,1 rather than --device cuda:N"):
+        executors.make("gpus", torch.device("cuda:1"))
+    assert callable(executors.make("gpus", torch.device("cuda"), gpus=[0]))

@@ -153,6 +153,9 @@ def _ray_cell(cell_fn: CellFn, job: Any, windows: torch.Tensor | None, heldout: 
     """A Ray task: the tensors arrive as resolved object references."""
     import ray
 
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))  # as many threads as CPUs reserved for the task
     tensors = {"eval": eval_ids}
     if windows is not None:
         tensors[job.windows] = windows

@@ -102,3 +102,25 @@ def test_cli_executor_ray(tiny_checkpoint, tmp_path, ray_session, capsys):
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert list(cells) == ["dense", "wanda-sp@0.5/n8"]
     assert {c["worker"]["executor"] for c in cells.values()} == {"ray"}
+
+
+def test_interrupted_ray_run_resumes(tiny_checkpoint, tmp_path, ray_session, monkeypatch):
+    """Ctrl-C after the first finished cell: the cells in flight are cancelled, the finished
+    one is on disk, and the next run computes exactly the others."""
+    write = cmp._atomic_json
+    calls = []
+
+    def interrupt_after_first(path, obj):
+        write(path, obj)
+        calls.append(sorted(obj["cells"]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmp, "_atomic_json", interrupt_after_first)
+    out = tmp_path / "ray"
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_checkpoint, out, executor="ray")
+    monkeypatch.setattr(cmp, "_atomic_json", write)
+    saved = json.loads((out / "results.json").read_text())["cells"]
+    assert len(saved) == 1 and list(saved) == calls[0]
+    res = _run(tiny_checkpoint, out, executor="ray")
+    assert len(res["cells"]) == 5 and sorted(res["cells_this_run"]) == sorted(set(res["cells"]) - set(saved))

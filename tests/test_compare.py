@@ -1,10 +1,13 @@
 """`rcpu compare` (harness) and `rcpu bench` on tiny checkpoints."""
 
 import json
+import os
+import sys
 
 import pytest
+import torch
 
-from rcpu import RcpuError
+from rcpu import RcpuError, executors
 from rcpu import compare as cmp
 from rcpu.cli import main
 
@@ -57,3 +60,70 @@ def test_bench_prints_speedup(tiny_checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "speed-up" in out
     assert json.loads((tmp_path / "b.json").read_text())["speedup"]["prefill"]["median"] > 0
+
+
+def _small_compare(tiny_checkpoint, out, **kw):
+    text = str(tiny_checkpoint / "text.txt")
+    return cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp", "ridge-auto"], [0.25, 0.5], out, calib=text,
+                           eval_source=text, nsamples=[8], seqlen=32, eval_seqlens=[32], progress=False, **kw)
+
+
+def test_gpus_executor_without_cuda_is_one_line_error(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RcpuError, match="--executor gpus needs CUDA"):
+        _small_compare(tiny_checkpoint, tmp_path / "a", executor="gpus")
+    assert not (tmp_path / "a").exists()  # refused before anything was loaded or written
+    assert main(["compare", "--model", str(tiny_checkpoint / "model"), "--output", str(tmp_path / "b"),
+                 "--executor", "gpus", "--gpus", "0,1", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs CUDA" in err and len(err.splitlines()) == 1
+    with pytest.raises(RcpuError, match="need --executor gpus or ray"):
+        _small_compare(tiny_checkpoint, tmp_path / "c", gpus=[0])
+
+
+def test_ray_missing_is_one_line_error(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(RcpuError, match=r"pip install 'rcpu\[ray\]'"):
+        _small_compare(tiny_checkpoint, tmp_path / "a", executor="ray")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RcpuError, match="unknown executor"):
+        _small_compare(tiny_checkpoint, tmp_path / "b", executor="slurm")
+
+
+def test_worker_processes_match_local(tiny_checkpoint, tmp_path, monkeypatch):
+    """The per-GPU executor's process pool, with CPU slots: same cells as the local run,
+    computed in other processes, merged and written by this one."""
+    local = _small_compare(tiny_checkpoint, tmp_path / "local")["cells"]
+    slots = [None, None]
+
+    def cpu_pool(name, device, **kw):
+        return lambda jobs, tensors, cell_fn, on_done: executors.run_processes(jobs, tensors, cell_fn, on_done, slots)
+
+    monkeypatch.setattr(executors, "make", cpu_pool)
+    res = _small_compare(tiny_checkpoint, tmp_path / "pool", executor="gpus")
+    assert list(res["cells"]) == list(local) and res["cells_this_run"] == list(local)
+    for key, cell in res["cells"].items():
+        assert cell["ppl"] == local[key]["ppl"] and cell.get("params") == local[key].get("params")
+        assert cell["worker"]["pid"] != os.getpid() and local[key]["worker"]["pid"] == os.getpid()
+    assert len({c["worker"]["pid"] for c in res["cells"].values()}) == 2  # both workers took cells
+    on_disk = json.loads((tmp_path / "pool" / "results.json").read_text())
+    assert on_disk["cells"] == json.loads(json.dumps(res["cells"], default=str))
+
+
+def test_gpu_slots_follow_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert executors.gpu_slots(None) == ["3", "5"]  # one worker per visible GPU, pinned by its real id
+    assert executors.gpu_slots([1]) == ["5"]
+    with pytest.raises(RcpuError, match="only 2 CUDA device"):
+        executors.gpu_slots([2])
+    with pytest.raises(RcpuError, match="twice"):
+        executors.gpu_slots([0, 0])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert executors.gpu_slots([1, 0]) == ["1", "0"]
+    with pytest.raises(RcpuError, match="runs every cell on a GPU"):
+        executors.make("gpus", torch.device("cpu"))
+    with pytest.raises(RcpuError, match="--gpus 0,1 rather than --device cuda:N"):
+        executors.make("gpus", torch.device("cuda:1"))
+    assert callable(executors.make("gpus", torch.device("cuda"), gpus=[0]))

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(c, "eval", default="builtin")
     _add(c, "eval_seqlens", default="128", help="comma-separated perplexity window lengths")
     _add(c, "output", required=True, help="directory for results.json, results.md and ppl.png (resumable)")
+    _add(c, "executor", default="local", choices=["local", "gpus", "ray"],
+         help="where cells run: one after another here (default), one worker process per GPU, or a Ray cluster")
+    _add(c, "gpus", default=None, help="--executor gpus: comma-separated CUDA device indices (default: all)")
+    _add(c, "ray_address", default=None,
+         help="--executor ray: cluster address for ray.init, e.g. auto or HEAD_IP:6379 (default: a local instance)")
+    _add(c, "ray_num_cpus", type=float, default=1, help="--executor ray: CPUs reserved per cell (default 1)")
 
     b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")
     _common(b)
@@ -355,7 +361,9 @@ def cmd_compare(args) -> int:
         nsamples=[int(x) for x in _floats(args.nsamples, "--nsamples")], seqlen=args.seqlen, seed=args.seed,
         eval_seqlens=[int(x) for x in _floats(args.eval_seqlens, "--eval_seqlens")],
         max_eval_tokens=args.max_eval_tokens or None, device=device, dtype=parse_dtype(args.dtype),
-        batch_size=args.batch_size, progress=not args.quiet)
+        batch_size=args.batch_size, progress=not args.quiet, executor=args.executor,
+        gpus=[int(x) for x in _floats(args.gpus, "--gpus")] if args.gpus else None, ray_address=args.ray_address,
+        ray_num_cpus=args.ray_num_cpus)
     from pathlib import Path
 
     print((Path(args.output) / "results.md").read_text())

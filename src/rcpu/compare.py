@@ -4,7 +4,9 @@ Every cell (method x ratio x calibration size) starts from the same dense weight
 calibrated on the same windows (the first ``n`` of one seeded draw, so smaller
 calibration sets are prefixes of larger ones) and evaluated on the same tokens.
 Finished cells are stored in ``results.json`` after each one, so an interrupted run
-resumes where it stopped. Outputs: ``results.json``, ``results.md`` (tables, dense
+resumes where it stopped. Cells run one after another here by default, or in parallel
+(one per GPU, or as Ray tasks across machines; see :mod:`rcpu.executors`); either way
+only this process writes ``results.json``. Outputs: ``results.json``, ``results.md`` (tables, dense
 row included) and ``ppl.png`` (perplexity against ratio, one line per method).
 
 A method is a preset name, optionally with overrides of :class:`PruneConfig` fields:
@@ -13,17 +15,18 @@ A method is a preset name, optionally with overrides of :class:`PruneConfig` fie
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import os
+import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, executors
 from .api import prune
 from .config import PRESETS, PruneConfig
 from .errors import RcpuError
@@ -76,12 +79,85 @@ def _ppls(model, eval_ids, eval_seqlens, max_eval_tokens, device, label, progres
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class CellJob:
+    """One cell as plain, picklable data, so any executor (this process, a GPU worker
+    process, a Ray task on another machine) can compute it from the model source alone.
+    Token tensors are named (``windows``, ``heldout``, ``eval``) rather than embedded so
+    an executor ships each of them once, not once per cell."""
+
+    key: str
+    method: str
+    config: dict | None  # PruneConfig keyword arguments; None for the dense model
+    model_source: str
+    dtype: str
+    device: str
+    eval_seqlens: tuple[int, ...]
+    max_eval_tokens: int | None
+    eval_label: str
+    windows: str | None = None
+    heldout: str | None = None
+    progress: bool = False
+
+
+def worker_info(device: torch.device) -> dict:
+    """Where a cell ran, recorded with it: results from several machines stay traceable."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return info
+
+
+def run_cell(job: CellJob, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict:
+    """Prune (unless dense) and evaluate one cell -> the JSON-serialisable dict stored in
+    results.json. ``model`` is a private dense copy to prune in place; without it the
+    model is loaded from ``job.model_source``, as a worker on another machine must."""
+    logger.info("== %s", job.key)
+    device = torch.device(job.device)
+    if model is None:
+        from .loading import load_model
+
+        model = load_model(job.model_source, dtype=getattr(torch, job.dtype), device="cpu").model
+    eval_ids = tensors["eval"]
+    if job.config is None:
+        model.to(device)
+        cell = {"method": "dense", "ppl": _ppls(model, eval_ids, job.eval_seqlens, job.max_eval_tokens, device,
+                                                job.eval_label, job.progress)}
+    else:
+        cfg = PruneConfig(**job.config)
+        model, report = prune(model, cfg, windows=tensors[job.windows],
+                              heldout_windows=tensors[job.heldout] if job.heldout else None, device=device,
+                              progress=job.progress)
+        model.to(device)
+        ppl = _ppls(model, eval_ids, job.eval_seqlens, job.max_eval_tokens, device, job.eval_label, job.progress)
+        chosen = sorted({f"{layer[part]['lambda']:g}" for layer in report.layers for part in ("attn", "mlp")
+                         if "lambda" in layer[part]})
+        cell = {
+            "method": job.method, "ratio": cfg.pruning_ratio, "nsamples": cfg.nsamples, "config": report.config,
+            "ppl": ppl, "params": report.params, "prune_s": report.timings["prune_s"], "memory": report.memory,
+            "warnings": report.warnings, "notes": report.plan.get("notes", []), "ridge_lambdas": chosen or None,
+        }
+    cell["worker"] = worker_info(device)
+    return cell
+
+
 def run_compare(model_source: str, methods: list[str], ratios: list[float], output: str | os.PathLike, *,
                 calib: str = "builtin", eval_source: str = "builtin", nsamples: list[int] = (128,),
                 seqlen: int = 128, seed: int = 0, eval_seqlens: list[int] = (128,),
                 max_eval_tokens: int | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, batch_size: int = 8, progress: bool = True) -> dict:
-    """Prune and evaluate every method x ratio x nsamples cell; returns the results dict."""
+                dtype: torch.dtype = torch.float32, batch_size: int = 8, progress: bool = True,
+                executor: str = "local", gpus: list[int] | None = None, ray_address: str | None = None,
+                ray_num_cpus: float = 1) -> dict:
+    """Prune and evaluate every method x ratio x nsamples cell; returns the results dict.
+
+    ``executor`` says where cells run: ``local`` (one after another in this process),
+    ``gpus`` (one worker process per GPU, ``gpus`` picks them) or ``ray`` (tasks on the
+    Ray cluster at ``ray_address``, or a local instance; ``ray_num_cpus`` per task). Only
+    this process writes results.json, after every finished cell. ``gpus`` spawns its
+    workers, so a script that calls this needs the usual ``if __name__ == "__main__":``.
+    """
     from .loading import load_model
 
     specs = {m: parse_method(m) for m in methods}
@@ -90,6 +166,8 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
             raise RcpuError(f"pruning ratios must be in [0, 1), got {ratio}")
     for kwargs in specs.values():  # fail fast on bad combinations
         PruneConfig(**kwargs, pruning_ratio=ratios[0]).validate()
+    device = torch.device(device)
+    execute = executors.make(executor, device, gpus=gpus, ray_address=ray_address, ray_num_cpus=ray_num_cpus)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
@@ -102,55 +180,69 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
                         "use another --output or delete it")
     results.setdefault("protocol", protocol)
     results.setdefault("cells", {})
-    device = torch.device(device)
 
     loaded = load_model(model_source, dtype=dtype, device="cpu")
     dense, tok = loaded.model, loaded.tokenizer
     calib_ids = data.tokenize(tok, data.load_text(calib, "calib"))
     eval_ids = data.tokenize(tok, data.load_text(eval_source, "eval"))
     all_windows = data.calibration_windows(calib_ids, max(nsamples), seqlen, seed)
+    cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
     results["protocol_details"] = {
         "calib": data.describe_source(calib, "calib"), "eval": data.describe_source(eval_source, "eval"),
         "calib_tokens": int(calib_ids.numel()), "eval_tokens": int(eval_ids.numel()),
         "windows_sha256": data.token_hash(all_windows), "params_dense": count_params(dense), "versions": versions(),
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "device": str(device) + (f" ({cuda_name})" if cuda_name else ""), "executor": executor,
     }
-    if "dense" not in results["cells"]:
-        dense.to(device)
-        results["cells"]["dense"] = {"method": "dense", "ppl": _ppls(dense, eval_ids, eval_seqlens, max_eval_tokens,
-                                                                      device, f"{eval_source}:eval", progress)}
-        dense.to("cpu")
+
+    # The jobs, in table order; the tensors they name are built once, here.
+    local = executor == "local"
+    job_device = str(device) if local or device.type != "cuda" else "cuda"  # workers see their own GPU as cuda
+    source_path = Path(os.path.expanduser(model_source))
+    job_source = model_source if local or not source_path.exists() else str(source_path.resolve())  # workers' cwd differs
+    common = dict(model_source=job_source, dtype=protocol["dtype"], device=job_device,
+                  eval_seqlens=tuple(eval_seqlens), max_eval_tokens=max_eval_tokens,
+                  eval_label=f"{eval_source}:eval", progress=progress and local)
+    tensors: dict[str, torch.Tensor] = {"eval": eval_ids}
+    jobs = [CellJob(key="dense", method="dense", config=None, **common)]
+    for n in nsamples:
+        tensors[f"windows/n{n}"] = all_windows[:n].clone()
+        for method, kwargs in specs.items():
+            for ratio in ratios:
+                cfg = PruneConfig(**kwargs, pruning_ratio=ratio, nsamples=n, seqlen=seqlen, seed=seed,
+                                  batch_size=batch_size)
+                heldout = None
+                if cfg.ridge_auto:
+                    heldout = f"heldout/{cfg.nholdout}"
+                    if heldout not in tensors:
+                        tensors[heldout] = data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples), seqlen, seed)
+                jobs.append(CellJob(key=cell_key(method, ratio, n), method=method,
+                                    config=dataclasses.asdict(cfg), windows=f"windows/n{n}", heldout=heldout,
+                                    **common))
+    for job in jobs:
+        if job.key in results["cells"]:
+            logger.info("%s: done earlier, skipped", job.key)
+    todo = [job for job in jobs if job.key not in results["cells"]]
+    order = {job.key: i for i, job in enumerate(jobs)}
+    earlier = dict(results["cells"])
+    finished: dict[str, dict] = {}
+
+    def on_done(job: CellJob, cell: dict) -> None:
+        """Merge a finished cell and replace results.json: keep the cells of earlier runs
+        first and this run's in table order, whatever order the workers finish in."""
+        cell["worker"]["executor"] = executor
+        finished[job.key] = cell
+        results["cells"] = {**earlier, **{k: finished[k] for k in sorted(finished, key=order.__getitem__)}}
         _atomic_json(path, results)
 
     t_all = time.perf_counter()
-    for n in nsamples:
-        windows = all_windows[:n]
-        for method, kwargs in specs.items():
-            for ratio in ratios:
-                key = cell_key(method, ratio, n)
-                if key in results["cells"]:
-                    logger.info("%s: done earlier, skipped", key)
-                    continue
-                cfg = PruneConfig(**kwargs, pruning_ratio=ratio, nsamples=n, seqlen=seqlen, seed=seed,
-                                  batch_size=batch_size)
-                heldout = (data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples), seqlen, seed)
-                           if cfg.ridge_auto else None)
-                logger.info("== %s", key)
-                model = copy.deepcopy(dense)
-                model, report = prune(model, cfg, windows=windows, heldout_windows=heldout, device=device,
-                                      progress=progress)
-                model.to(device)
-                ppl = _ppls(model, eval_ids, eval_seqlens, max_eval_tokens, device, f"{eval_source}:eval", progress)
-                chosen = sorted({f"{layer[part]['lambda']:g}" for layer in report.layers for part in ("attn", "mlp")
-                                 if "lambda" in layer[part]})
-                results["cells"][key] = {
-                    "method": method, "ratio": ratio, "nsamples": n, "config": report.config, "ppl": ppl,
-                    "params": report.params, "prune_s": report.timings["prune_s"], "memory": report.memory,
-                    "warnings": report.warnings, "notes": report.plan.get("notes", []),
-                    "ridge_lambdas": chosen or None,
-                }
-                del model
-                _atomic_json(path, results)
+    if todo:
+        logger.info("%d cells to run (%d done earlier), executor %s", len(todo), len(jobs) - len(todo), executor)
+    if local:
+        executors.run_local(todo, tensors, run_cell, on_done, dense)
+    else:
+        del dense, loaded  # workers load their own copy
+        execute(todo, tensors, run_cell, on_done)
+    results["cells_this_run"] = [job.key for job in todo]
     results["wall_s_this_run"] = round(time.perf_counter() - t_all, 1)
     _atomic_json(path, results)
     write_table(results, out / "results.md")

@@ -288,7 +288,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
                            calib_info={"source": args.calib, **calib_info}, dtype=dtype, device=device,
                            resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
                            progress=not args.quiet, hidden_states=args.hidden_states,
-                           max_hidden_gib=args.max_hidden_gib)
+                           max_hidden_gib=args.max_hidden_gib, announce=print)
     report = res.report
     report.model["source"] = args.model
     for line in report.summary_lines():

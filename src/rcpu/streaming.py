@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,8 @@ class SafetensorsCheckpoint:
 class GGUFCheckpoint:
     """Tensors of a GGUF file under their Hugging Face names, dequantised one tensor at a time
     (with transformers' own GGUF name map and tensor processors, so they equal what
-    ``from_pretrained(..., gguf_file=...)`` gives). The file is opened per read, so the pages
-    a read touched are unmapped again afterwards."""
+    ``from_pretrained(..., gguf_file=...)`` gives). The file is parsed once; tensor bytes are
+    read with plain reads, so no mapping keeps the layers already read resident."""
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype, model: nn.Module):
         from gguf import GGUFReader
@@ -110,8 +111,11 @@ class GGUFCheckpoint:
         arch = read_field(reader, "general.architecture")[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.parsed["config"])
         self.key_map = get_gguf_hf_weights_map(model, self.processor)
-        self.weight_map: dict[str, str] = {self.key_map[t.name]: t.name for t in reader.tensors
-                                           if t.name in self.key_map}
+        #: HF name -> (GGUF name, byte offset, byte count, numpy dtype and shape of the raw data, GGML type)
+        self.tensors = {self.key_map[t.name]: (t.name, int(t.data_offset), int(t.n_bytes), t.data.dtype,
+                                               tuple(t.data.shape), t.tensor_type)
+                        for t in reader.tensors if t.name in self.key_map}
+        self.weight_map = {hf: info[0] for hf, info in self.tensors.items()}
         del reader
 
     def names(self, prefix: str = "") -> list[str]:
@@ -119,18 +123,17 @@ class GGUFCheckpoint:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         import numpy as np
-        from gguf import GGUFReader, dequantize
+        from gguf import dequantize
 
-        wanted = {self.weight_map[n]: n for n in names}
-        reader = GGUFReader(str(self.path))
         out: dict[str, torch.Tensor] = {}
-        for tensor in reader.tensors:
-            if tensor.name not in wanted:
-                continue
-            result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                            tensor_key_mapping=self.key_map, parsed_parameters=self.parsed)
-            out[wanted[tensor.name]] = torch.from_numpy(np.copy(result.weights)).to(self.dtype)
-        del reader
+        with open(self.path, "rb") as fh:
+            for name in names:
+                gguf_name, offset, n_bytes, np_dtype, shape, qtype = self.tensors[name]
+                fh.seek(offset)
+                raw = np.frombuffer(fh.read(n_bytes), dtype=np_dtype).reshape(shape)
+                result = self.processor.process(weights=dequantize(raw, qtype), name=gguf_name,
+                                                tensor_key_mapping=self.key_map, parsed_parameters=self.parsed)
+                out[name] = torch.from_numpy(np.copy(result.weights)).to(self.dtype)
         return out
 
     def fingerprint(self) -> dict:
@@ -248,11 +251,13 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
                      calib_info: dict | None = None, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", resume: bool = False, overwrite: bool = False,
                      trust_remote_code: bool = False, progress: bool = True, hidden_states: str = "auto",
-                     max_hidden_gib: float | None = None) -> StreamResult:
+                     max_hidden_gib: float | None = None, announce: Callable[[str], None] | None = None
+                     ) -> StreamResult:
     """Prune the safetensors checkpoint directory (or GGUF file) ``source`` layer by layer into ``out``.
 
     The weights written are those :func:`rcpu.api.prune` followed by
     :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
+    ``announce`` receives the "resuming at layer N of M" line (default: the log).
     """
     from .api import check_saveable, planned_biases
     from .export import check_output_dir, finish_checkpoint
@@ -291,8 +296,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     start = state["next_layer"]
     n_layers = len(adapter.layers)
     if start:
-        print(f"resuming at layer {start} of {n_layers}")
-        logger.info("resuming at layer %d of %d", start, n_layers)
+        (announce or logger.info)(f"resuming at layer {start} of {n_layers}")
 
     heldout_windows = heldout_windows if cfg.ridge_auto else None
     storage, hidden_info = hidden_state_storage(
@@ -327,10 +331,10 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
             if heldout is not None:
                 heldout = [(saved[f"heldout.{i}"].to(storage), kw) for i, (_, kw) in enumerate(heldout)]
             del saved
-            for i, res in enumerate(state["layers"]):
-                _restore_layer(adapter, adapter.layers[i], res)
-        saved_fmt = check_saveable(model, cfg, plans, adapter)
+        saved_fmt = check_saveable(model, cfg, plans, adapter)  # on the dense shapes, before any restore
         store.biases = planned_biases(adapter, cfg, plans)
+        for i, res in enumerate(state["layers"]):  # layers written before the interruption
+            _restore_layer(adapter, adapter.layers[i], res)
         results = [LayerResult(**r) for r in state["layers"]]
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
                                            batches=batches, store=store, start=start, heldout=heldout,

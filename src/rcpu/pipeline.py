@@ -211,18 +211,11 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
     return col.stats, outs, dense_outs
 
 
-def _selection_weight(weight: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> torch.Tensor:
-    """The weight the greedy selection starts from: W itself, or with dense-model targets
-    W* = W C G^-1, whose outputs on the pruned inputs best match the dense outputs."""
-    if stats.cross is None:
-        return weight
-    return obs.dense_target_weight(weight, stats.gram, stats.cross, cfg.selection_lambda, cfg.ridge_lambda_relative)
-
-
 def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: PruneConfig, **kw) -> obs.GreedyResult:
     try:
-        return obs.greedy_remove(_selection_weight(weight, stats, cfg), stats.gram, units, lam=cfg.selection_lambda,
-                                 relative=cfg.ridge_lambda_relative, **kw)
+        # with dense-model targets the run starts from W* = W C G^-1 (see rcpu.obs)
+        return obs.greedy_remove(weight, stats.gram, units, lam=cfg.selection_lambda,
+                                 relative=cfg.ridge_lambda_relative, cross=stats.cross, **kw)
     except ValueError as exc:
         raise RcpuError(f"greedy selection: {exc} (fewer calibration tokens than input channels need "
                         "--selection_lambda > 0)") from None

@@ -9,7 +9,7 @@ needed is a function of W and G, so no activation is stored:
 
 With dense-model targets Y = W X_d (X_d: the dense model's inputs of the same tokens),
 the same formulas hold with W G[:, K] replaced by W C[:, K], C = X_d X^T the streamed
-cross-Gram, and ||Y||^2 = tr(W G_d W^T), G_d = X_d X_d^T.
+cross-Gram, and ||Y||^2 = ||W X_d||^2 streamed as a number.
 
 All solves run in float64 (configurable for the rotation) and return new weights
 in the input's dtype. The functions know nothing about transformers.
@@ -41,10 +41,10 @@ class Compensated:
 
 def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
                           candidates: list[torch.Tensor], cross: torch.Tensor | None = None,
-                          target_gram: torch.Tensor | None = None) -> list[float]:
+                          target_sq: float | None = None) -> list[float]:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for each B in ``candidates``, from the Gram matrix
     alone; W G and ||Y||^2 are formed once for all candidates. With ``cross`` and
-    ``target_gram`` the target is the dense model's Y = W X_d."""
+    ``target_sq`` (= ||W X_d||^2) the target is the dense model's Y = W X_d."""
     w = weight.double()
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
@@ -53,7 +53,7 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
         y2 = (wg * w).sum()
     else:
         wg = w @ cross.to(w.device).double()
-        y2 = ((w @ target_gram.to(w.device).double()) * w).sum()
+        y2 = torch.tensor(float(target_sq), dtype=torch.float64, device=w.device)
     y2 = y2.clamp_min(torch.finfo(torch.float64).tiny)
     wg_k, g_kk = wg[:, kept], g[kept][:, kept]
     out = []
@@ -65,9 +65,9 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
 
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
                          new_kept: torch.Tensor, cross: torch.Tensor | None = None,
-                         target_gram: torch.Tensor | None = None) -> float:
+                         target_sq: float | None = None) -> float:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept."""
-    return reconstruction_errors(weight, gram, kept, [new_kept], cross, target_gram)[0]
+    return reconstruction_errors(weight, gram, kept, [new_kept], cross, target_sq)[0]
 
 
 def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:

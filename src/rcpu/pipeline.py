@@ -141,7 +141,7 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
     cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
                             cross=stats.cross)
     errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.cross,
-                                      heldout.target_gram)
+                                      heldout.target_sq)
     errors = dict(zip(cfg.ridge_grid, errs, strict=True))
     result = cands[min(range(len(errs)), key=errs.__getitem__)]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
@@ -171,7 +171,7 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
     if stats.gram is not None:
         before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
                                                                                 result.weight],
-                                                   stats.cross, stats.target_gram)
+                                                   stats.cross, stats.target_sq)
         result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
     return result
 
@@ -259,19 +259,22 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     gram_mlp = (kind in comp.NEEDS_GRAM and cfg.compensate_mlp) or greedy
     dense_stats = cfg.resolved_statistics == "dense"
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
-    mods = {"attn": o_proj, "mlp": down_proj}
+    # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
+    recapture = cfg.resolved_mlp_stats == "after_attention"
+    mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
     twin = twin_mods = None
     if dense is not None:  # an unpruned copy of this layer runs the dense model alongside
         twin = copy.deepcopy(layer)
-        twin_mods = {"attn": adapter.attn_out(twin), "mlp": adapter.mlp_out(twin)}
+        twin_mods = {"attn": adapter.attn_out(twin)} if recapture else {"attn": adapter.attn_out(twin),
+                                                                        "mlp": adapter.mlp_out(twin)}
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
                                                 dense_stats, twin, dense and dense["calib"], twin_mods)
-    st_attn, st_mlp = stats["attn"], stats["mlp"]
+    st_attn, st_mlp = stats["attn"], stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None:
         stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods)
-        ho_attn, ho_mlp = stats_ho["attn"], stats_ho["mlp"]
+        ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
     # attention heads
     geom = adapter.geometry(layer)
@@ -293,8 +296,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     del st_attn
 
     # MLP channels
-    if cfg.resolved_mlp_stats == "after_attention":
-        twin_mlp = twin_mods and {"mlp": twin_mods["mlp"]}
+    if recapture:
+        twin_mlp = twin and {"mlp": adapter.mlp_out(twin)}
         stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
                                dense and dense["calib"], twin_mlp)
         st_mlp = stats["mlp"]

@@ -29,9 +29,10 @@ class InputStats:
     gram: torch.Tensor | None = None
     with_gram: bool = False
     # paired with the dense model's input X_d of the same sublayer (dense-model targets):
-    # cross = X_d X^T and target_gram = X_d X_d^T, streamed like the Gram
+    # cross = X_d X^T streamed like the Gram, and target_sq = ||W X_d||_F^2 (the dense
+    # sublayer's output energy, for relative errors; cheaper than a second Gram)
     cross: torch.Tensor | None = None
-    target_gram: torch.Tensor | None = None
+    target_sq: float | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs with shape (..., d_in)."""
@@ -58,16 +59,18 @@ class InputStats:
 
     def update_pair(self, x_dense: torch.Tensor, x: torch.Tensor) -> None:
         """Add one batch of (dense-model input, this model's input) of the same tokens to
-        the cross-Gram X_d X^T and the dense Gram X_d X_d^T."""
+        the cross-Gram X_d X^T."""
         xd = x_dense.detach().reshape(-1, self.d_in).float()
         x32 = x.detach().reshape(-1, self.d_in).float()
         if xd.shape != x32.shape:
             raise ValueError("dense and pruned inputs of a sublayer must cover the same tokens")
         if self.cross is None:
             self.cross = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x32.device)
-            self.target_gram = torch.zeros_like(self.cross)
         self.cross += (xd.T @ x32).double()
-        self.target_gram += (xd.T @ xd).double()
+
+    def update_target(self, y_dense: torch.Tensor) -> None:
+        """Add one batch of the dense sublayer's outputs W x_d (bias removed) to ||W X_d||^2."""
+        self.target_sq = (self.target_sq or 0.0) + float(y_dense.detach().double().square().sum())
 
     def _require(self) -> None:
         if self.n == 0:
@@ -104,7 +107,7 @@ class InputStats:
         return (self.var_population * (self.n / (self.n - 1))).clamp_min(0)
 
     def to(self, device: torch.device | str) -> InputStats:
-        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "cross", "target_gram"):
+        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "cross"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -137,7 +140,7 @@ class StatsCollector:
         self._pending: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         for name, m in (dense_modules or {}).items():
-            self._handles.append(m.register_forward_pre_hook(self._dense_hook(name)))
+            self._handles.append(m.register_forward_hook(self._dense_hook(name)))
         self._paired = set(dense_modules or ())
 
     def _hook(self, name: str):
@@ -150,8 +153,9 @@ class StatsCollector:
         return hook
 
     def _dense_hook(self, name: str):
-        def hook(_module, args):
+        def hook(module, args, output):
             self._pending[name] = args[0].detach()
+            self.stats[name].update_target(output if module.bias is None else output - module.bias)
         return hook
 
     def remove(self) -> None:

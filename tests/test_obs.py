@@ -118,7 +118,7 @@ def test_paired_collector_matches_direct_cross_gram():
             pruned(xs[0])
     x, xd = torch.cat(xs).reshape(-1, 6).double(), torch.cat(xds).reshape(-1, 6).double()
     torch.testing.assert_close(col.stats["a"].cross, xd.T @ x, rtol=1e-5, atol=1e-5)
-    y = xd @ dense.weight.double().T
+    y = xd @ dense.weight.detach().double().T
     assert col.stats["a"].target_sq == pytest.approx(float(y.square().sum()), rel=1e-5)
 
 

@@ -70,8 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
          help="GQA: remove query heads evenly from every KV group, or whole KV groups")
     _add(p, "rebalance", action=argparse.BooleanOptionalAction, default=True,
          help="move the budget heads are too coarse for to the MLP (default on)")
-    _add(p, "mlp_stats", default=d.mlp_stats, choices=["before_attention", "after_attention"],
-         help="down_proj statistics captured before (reference) or after pruning the layer's attention")
+    _add(p, "mlp_stats", default=None, choices=["before_attention", "after_attention"],
+         help="down_proj statistics captured before (reference) or after pruning the layer's attention "
+              "(default: the preset's)")
+    _add(p, "selection", default=None, choices=["score", "greedy"],
+         help="top-k of the score, or greedy removal by the error left after compensation (default: the preset's)")
+    _add(p, "selection_lambda", type=float, default=d.selection_lambda,
+         help="relative ridge penalty of the greedy selection's Gram matrix (default 1e-3)")
+    _add(p, "selection_block", type=int, default=d.selection_block,
+         help="MLP channels removed per greedy step (default 32; 1 = strictly one at a time)")
+    _add(p, "targets", default=None, choices=["sequential", "dense"],
+         help="fit the unpruned sublayer on pruned inputs (RCPU) or the dense model's outputs (default: the preset's)")
     _add(p, "round_to", type=int, default=d.round_to,
          help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
     _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
@@ -184,7 +193,8 @@ def _prune_config(args) -> PruneConfig:
         ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
-        mlp_stats=args.mlp_stats, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
+        selection_block=args.selection_block, targets=args.targets, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()
 

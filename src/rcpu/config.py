@@ -28,13 +28,27 @@ PRESETS: dict[str, dict[str, str | float]] = {
     # FLAP (An et al. 2024): fluctuation score, global adaptive allocation (AL-AM),
     # bias compensation, all statistics from the dense model
     "flap": {"score": "fluctuation", "compensation": "bias", "allocation": "global", "statistics": "dense"},
+    # the strongest combination of shipped parts: FLAP's global allocation with ridge-auto
+    "flap-ridge": {"score": "fluctuation", "compensation": "ridge", "allocation": "global", "ridge_lambda": "auto"},
+    # ours: FLAP's global allocation; heads and channels removed greedily by the error left
+    # after least-squares compensation; kept weights fitted to the dense model's outputs
+    # (cross-Gram), MLP statistics re-captured after the layer's attention is pruned;
+    # ridge lambda chosen on held-out calibration windows
+    "obs-ridge": {"score": "fluctuation", "compensation": "ridge", "allocation": "global", "ridge_lambda": "auto",
+                  "selection": "greedy", "targets": "dense", "mlp_stats": "after_attention"},
 }
 DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential",
-            "ridge_lambda": 1e-2}
+            "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention"}
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 ALLOCATIONS = ("uniform", "global")
 STATISTICS = ("sequential", "dense")
+#: "score": top-k of the importance score; "greedy": remove the unit with the smallest
+#: error left after least-squares compensation, one at a time (see rcpu.obs)
+SELECTIONS = ("score", "greedy")
+#: compensation targets: the unpruned sublayer on the pruned model's inputs (RCPU), or
+#: the dense model's sublayer outputs on dense inputs (corrects upstream error too)
+TARGETS = ("sequential", "dense")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -62,7 +76,11 @@ class PruneConfig:
     rotation_proper: bool = False
     head_unit: str = "auto"
     rebalance: bool = True
-    mlp_stats: str = "before_attention"
+    mlp_stats: str | None = None
+    selection: str | None = None
+    selection_lambda: float = 1e-3
+    selection_block: int = 32
+    targets: str | None = None
     round_to: int = 1
     nsamples: int = 128
     seqlen: int = 128
@@ -100,6 +118,18 @@ class PruneConfig:
     def resolved_statistics(self) -> str:
         return self._resolve("statistics")
 
+    @property
+    def resolved_selection(self) -> str:
+        return self._resolve("selection")
+
+    @property
+    def resolved_targets(self) -> str:
+        return self._resolve("targets")
+
+    @property
+    def resolved_mlp_stats(self) -> str:
+        return self._resolve("mlp_stats")
+
     def validate(self) -> PruneConfig:
         if self.method not in PRESETS and not (self.score and self.compensation):
             raise RcpuError(f"unknown method {self.method!r}; choose from {', '.join(PRESETS)} "
@@ -115,12 +145,22 @@ class PruneConfig:
             raise RcpuError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.resolved_allocation!r}")
         if self.resolved_statistics not in STATISTICS:
             raise RcpuError(f"--statistics must be one of {', '.join(STATISTICS)}, got {self.resolved_statistics!r}")
-        if self.resolved_statistics == "dense" and self.mlp_stats == "after_attention":
+        if self.resolved_statistics == "dense" and self.resolved_mlp_stats == "after_attention":
             raise RcpuError("--mlp_stats after_attention needs --statistics sequential")
+        if self.resolved_selection not in SELECTIONS:
+            raise RcpuError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.resolved_selection!r}")
+        if self.resolved_targets not in TARGETS:
+            raise RcpuError(f"--targets must be one of {', '.join(TARGETS)}, got {self.resolved_targets!r}")
+        if self.resolved_targets == "dense" and self.resolved_statistics == "dense":
+            raise RcpuError("--targets dense needs --statistics sequential (dense statistics already fit the dense model)")
+        if self.resolved_targets == "dense" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
+            raise RcpuError("--targets dense needs a least-squares or rotation compensation (ridge, rotation, rotation_scale)")
+        if not (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0):
+            raise RcpuError(f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
         if self.head_unit not in HEAD_UNITS:
             raise RcpuError(f"--head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
-        if self.mlp_stats not in MLP_STATS:
-            raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.mlp_stats!r}")
+        if self.resolved_mlp_stats not in MLP_STATS:
+            raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.resolved_mlp_stats!r}")
         if self.rotation_dtype not in ("float32", "float64"):
             raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
         lam = self.resolved_ridge_lambda
@@ -128,7 +168,7 @@ class PruneConfig:
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
         if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0 or self.nholdout < 1):
             raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0 and --nholdout >= 1")
-        for name in ("nsamples", "batch_size", "nholdout", "round_to"):
+        for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.seqlen < 2:
@@ -142,6 +182,9 @@ class PruneConfig:
         d["allocation"] = self.resolved_allocation
         d["statistics"] = self.resolved_statistics
         d["ridge_lambda"] = self.resolved_ridge_lambda
+        d["selection"] = self.resolved_selection
+        d["targets"] = self.resolved_targets
+        d["mlp_stats"] = self.resolved_mlp_stats
         return d
 
     @classmethod

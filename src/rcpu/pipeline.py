@@ -15,6 +15,7 @@ explicit and JSON-serialisable.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import compensate as comp
+from . import obs
 from .config import PruneConfig
+from .errors import RcpuError
 from .models import DecoderAdapter
 from .report import LayerMemory
 from .scores import channel_scores, group_scores
@@ -77,8 +80,9 @@ class LayerStore:
         """Done reading layer ``index`` without changing it (scoring pass)."""
 
     def finish(self, index: int, layer: nn.Module, result: LayerResult, batches: list, heldout: list | None,
-               warnings: list[str]) -> None:
-        """Layer ``index`` is pruned; ``batches`` / ``heldout`` are the next layer's inputs."""
+               warnings: list[str], dense: dict[str, list] | None = None) -> None:
+        """Layer ``index`` is pruned; ``batches`` / ``heldout`` (and ``dense``'s lists) are the
+        next layer's inputs."""
 
 
 class _StopForward(Exception):
@@ -192,8 +196,10 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
                 cfg: PruneConfig) -> comp.Compensated:
     """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
     held-out calibration windows (their own Gram matrix), never on evaluation text."""
-    cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative)
-    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands])
+    cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
+                            cross=stats.cross)
+    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.cross,
+                                      heldout.target_sq)
     errors = dict(zip(cfg.ridge_grid, errs, strict=True))
     result = cands[min(range(len(errs)), key=errs.__getitem__)]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
@@ -212,17 +218,18 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         result = _ridge_auto(weight, stats, heldout, kept, cfg)
     elif kind == "ridge":
         result = comp.ridge(weight, stats.gram, kept, float(cfg.resolved_ridge_lambda),
-                            relative=cfg.ridge_lambda_relative)
+                            relative=cfg.ridge_lambda_relative, cross=stats.cross)
     elif kind in ("rotation", "rotation_scale"):
         result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
                                proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
-                               n_tokens=stats.n)
+                               n_tokens=stats.n, cross=stats.cross)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind
     if stats.gram is not None:
         before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
-                                                                                result.weight])
+                                                                                result.weight],
+                                                   stats.cross, stats.target_sq)
         result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
     return result
 
@@ -241,33 +248,102 @@ def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
     return result
 
 
+def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
+             batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
+             dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
+             dense_modules: dict[str, nn.Linear] | None = None
+             ) -> tuple[dict[str, InputStats], list, list | None]:
+    """Stream input statistics of ``modules`` over ``batches``. With a dense copy of the
+    layer and its own inputs, every batch goes through the dense copy first and its
+    sublayer inputs are paired with this model's into cross-Grams; the dense copy's
+    outputs are returned as the next layer's dense inputs."""
+    paired = dense_layer is not None
+    with StatsCollector(modules, grams, dense_modules if paired else None) as col:
+        outs, dense_outs = [], [] if paired else None
+        for i, (h, kw) in enumerate(batches):
+            if paired:
+                hd, kwd = dense_batches[i]
+                dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
+            out = _forward(layer, h, kw)
+            if keep_outputs:
+                outs.append((out, kw))
+    return col.stats, outs, dense_outs
+
+
+def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: PruneConfig, **kw) -> obs.GreedyResult:
+    try:
+        # with dense-model targets the run starts from W* = W C G^-1 (see rcpu.obs)
+        return obs.greedy_remove(weight, stats.gram, units, lam=cfg.selection_lambda,
+                                 relative=cfg.ridge_lambda_relative, cross=stats.cross, **kw)
+    except ValueError as exc:
+        raise RcpuError(f"greedy selection: {exc} (fewer calibration tokens than input channels need "
+                        "--selection_lambda > 0)") from None
+
+
+def _greedy_heads(weight: torch.Tensor, stats: InputStats, geom, plan: LayerPlan, cfg: PruneConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Heads (or whole KV groups) removed greedily by the error left after compensation;
+    every KV group keeps the same number of query heads."""
+    hd, r = geom.head_dim, geom.n_rep
+    if plan.head_unit == "group":
+        units = torch.arange(geom.num_heads * hd).reshape(geom.num_kv_heads, r * hd)
+        res = _greedy(weight, stats, units, cfg, n_remove=plan.groups_removed)
+        kept_groups = torch.tensor(sorted(set(range(geom.num_kv_heads)) - set(res.removed_units)), dtype=torch.long)
+        kept_heads = (kept_groups[:, None] * r + torch.arange(r)).reshape(-1)
+    else:
+        units = torch.arange(geom.num_heads * hd).reshape(geom.num_heads, hd)
+        res = _greedy(weight, stats, units, cfg, groups=torch.arange(geom.num_heads) // r,
+                      per_group=plan.heads_removed_per_group)
+        kept_heads = torch.tensor(sorted(set(range(geom.num_heads)) - set(res.removed_units)), dtype=torch.long)
+        kept_groups = torch.arange(geom.num_kv_heads)
+    return kept_heads, kept_groups, {"selection": "greedy", "selection_error": res.error}
+
+
 @torch.no_grad()
 def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                 batches: list[tuple[torch.Tensor, dict]], plan: LayerPlan, cfg: PruneConfig,
-                warnings: list[str], heldout: list[tuple[torch.Tensor, dict]] | None = None
+                warnings: list[str], heldout: list[tuple[torch.Tensor, dict]] | None = None,
+                dense: dict[str, list] | None = None
                 ) -> tuple[LayerResult, list[tuple[torch.Tensor, dict]], list[tuple[torch.Tensor, dict]] | None]:
     """Prune one decoder layer in place; returns its result and its outputs on ``batches``
-    (and on the held-out batches used to tune ridge's lambda, if any)."""
+    (and on the held-out batches used to tune ridge's lambda, if any).
+
+    ``dense`` (dense-model targets) holds the dense model's inputs of this layer for the
+    calibration (and held-out) batches; it is replaced in place by their dense outputs.
+    """
     t0 = time.perf_counter()
     kind = cfg.resolved_compensation
-    gram_attn = kind in comp.NEEDS_GRAM and cfg.compensate_attn
-    gram_mlp = kind in comp.NEEDS_GRAM and cfg.compensate_mlp
-    dense = cfg.resolved_statistics == "dense"
+    greedy = cfg.resolved_selection == "greedy"
+    gram_attn = (kind in comp.NEEDS_GRAM and cfg.compensate_attn) or greedy
+    gram_mlp = (kind in comp.NEEDS_GRAM and cfg.compensate_mlp) or greedy
+    dense_stats = cfg.resolved_statistics == "dense"
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
-    with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": gram_attn, "mlp": gram_mlp}) as col:
-        dense_outputs = _run_layer(layer, batches, keep_outputs=dense)
-    st_attn, st_mlp = col.stats["attn"], col.stats["mlp"]
-    ho_attn = ho_mlp = None
+    # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
+    recapture = cfg.resolved_mlp_stats == "after_attention"
+    mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
+    twin = twin_mods = None
+    if dense is not None:  # an unpruned copy of this layer runs the dense model alongside
+        twin = copy.deepcopy(layer)
+        twin_mods = {"attn": adapter.attn_out(twin)} if recapture else {"attn": adapter.attn_out(twin),
+                                                                        "mlp": adapter.mlp_out(twin)}
+    stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
+                                                dense_stats, twin, dense and dense["calib"], twin_mods)
+    st_attn, st_mlp = stats["attn"], stats.get("mlp")
+    ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None:
-        with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": True, "mlp": True}) as col_ho:
-            heldout_dense = _run_layer(layer, heldout, keep_outputs=dense)
-        ho_attn, ho_mlp = col_ho.stats["attn"], col_ho.stats["mlp"]
+        stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
+                                                          dense_stats, twin, dense and dense["heldout"], twin_mods)
+        ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
     # attention heads
     geom = adapter.geometry(layer)
-    scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
-    kept_heads, kept_kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
     attn_info: dict = {"stats": st_attn.summary()}
+    if greedy and plan.heads_removed(geom) > 0:
+        kept_heads, kept_kv, sel_info = _greedy_heads(o_proj.weight, st_attn, geom, plan, cfg)
+        attn_info.update(sel_info)
+    else:
+        scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
+        kept_heads, kept_kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
     if len(kept_heads) < geom.num_heads:
         kept_ch = head_channels(kept_heads, geom.head_dim)
         res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, kept_ch, cfg, index, "o_proj", warnings,
@@ -279,17 +355,24 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     del st_attn
 
     # MLP channels
-    if cfg.mlp_stats == "after_attention":
-        with StatsCollector({"mlp": down_proj}, {"mlp": gram_mlp}) as col:
-            _run_layer(layer, batches, keep_outputs=False)
-        st_mlp = col.stats["mlp"]
+    if recapture:
+        twin_mlp = twin and {"mlp": adapter.mlp_out(twin)}
+        stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
+                               dense and dense["calib"], twin_mlp)
+        st_mlp = stats["mlp"]
         if heldout is not None:
-            with StatsCollector({"mlp": down_proj}, {"mlp": True}) as col_ho:
-                _run_layer(layer, heldout, keep_outputs=False)
-            ho_mlp = col_ho.stats["mlp"]
-    scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
-    kept_channels = select_channels(scores, plan.channels_removed)
+            stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
+                                   dense and dense["heldout"], twin_mlp)
+            ho_mlp = stats["mlp"]
     mlp_info: dict = {"stats": st_mlp.summary()}
+    if greedy and plan.channels_removed > 0:
+        res_sel = _greedy(down_proj.weight, st_mlp, torch.arange(down_proj.in_features)[:, None], cfg,
+                          n_remove=plan.channels_removed, block=cfg.selection_block)
+        kept_channels = res_sel.kept
+        mlp_info.update({"selection": "greedy", "selection_error": res_sel.error})
+    else:
+        scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
+        kept_channels = select_channels(scores, plan.channels_removed)
     if len(kept_channels) < down_proj.in_features:
         res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, kept_channels, cfg, index,
                         "down_proj", warnings, ho_mlp)
@@ -297,13 +380,15 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         if res.bias is not None:
             adapter.add_output_bias(down_proj, res.bias)
         mlp_info.update(res.info)
-    del st_mlp
+    del st_mlp, twin
 
     # dense statistics: the next layer sees the dense model's hidden states (FLAP)
-    outputs = dense_outputs if dense else _run_layer(layer, batches, keep_outputs=True)
+    outputs = dense_outputs if dense_stats else _run_layer(layer, batches, keep_outputs=True)
     heldout_out = None
     if heldout is not None:
-        heldout_out = heldout_dense if dense else _run_layer(layer, heldout, keep_outputs=True)
+        heldout_out = heldout_dense if dense_stats else _run_layer(layer, heldout, keep_outputs=True)
+    if dense is not None:
+        dense["calib"], dense["heldout"] = dense_next, dense_next_ho
     result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
                          attn_info, mlp_info, time.perf_counter() - t0)
     return result, outputs, heldout_out
@@ -353,12 +438,13 @@ def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Ten
                    batches: list[tuple[torch.Tensor, dict]] | None = None,
                    heldout_windows: torch.Tensor | None = None, store: LayerStore | None = None,
                    start: int = 0, heldout: list[tuple[torch.Tensor, dict]] | None = None,
-                   results: list[LayerResult] | None = None, warnings: list[str] | None = None
-                   ) -> tuple[list[LayerResult], list[str]]:
+                   results: list[LayerResult] | None = None, warnings: list[str] | None = None,
+                   dense: dict[str, list] | None = None) -> tuple[list[LayerResult], list[str]]:
     """Prune every decoder layer of ``model`` in order; returns per-layer results and warnings.
 
-    ``start`` > 0 resumes an interrupted run: ``batches`` / ``heldout`` are then the inputs of
-    layer ``start`` and ``results`` / ``warnings`` those of the layers before it.
+    ``start`` > 0 resumes an interrupted run: ``batches`` / ``heldout`` (and ``dense``, the
+    dense model's hidden states for dense targets) are then the inputs of layer ``start``, and
+    ``results`` / ``warnings`` those of the layers before it.
     """
     warnings = [] if warnings is None else warnings
     results = [] if results is None else results
@@ -368,17 +454,22 @@ def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Ten
     if heldout is None and heldout_windows is not None:
         heldout = capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device)
     n = len(adapter.layers)
+    # dense-model targets: the dense hidden states travel alongside the pruned ones
+    # (twice the hidden-state memory; still no stored sublayer activations)
+    if dense is None and cfg.resolved_targets == "dense":
+        dense = {"calib": list(batches), "heldout": heldout and list(heldout)}
     bar = tqdm(range(start, n), desc="pruning layers", unit="layer", disable=not progress, initial=start, total=n)
     for i in bar:
         layer = store.load(i)
         home = _module_device(layer)
         layer.to(device)
         with LayerMemory(device) as mem:
-            result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout)
+            result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout,
+                                                   dense)
         result.memory = mem.result
         layer.to(home)
         results.append(result)
-        store.finish(i, layer, result, batches, heldout, warnings)
+        store.finish(i, layer, result, batches, heldout, warnings, dense)
         bar.set_postfix_str(f"{result.seconds:.1f}s")
         logger.debug("layer %d: %.1f s, %s", i, result.seconds, mem.result)
     return results, warnings

@@ -28,6 +28,11 @@ class InputStats:
     m2: torch.Tensor | None = None  # sum of squared deviations from the running mean
     gram: torch.Tensor | None = None
     with_gram: bool = False
+    # paired with the dense model's input X_d of the same sublayer (dense-model targets):
+    # cross = X_d X^T streamed like the Gram, and target_sq = ||W X_d||_F^2 (the dense
+    # sublayer's output energy, for relative errors; cheaper than a second Gram)
+    cross: torch.Tensor | None = None
+    target_sq: float | None = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs with shape (..., d_in)."""
@@ -51,6 +56,21 @@ class InputStats:
         self.sum_abs += x32.abs().sum(0).double()
         if self.with_gram:
             self.gram += (x32.T @ x32).double()
+
+    def update_pair(self, x_dense: torch.Tensor, x: torch.Tensor) -> None:
+        """Add one batch of (dense-model input, this model's input) of the same tokens to
+        the cross-Gram X_d X^T."""
+        xd = x_dense.detach().reshape(-1, self.d_in).float()
+        x32 = x.detach().reshape(-1, self.d_in).float()
+        if xd.shape != x32.shape:
+            raise ValueError("dense and pruned inputs of a sublayer must cover the same tokens")
+        if self.cross is None:
+            self.cross = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x32.device)
+        self.cross += (xd.T @ x32).double()
+
+    def update_target(self, y_dense: torch.Tensor) -> None:
+        """Add one batch of the dense sublayer's outputs W x_d (bias removed) to ||W X_d||^2."""
+        self.target_sq = (self.target_sq or 0.0) + float(y_dense.detach().double().square().sum())
 
     def _require(self) -> None:
         if self.n == 0:
@@ -87,7 +107,7 @@ class InputStats:
         return (self.var_population * (self.n / (self.n - 1))).clamp_min(0)
 
     def to(self, device: torch.device | str) -> InputStats:
-        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram"):
+        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "cross"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -106,16 +126,36 @@ class InputStats:
 
 
 class StatsCollector:
-    """Forward pre-hooks that feed the inputs of named linear modules into InputStats."""
+    """Forward pre-hooks that feed the inputs of named linear modules into InputStats.
 
-    def __init__(self, modules: dict[str, torch.nn.Linear], with_gram: dict[str, bool]):
+    With ``dense_modules`` (the same sublayers of an unpruned copy of the layer), each
+    batch must be run through the dense copy first: its input is held for that one
+    batch and paired with this model's input into the cross-Gram (dense-model targets).
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], with_gram: dict[str, bool],
+                 dense_modules: dict[str, torch.nn.Linear] | None = None):
         self.stats = {name: InputStats(m.in_features, with_gram=with_gram.get(name, False))
                       for name, m in modules.items()}
+        self._pending: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        for name, m in (dense_modules or {}).items():
+            self._handles.append(m.register_forward_hook(self._dense_hook(name)))
+        self._paired = set(dense_modules or ())
 
     def _hook(self, name: str):
         def hook(_module, args):
             self.stats[name].update(args[0])
+            if name in self._paired:
+                if name not in self._pending:
+                    raise RuntimeError("run the dense copy of the layer on a batch before the pruned one")
+                self.stats[name].update_pair(self._pending.pop(name), args[0])
+        return hook
+
+    def _dense_hook(self, name: str):
+        def hook(module, args, output):
+            self._pending[name] = args[0].detach()
+            self.stats[name].update_target(output if module.bias is None else output - module.bias)
         return hook
 
     def remove(self) -> None:

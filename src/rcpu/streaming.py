@@ -197,7 +197,7 @@ class StreamingStore(LayerStore):
     def unload(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
 
-    def finish(self, index, layer, result, batches, heldout, warnings) -> None:
+    def finish(self, index, layer, result, batches, heldout, warnings, dense=None) -> None:
         self.adapter.finalize_layer(layer, *self.biases)
         prefix = f"{LAYER_PREFIX}{index}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
@@ -207,6 +207,8 @@ class StreamingStore(LayerStore):
         hidden = {f"calib.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(batches)}
         if heldout is not None:
             hidden.update({f"heldout.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(heldout)})
+        for part, lst in (dense or {}).items():  # the dense model's hidden states (dense targets)
+            hidden.update({f"dense_{part}.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(lst or [])})
         _atomic_save(hidden, self.work / HIDDEN_FILE)
         self.state["next_layer"] = index + 1
         self.state["layers"].append(result.to_dict())
@@ -318,6 +320,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
         if config.tie_word_embeddings:
             model.tie_weights()  # assign and .to("meta") replaced the shared parameter
         store = StreamingStore(adapter, reader, work, (False, False), state)
+        dense = None
         if start == 0:
             plans = make_plans(model, adapter, batches, cfg, device, progress=progress, store=store)
             state["plans"] = [p.to_dict() for p in plans]
@@ -327,9 +330,13 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
             plans = [LayerPlan(**p) for p in state["plans"]]
             with safe_open(str(work / HIDDEN_FILE), framework="pt", device="cpu") as fh:
                 saved = {k: fh.get_tensor(k) for k in fh.keys()}
-            batches = [(saved[f"calib.{i}"].to(storage), kw) for i, (_, kw) in enumerate(batches)]
-            if heldout is not None:
-                heldout = [(saved[f"heldout.{i}"].to(storage), kw) for i, (_, kw) in enumerate(heldout)]
+            def restored(prefix: str, like: list | None) -> list | None:
+                return None if like is None else [(saved[f"{prefix}.{i}"].to(storage), kw)
+                                                  for i, (_, kw) in enumerate(like)]
+
+            if cfg.resolved_targets == "dense":
+                dense = {"calib": restored("dense_calib", batches), "heldout": restored("dense_heldout", heldout)}
+            batches, heldout = restored("calib", batches), restored("heldout", heldout)
             del saved
         saved_fmt = check_saveable(model, cfg, plans, adapter)  # on the dense shapes, before any restore
         store.biases = planned_biases(adapter, cfg, plans)
@@ -338,7 +345,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
         results = [LayerResult(**r) for r in state["layers"]]
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
                                            batches=batches, store=store, start=start, heldout=heldout,
-                                           results=results, warnings=list(state["warnings"]))
+                                           results=results, warnings=list(state["warnings"]), dense=dense)
         del batches, heldout
         # the rest of the weights (final norm, head), as they are
         rest = [n for n in reader.names() if not n.startswith(LAYER_PREFIX)

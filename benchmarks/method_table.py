@@ -1,0 +1,53 @@
+"""Our method (obs-ridge) against every shipped method and the strongest combination of
+shipped parts (flap-ridge), plus an ablation that adds one ingredient at a time.
+
+    python benchmarks/method_table.py [--parts main,ablation] [--device cuda]
+
+Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
+tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). Both parts
+share benchmarks/results/method/results.json, so cells present there (e.g. copied from
+benchmarks/results/main, same settings and keys) are not recomputed. Resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from rcpu.compare import run_compare
+
+SHIPPED = ["wanda-sp", "flap", "ridge-auto", "rcpu", "rcpu-scaled"]
+PARTS = {
+    # name: (methods, ratios)
+    "main": (["obs-ridge", "flap-ridge", *SHIPPED], [0.1, 0.2, 0.3]),
+    # flap-ridge plus one ingredient at a time, then all of them (obs-ridge)
+    "ablation": (["flap-ridge", "flap-ridge+selection=greedy", "flap-ridge+targets=dense",
+                  "flap-ridge+mlp_stats=after_attention", "obs-ridge"], [0.2]),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max_eval_tokens", type=int, default=16384, help="0 = the whole evaluation text")
+    p.add_argument("--output", default="benchmarks/results/method")
+    p.add_argument("--parts", default=",".join(PARTS))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in args.parts.split(","):
+        methods, ratios = PARTS[name]
+        t0 = time.perf_counter()
+        run_compare(args.model, methods, ratios, args.output, nsamples=[128], seqlen=128, seed=0,
+                    eval_seqlens=[128, 512], max_eval_tokens=args.max_eval_tokens or None, device=args.device,
+                    progress=False)
+        print(f"## {name} ({time.perf_counter() - t0:.0f} s)\n")
+        print((Path(args.output) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Greedy selection by post-compensation error and dense-model targets: the maths against
+direct computations on small random matrices, and the method end to end on tiny models."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_model, make_windows
+from test_prune import _RELOAD
+
+from rcpu import RcpuError, obs
+from rcpu import compensate as comp
+from rcpu.api import prune
+from rcpu.config import PruneConfig
+from rcpu.export import PROVENANCE, save_pruned
+from rcpu.scores import SCORES
+from rcpu.select import select_channels
+from rcpu.stats import InputStats, StatsCollector
+
+
+def _data(seed: int, d_out: int = 12, d_in: int = 24, n: int = 300):
+    """Correlated inputs with uneven channel scales, so selections really differ."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64) * 0.4 + torch.eye(d_in, dtype=torch.float64)
+    x = (mix @ torch.randn(d_in, n, generator=g, dtype=torch.float64)) * (0.2 + 2 * torch.rand(d_in, 1, generator=g,
+                                                                                                  dtype=torch.float64))
+    x += 0.5 * torch.rand(d_in, 1, generator=g, dtype=torch.float64)  # non-zero means
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    return w, x
+
+
+def _direct_error(w, x, kept, b, lam_abs):
+    """||W X - B X_K||^2 + lam ||B - W_K||^2 + lam ||W_D||^2 from the stored activations."""
+    dropped = torch.ones(w.shape[1], dtype=torch.bool)
+    dropped[kept] = False
+    fit = (w @ x - b @ x[kept]).square().sum()
+    return float(fit + lam_abs * ((b - w[:, kept]).square().sum() + w[:, dropped].square().sum()))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.05])
+@pytest.mark.parametrize("block", [1, 3])
+def test_greedy_error_equals_direct_post_compensation_error(lam, block):
+    w, x = _data(0)
+    gram = x @ x.T
+    res = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=9, lam=lam, block=block)
+    assert len(res.kept) == 15 and len(res.removed_units) == 9
+    _, lam_abs = obs.regularised_gram(gram, lam)
+    # the kept weights are ridge compensation of the kept columns, and the reported
+    # error is what is left after it, by the Schur complement and from the activations
+    torch.testing.assert_close(res.weight, comp.ridge(w, gram, res.kept, lam).weight, atol=1e-10, rtol=1e-10)
+    assert res.error == pytest.approx(obs.removal_error(w, gram, res.kept, lam), rel=1e-10)
+    assert res.error == pytest.approx(_direct_error(w, x, res.kept, res.weight, lam_abs), rel=1e-10)
+
+
+def test_greedy_heads_respect_groups_and_report_exact_error():
+    w, x = _data(1, d_in=24)
+    gram = x @ x.T
+    units = torch.arange(24).reshape(6, 4)  # 6 heads of 4 channels, 2 KV groups of 3 heads
+    groups = torch.arange(6) // 3
+    res = obs.greedy_remove(w, gram, units, groups=groups, per_group=2, lam=1e-3)
+    removed = torch.tensor(res.removed_units)
+    assert torch.bincount(groups[removed], minlength=2).tolist() == [2, 2]
+    assert res.kept.tolist() == units[sorted(set(range(6)) - set(res.removed_units))].reshape(-1).tolist()
+    assert res.error == pytest.approx(obs.removal_error(w, gram, res.kept, 1e-3), rel=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_never_worse_than_score_then_ridge(seed):
+    w, x = _data(seed)
+    gram = x @ x.T
+    lam = 1e-3
+    stats = InputStats(24)
+    stats.update(x.T.float())
+    greedy = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=10, lam=lam)
+    for name in SCORES:
+        kept = select_channels(SCORES[name](w, stats), 10)
+        assert greedy.error <= obs.removal_error(w, gram, kept, lam) * (1 + 1e-9), name
+
+
+def test_dense_target_fit_equals_direct_least_squares():
+    w, x = _data(2)
+    x_dense = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 5, 8, 9, 10, 13, 14, 17, 19, 20, 22, 23])
+    # streamed statistics of (dense, pruned) input pairs, in batches
+    stats = InputStats(24, with_gram=True)
+    for cols in torch.arange(300).split(70):
+        stats.update(x[:, cols].T.float())
+        stats.update_pair(x_dense[:, cols].T.float(), x[:, cols].T.float())
+    torch.testing.assert_close(stats.cross, x_dense @ x.T, rtol=1e-4, atol=1e-3)  # fp32 batch products
+    gram, cross = x @ x.T, x_dense @ x.T
+    direct = torch.linalg.lstsq(x[kept].T, (w @ x_dense).T).solution.T  # min ||W X_d - B X_K||
+    fit = comp.ridge(w, gram, kept, 0.0, cross=cross).weight
+    torch.testing.assert_close(fit, direct, atol=1e-9, rtol=1e-9)
+    err = comp.reconstruction_error(w, gram, kept, fit, cross=cross, target_sq=float((w @ x_dense).square().sum()))
+    assert err == pytest.approx(float((w @ x_dense - direct @ x[kept]).square().sum() / (w @ x_dense).square().sum()),
+                                rel=1e-8)
+    # greedy selection on W* = W C G^-1 leaves the same direct least-squares fit for its set
+    res = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=10, cross=cross)
+    ref = obs.greedy_remove(obs.dense_target_weight(w, gram, cross), gram, torch.arange(24)[:, None], n_remove=10)
+    assert res.removed_units == ref.removed_units
+    direct = torch.linalg.lstsq(x[res.kept].T, (w @ x_dense).T).solution.T
+    torch.testing.assert_close(res.weight, direct, atol=1e-8, rtol=1e-8)
+
+
+def test_paired_collector_matches_direct_cross_gram():
+    dense, pruned = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    xs = [torch.randn(2, 5, 6) for _ in range(3)]
+    xds = [x + 0.1 * torch.randn_like(x) for x in xs]
+    with StatsCollector({"a": pruned}, {"a": True}, {"a": dense}) as col:
+        for x, xd in zip(xs, xds, strict=True):
+            dense(xd)
+            pruned(x)
+        with pytest.raises(RuntimeError, match="dense copy"):
+            pruned(xs[0])
+    x, xd = torch.cat(xs).reshape(-1, 6).double(), torch.cat(xds).reshape(-1, 6).double()
+    torch.testing.assert_close(col.stats["a"].cross, xd.T @ x, rtol=1e-5, atol=1e-5)
+    y = xd @ dense.weight.detach().double().T
+    assert col.stats["a"].target_sq == pytest.approx(float(y.square().sum()), rel=1e-5)
+
+
+def test_singular_gram_without_regularisation_is_a_clear_error():
+    w, x = _data(4, n=10)  # 10 tokens < 24 channels: X X^T is singular
+    with pytest.raises(ValueError, match="not positive definite"):
+        obs.greedy_remove(w, x @ x.T, torch.arange(24)[:, None], n_remove=3, lam=0.0)
+    obs.greedy_remove(w, x @ x.T, torch.arange(24)[:, None], n_remove=3, lam=1e-3)  # regularised: fine
+    model = make_model(hidden=64, intermediate=96)
+    with pytest.raises(RcpuError, match="greedy selection.*--selection_lambda"):
+        prune(model, PruneConfig(method="ridge", selection="greedy", selection_lambda=0.0, pruning_ratio=0.3),
+              windows=make_windows(2, 8), device="cpu", progress=False)
+
+
+def test_bad_combinations_fail_fast():
+    with pytest.raises(RcpuError, match="targets dense needs --statistics sequential"):
+        PruneConfig(method="obs-ridge", statistics="dense", mlp_stats="before_attention").validate()
+    with pytest.raises(RcpuError, match="least-squares or rotation"):
+        PruneConfig(method="wanda-sp", targets="dense").validate()
+    with pytest.raises(RcpuError, match="--selection must be"):
+        PruneConfig(selection="best").validate()
+    with pytest.raises(RcpuError, match="selection_lambda"):
+        PruneConfig(selection_lambda=-1.0).validate()
+
+
+def _ours(ratio: float = 0.5) -> PruneConfig:
+    return PruneConfig(method="obs-ridge", pruning_ratio=ratio, nholdout=8, batch_size=6)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_obs_ridge_end_to_end_and_reload(tmp_path, family):
+    model = make_model(family)
+    dense = copy.deepcopy(model)
+    pruned, report = prune(model, _ours(), windows=make_windows(), heldout_windows=make_windows(8, 32, seed=7),
+                           device="cpu", progress=False)
+    if family == "llama":  # same global budget as the other global-allocation presets
+        _, ref = prune(dense, PruneConfig(method="flap-ridge", pruning_ratio=0.5, nholdout=8, batch_size=6),
+                       windows=make_windows(), heldout_windows=make_windows(8, 32, seed=7), device="cpu",
+                       progress=False)
+        assert report.params["attn_mlp_after"] == pytest.approx(ref.params["attn_mlp_after"], rel=0.005)
+    for layer in report.layers:
+        for part in ("attn", "mlp"):
+            info = layer[part]
+            if "rel_error" in info:
+                assert info["rel_error"] <= info["rel_error_uncompensated"]
+        assert layer["mlp"]["selection"] == "greedy"
+    cfg = report.config
+    assert (cfg["selection"], cfg["targets"], cfg["mlp_stats"]) == ("greedy", "dense", "after_attention")
+    out = save_pruned(pruned, None, tmp_path / "out", report.to_dict())
+    x = make_windows(2, 16, seed=5)
+    torch.save(x, tmp_path / "x.pt")
+    remote = str(int(not report.params["uniform"]))
+    subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), remote],
+                   capture_output=True, text=True, check=True,
+                   env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
+    prov = json.loads((out / PROVENANCE).read_text())
+    for key in ("selection", "selection_lambda", "selection_block", "targets", "mlp_stats", "ridge_lambda"):
+        assert key in prov["config"]
+
+
+def test_uniform_greedy_is_a_stock_checkpoint_with_equal_groups():
+    pruned, report = prune(make_model("qwen2"), PruneConfig(method="ridge", selection="greedy", pruning_ratio=0.5),
+                           windows=make_windows(), device="cpu", progress=False)
+    assert report.params["uniform"]
+    assert pruned.config.num_attention_heads == 4 and pruned.config.num_key_value_heads == 2
+    for layer in report.layers:
+        assert [h // 4 for h in layer["kept_heads"]] == [0, 0, 1, 1]
+
+
+def test_extreme_ratio_keeps_every_layer_non_empty():
+    _, report = prune(make_model(), _ours(0.95), windows=make_windows(), heldout_windows=make_windows(8, 32, seed=7),
+                      device="cpu", progress=False)
+    for layer in report.layers:
+        assert layer["kept_heads"] and layer["kept_channels"]

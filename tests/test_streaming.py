@@ -57,7 +57,8 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("family,method,dtype", [("llama", "rcpu", torch.float32), ("qwen2", "ridge-auto", torch.float32),
                                                  ("llama", "flap", torch.float32), ("mistral", "wanda-sp", torch.float32),
-                                                 ("qwen2", "rcpu-scaled", torch.bfloat16)])
+                                                 ("qwen2", "rcpu-scaled", torch.bfloat16),
+                                                 ("mistral", "obs-ridge", torch.float32)])
 def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family == "llama" else {}
@@ -77,7 +78,7 @@ def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     assert res.report.model["streamed"] and not work_dir_for(res.path).exists()
     assert all(t.dtype == dtype for t in _tensors(res.path).values())
     assert json.loads((res.path / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
-    reloaded = load_model(str(res.path), trust_remote_code=method == "flap", dtype=dtype).model
+    reloaded = load_model(str(res.path), trust_remote_code=not report.params["uniform"], dtype=dtype).model
     x = make_windows(2, 16, seed=5)
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)

@@ -1,4 +1,4 @@
-"""Command line: ``rcpu prune`` and ``rcpu eval``. Thin: parse, call the API, print.
+"""Command line: ``rcpu prune``, ``eval``, ``compare``, ``bench`` and ``export``. Thin: parse, call the API, print.
 
 Flag spellings follow the SparseGPT/Wanda/FLAP/RCPU lineage (``--pruning_ratio``,
 ``--nsamples``, ``--save_model``...); the dashed forms are accepted too.
@@ -18,6 +18,8 @@ from .errors import RcpuError
 logger = logging.getLogger("rcpu")
 
 DEFAULT_MODEL = "smollm2-135m"
+#: GGUF tensor types (kept in sync with rcpu.gguf_export.GGUF_QUANTS; listed here so --help needs no gguf import)
+GGUF_QUANT_NAMES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
 def _add(parser: argparse.ArgumentParser, name: str, **kw) -> None:
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "save_model", default=None, help="write the pruned checkpoint to this directory")
     _add(p, "overwrite", action="store_true", help="replace an existing --save_model directory")
     _add(p, "report", default=None, help="also write the JSON report to this file")
+    _add(p, "save_gguf", default=None, help="also write the pruned model as a GGUF file (llama.cpp, Ollama)")
+    _add(p, "gguf_quant", default="q8_0", choices=GGUF_QUANT_NAMES, help="tensor type for --save_gguf (default q8_0)")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
@@ -110,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(c, "eval", default="builtin")
     _add(c, "eval_seqlens", default="128", help="comma-separated perplexity window lengths")
     _add(c, "output", required=True, help="directory for results.json, results.md and ppl.png (resumable)")
+
+    x = sub.add_parser("export", help="write a model (e.g. a pruned checkpoint) as a GGUF file for llama.cpp")
+    _add(x, "model", required=True, help="a checkpoint rcpu wrote, a supported HF directory, or a built-in name")
+    _add(x, "gguf", required=True, help="output .gguf file")
+    _add(x, "quant", default="f16", choices=GGUF_QUANT_NAMES, help="tensor type of the weight matrices (default f16)")
+    _add(x, "tokenizer_gguf", default=None,
+         help="copy the tokenizer from this GGUF file (default: the GGUF the model came from, if any, "
+              "else built from the HF tokenizer)")
+    _add(x, "trust_remote_code", action="store_true", help="allow modeling code shipped with the checkpoint")
+    _add(x, "overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
     b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")
     _common(b)
@@ -183,6 +198,10 @@ def cmd_prune(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite)
+    if args.save_gguf:
+        from .gguf_export import check_gguf_target
+
+        check_gguf_target(args.save_gguf, args.overwrite)
     if args.max_eval_tokens is None:
         args.max_eval_tokens = 16384  # a quick before/after check; `rcpu eval` uses all tokens
     from . import data
@@ -219,6 +238,15 @@ def cmd_prune(args) -> int:
         model.to("cpu")
         out = save_pruned(model, tok, args.save_model, provenance, overwrite=args.overwrite)
         print(f"saved to {out}")
+    if args.save_gguf:
+        from .gguf_export import export_gguf, source_gguf_for
+
+        model.to("cpu")
+        res = export_gguf(model, tok, args.save_gguf, quant=args.gguf_quant, provenance=provenance,
+                          tokenizer_gguf=source_gguf_for(args.model), overwrite=args.overwrite)
+        provenance["gguf"] = res.to_dict()
+        for line in res.summary_lines():
+            print(line)
     if args.report:
         with open(args.report, "w") as fh:
             json.dump(provenance, fh, indent=2, default=str)
@@ -288,6 +316,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .gguf_export import check_gguf_target, export_gguf, load_provenance, source_gguf_for
+    from .loading import load_model
+
+    check_gguf_target(args.gguf, args.overwrite)
+    loaded = load_model(args.model, dtype=torch.float32, device="cpu", trust_remote_code=args.trust_remote_code)
+    provenance = load_provenance(loaded.path) if loaded.kind in ("dir", "builtin") else None
+    tok_gguf = args.tokenizer_gguf
+    if tok_gguf is None:  # the GGUF the model came from: the model itself, or the source of a pruning run
+        tok_gguf = source_gguf_for(args.model) or source_gguf_for(((provenance or {}).get("model") or {}).get("source"))
+    res = export_gguf(loaded.model, loaded.tokenizer, args.gguf, quant=args.quant, tokenizer_gguf=tok_gguf,
+                      provenance=provenance, overwrite=args.overwrite)
+    for line in res.summary_lines():
+        print(line)
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -319,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.quiet)
     try:
-        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench}
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
+                    "export": cmd_export}
         return commands[args.command](args)
     except RcpuError as exc:
         print(f"rcpu: error: {exc}", file=sys.stderr)

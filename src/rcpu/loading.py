@@ -204,11 +204,51 @@ def _gguf_kwargs() -> dict:
         return {}
 
 
+def _gguf_geometry(path: Path) -> dict:
+    """Head size and per-layer widths stated in a GGUF file's metadata (empty when unreadable).
+
+    transformers derives Qwen2's head size from hidden / heads, which is wrong once heads are pruned,
+    and cannot build models whose layers differ; both are read here so they can be handled.
+    """
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        out: dict = {}
+        key_length = reader.fields.get(f"{arch}.attention.key_length")
+        if key_length is not None:
+            out["head_dim"] = int(key_length.contents())
+        if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+            out["attention_bias"] = True  # q/k/v biases in the llama layout (e.g. a Qwen2 with pruned heads)
+        for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
+            fld = reader.fields.get(f"{arch}.{key}")
+            if fld is not None and fld.types and fld.types[0] == gguf.GGUFValueType.ARRAY:
+                out["per_layer"] = True
+        return out
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader itself
+        return {}
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     parent, name = str(path.parent), path.name
+    geometry = _gguf_geometry(path)
+    if geometry.get("per_layer"):
+        raise RcpuError(
+            f"{path} has different widths per layer, which transformers' GGUF reader cannot load; run it with "
+            f"llama.cpp, or evaluate the safetensors checkpoint it was exported from"
+        )
+    extra = {}
     try:
+        if geometry:  # explicit head size (pruned heads) and biases: do not let them be guessed
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(parent, gguf_file=name, trust_remote_code=trust_remote_code)
+            for key, value in geometry.items():
+                setattr(config, key, value)
+            extra["config"] = config
         model = AutoModelForCausalLM.from_pretrained(
-            parent, gguf_file=name, dtype=dtype, trust_remote_code=trust_remote_code, **_gguf_kwargs()
+            parent, gguf_file=name, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **_gguf_kwargs()
         )
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
         raise RcpuError(

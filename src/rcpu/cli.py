@@ -312,7 +312,8 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     print((Path(args.output) / "results.md").read_text())
-    print(f"wrote {args.output}/results.json, results.md, ppl.png ({results.get('wall_s_this_run', 0):.0f} s)")
+    written = "results.json, results.md" + (", ppl.png" if results.get("plot") else " (no ppl.png: matplotlib missing)")
+    print(f"wrote {args.output}/{written} ({results.get('wall_s_this_run', 0):.0f} s)")
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import RcpuError
-from .nonuniform import is_uniform, prepare_nonuniform_save
+from .nonuniform import is_uniform, prepare_nonuniform_save, prepare_uniform_save
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance
         model.save_pretrained(tmp, safe_serialization=True)
         if not is_uniform(model):  # per-layer widths: rcpu config + small modeling file
             prepare_nonuniform_save(model, tmp)
+        else:  # a per-layer checkpoint pruned again to equal widths becomes a stock one
+            prepare_uniform_save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str))

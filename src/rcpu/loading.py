@@ -266,12 +266,38 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model, tokenizer
 
 
+def _rcpu_model_class(path: Path):
+    """rcpu's own class for a checkpoint with per-layer widths (``rcpu_*`` model type), else None.
+
+    Such checkpoints carry a copy of ``rcpu/remote/modeling_rcpu.py``; rcpu uses its installed copy
+    of that file instead, so they load (and can be pruned again) without ``trust_remote_code``.
+    """
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not (isinstance(model_type, str) and model_type.startswith("rcpu_")):
+        return None
+    from .nonuniform import REMOTE_CLASSES
+    from .remote import modeling_rcpu
+
+    base = model_type.removeprefix("rcpu_")
+    if base not in REMOTE_CLASSES:
+        raise RcpuError(f"{path} has unknown model type {model_type!r}; supported: "
+                        f"{', '.join('rcpu_' + b for b in REMOTE_CLASSES)}")
+    return getattr(modeling_rcpu, REMOTE_CLASSES[base][1])
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     _check_model_dir(path)
+    rcpu_class = _rcpu_model_class(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        if rcpu_class is not None:
+            model = rcpu_class.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
     except Exception as exc:  # transformers raises OSError/ValueError/SafetensorError/... for bad checkpoints
         if type(exc).__name__ == "SafetensorError":
             raise RcpuError(f"a weight file in {path} is corrupt or truncated; re-download or re-save it") from exc

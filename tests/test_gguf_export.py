@@ -278,17 +278,18 @@ def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
             export_gguf(model, bpe_tokenizer(), path, quant=quant)
             files.append(str(path))
             expected.append((quant, float(nll.exp())))
-    # the same file with per-layer widths must load as well
-    nu = tiny("llama")
-    adapter = get_adapter(nu)
-    adapter.prune_attention(adapter.layers[0], torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1]))
-    adapter.prune_mlp(adapter.layers[1], torch.arange(32))
-    with torch.no_grad():
-        logits = nu(x).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-    export_gguf(nu, bpe_tokenizer(), tmp_path / "nonuniform.gguf", quant="f32")
-    files.append(str(tmp_path / "nonuniform.gguf"))
-    expected.append(("f32", float(nll.exp())))
+    # per-layer widths (llama.cpp's deci graph), with and without q/k/v biases
+    for family in ("llama", "qwen2"):
+        nu = tiny(family)
+        adapter = get_adapter(nu)
+        adapter.prune_attention(adapter.layers[0], torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1]))
+        adapter.prune_mlp(adapter.layers[1], torch.arange(32))
+        with torch.no_grad():
+            logits = nu(x).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        export_gguf(nu, bpe_tokenizer(), tmp_path / f"nonuniform-{family}.gguf", quant="f32")
+        files.append(str(tmp_path / f"nonuniform-{family}.gguf"))
+        expected.append(("f32", float(nll.exp())))
 
     job = {"models": files, "windows": x.tolist(), "prompts": ["the w"], "max_tokens": 4, "threads": 1}
     (tmp_path / "job.json").write_text(json.dumps(job))

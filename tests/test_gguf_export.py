@@ -175,10 +175,13 @@ def test_quantised_blocks_and_reported_f16_fallback(tmp_path, caplog):
     up = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, gguf.GGMLQuantizationType.Q8_0)
     ref = model.model.layers[0].mlp.up_proj.weight.numpy()
     assert up.shape == ref.shape and np.abs(up - ref).max() < np.abs(ref).max() / 100
-    # a rounded width (64) needs no fallback, in any block type
+    # a rounded width (64) needs no fallback, in any block type; 4/5-bit files keep the embedding at q8_0
     for quant in ("q4_0", "q4_1", "q5_0", "q5_1", "bf16"):
         rep = export_gguf(pruned("llama"), bpe_tokenizer(), tmp_path / f"{quant}.gguf", quant=quant)
         assert not rep.fallbacks and rep.quant == quant
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / f"{quant}.gguf").tensors}
+        assert types["blk.1.ffn_gate.weight"] == quant.upper()
+        assert types["token_embd.weight"] == ("BF16" if quant == "bf16" else "Q8_0")
 
 
 def test_nonuniform_widths_become_per_layer_arrays(tmp_path):

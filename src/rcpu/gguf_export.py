@@ -12,7 +12,9 @@ and how it is expressed in llama.cpp's metadata:
   llama.cpp's convention for models whose layers differ. llama.cpp (and so Ollama and
   LM Studio, which embed it) reads them; transformers' GGUF reader does not.
 
-Quantised types (q8_0, q4_0, q4_1, q5_0, q5_1) store blocks of 32 values along a row. A
+With the 4- and 5-bit types the embedding / output matrix is stored as q8_0, as llama.cpp's own
+quantiser keeps it above the file's type. Quantised types (q8_0, q4_0, q4_1, q5_0, q5_1) store blocks
+of 32 values along a row. A
 pruned row length that is not a multiple of 32 (e.g. an MLP width of 1126 in ``down_proj``)
 cannot be stored that way; such tensors fall back to f16 and every fallback is reported
 (logged and returned). Prune with ``--round_to 32`` to avoid them when a GGUF is the goal.
@@ -213,6 +215,10 @@ def _quantise(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, fal
     """(array to write, its type). 1-D tensors (norms, biases) stay f32 as llama.cpp expects."""
     if data.ndim <= 1 or qtype == _Q.F32:
         return data.astype(np.float32), _Q.F32
+    if qtype in _LOW_BIT_TYPES and name in ("token_embd.weight", "output.weight"):
+        # llama.cpp's quantiser keeps the output matrix (and a tied embedding) above 4/5 bits: the
+        # logits are the most sensitive product. q8_0 is the highest block type the gguf package writes.
+        qtype = _Q.Q8_0
     if qtype in (_Q.F16, _Q.BF16):
         if qtype == _Q.F16:
             return data.astype(np.float16), _Q.F16
@@ -484,4 +490,5 @@ def export_gguf(
     return report
 
 
-_BLOCK_TYPES = (_Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1)
+_LOW_BIT_TYPES = (_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1)
+_BLOCK_TYPES = (_Q.Q8_0, *_LOW_BIT_TYPES)

@@ -54,6 +54,72 @@ def _run(argv: list[str]) -> None:
         sys.exit(f"rcpu {argv[0]} failed")
 
 
+def render(rows: list[dict]) -> tuple[str, str]:
+    """The Markdown table (speed-ups against the first row, the dense file) and the headline."""
+    base = rows[0]
+    for row in rows:
+        row["prompt_speedup"] = row["prompt_tps"] / base["prompt_tps"]
+        row["gen_speedup"] = row["gen_tps"] / base["gen_tps"]
+    lines = [
+        f"| model | GGUF type | file MB | ppl llama.cpp | ppl transformers | ppl safetensors | prompt tok/s | "
+        f"generation tok/s | completion of {PROMPT!r} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = f"{r['ppl_safetensors']:.2f}" if r["ppl_safetensors"] else "–"
+        lines.append(f"| {r['name']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['ppl_llama_cpp']:.2f} | "
+                     f"{r['ppl_transformers']:.2f} | {st} | {r['prompt_tps']:.0f} ({r['prompt_speedup']:.2f}x) | "
+                     f"{r['gen_tps']:.1f} ({r['gen_speedup']:.2f}x) | {r['completion']!r} |")
+    pareto = [r for r in rows[1:] if r["bytes"] < base["bytes"] and r["ppl_llama_cpp"] < base["ppl_llama_cpp"]]
+    smallest = min(rows[1:], key=lambda r: r["bytes"])
+    if pareto:
+        best = min(pareto, key=lambda r: r["bytes"])
+        headline = (f"{best['name']} {best['quant']} is smaller ({best['bytes'] / 1e6:.1f} MB) and better "
+                    f"(ppl {best['ppl_llama_cpp']:.2f}) than the dense Q4_1 ({base['bytes'] / 1e6:.1f} MB, "
+                    f"ppl {base['ppl_llama_cpp']:.2f}).")
+    else:
+        headline = (f"No pruned file is both smaller and better than the dense Q4_1 ({base['bytes'] / 1e6:.1f} MB, "
+                    f"ppl {base['ppl_llama_cpp']:.2f} under llama.cpp); the smallest is {smallest['name']} "
+                    f"{smallest['quant']} ({smallest['bytes'] / 1e6:.1f} MB, ppl {smallest['ppl_llama_cpp']:.2f}).")
+    return "\n".join(lines) + "\n\n" + headline + "\n", headline
+
+
+def speed_only(args) -> None:
+    out_dir, work = Path(args.output), Path(args.work).expanduser()
+    result = json.loads((out_dir / "results.json").read_text())
+    rows = result["rows"]
+    tokenizer = load_model("smollm2-135m").tokenizer
+    ids = data.tokenize(tokenizer, data.load_text("builtin", "eval"))
+    n_eval = result["protocol"]["windows"] * SEQLEN
+    job = {"models": [r["file"] for r in rows], "windows": [], "prompts": [],
+           "speed": {"prompt_tokens": ids[n_eval:n_eval + SEQLEN].tolist(), "new_tokens": 64, "rounds": args.rounds},
+           "threads": args.threads}
+    llama = _node(job, work)
+    for row, res in zip(rows, llama["results"], strict=True):
+        row.update({"prompt_tps": res["speed"]["prompt_tps"], "gen_tps": res["speed"]["gen_tps"]})
+    md, headline = render(rows)
+    result["protocol"]["speed"] = {"prompt_tokens": SEQLEN, "new_tokens": 64, "rounds": args.rounds,
+                                   "threads": args.threads, "one model loaded at a time": True}
+    result["llama_cpp_perf"] = [ln for ln in llama["llama_cpp_log"] if "llama_perf_context_print" in ln or "[rcpu]" in ln]
+    result["headline"] = headline
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.md").write_text(md)
+    print(md)
+    print("\n".join(result["llama_cpp_perf"]))
+
+
+def _node(job: dict, work: Path) -> dict:
+    job_path, node_out = work / "llama_cpp_job.json", work / "llama_cpp_out.json"
+    job_path.write_text(json.dumps(job))
+    proc = subprocess.run(["node", str(HERE / "llama_cpp_eval.mjs"), str(job_path), str(node_out)],
+                          env={**os.environ, "RCPU_NODE_MODULES": str(_node_modules())}, capture_output=True,
+                          text=True)
+    print(proc.stdout)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    return json.loads(node_out.read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "rcpu" / "gguf-bench"))
@@ -61,7 +127,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument("--rounds", type=int, default=3, help="alternating speed rounds")
     p.add_argument("--output", default=str(HERE / "results" / "gguf"))
+    p.add_argument("--speed_only", action="store_true",
+                   help="re-measure only the llama.cpp speed of the files in an existing results.json")
     args = p.parse_args()
+    if args.speed_only:
+        speed_only(args)
+        return
     work, out_dir = Path(args.work).expanduser(), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,47 +180,14 @@ def main() -> None:
     job = {"models": [r["file"] for r in rows], "windows": windows.tolist(), "prompts": [PROMPT], "max_tokens": 16,
            "speed": {"prompt_tokens": speed_prompt, "new_tokens": 64, "rounds": args.rounds},
            "threads": args.threads}
-    job_path, node_out = work / "llama_cpp_job.json", work / "llama_cpp_out.json"
-    job_path.write_text(json.dumps(job))
-    proc = subprocess.run(["node", str(HERE / "llama_cpp_eval.mjs"), str(job_path), str(node_out)],
-                          env={**os.environ, "RCPU_NODE_MODULES": str(_node_modules())}, capture_output=True,
-                          text=True)
-    print(proc.stdout)
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    llama = json.loads(node_out.read_text())
+    llama = _node(job, work)
     for row, res in zip(rows, llama["results"], strict=True):
         row.update({"ppl_llama_cpp": res["ppl"], "scored_tokens": res["tokens"],
                     "prompt_tps": res["speed"]["prompt_tps"], "gen_tps": res["speed"]["gen_tps"],
                     "completion": res["completions"][0]["text"]})
     perf = [line for line in llama["llama_cpp_log"] if "llama_perf_context_print" in line or "[rcpu]" in line]
 
-    base = rows[0]
-    for row in rows:
-        row["prompt_speedup"] = row["prompt_tps"] / base["prompt_tps"]
-        row["gen_speedup"] = row["gen_tps"] / base["gen_tps"]
-    lines = [
-        f"| model | GGUF type | file MB | ppl llama.cpp | ppl transformers | ppl safetensors | prompt tok/s | "
-        f"generation tok/s | completion of {PROMPT!r} |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        st = f"{r['ppl_safetensors']:.2f}" if r["ppl_safetensors"] else "–"
-        lines.append(f"| {r['name']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['ppl_llama_cpp']:.2f} | "
-                     f"{r['ppl_transformers']:.2f} | {st} | {r['prompt_tps']:.0f} ({r['prompt_speedup']:.2f}x) | "
-                     f"{r['gen_tps']:.1f} ({r['gen_speedup']:.2f}x) | {r['completion']!r} |")
-    pareto = [r for r in rows[1:] if r["bytes"] < base["bytes"] and r["ppl_llama_cpp"] < base["ppl_llama_cpp"]]
-    smallest = min(rows[1:], key=lambda r: r["bytes"])
-    if pareto:
-        best = min(pareto, key=lambda r: r["bytes"])
-        headline = (f"{best['name']} {best['quant']} is smaller ({best['bytes'] / 1e6:.1f} MB) and better "
-                    f"(ppl {best['ppl_llama_cpp']:.2f}) than the dense Q4_1 ({base['bytes'] / 1e6:.1f} MB, "
-                    f"ppl {base['ppl_llama_cpp']:.2f}).")
-    else:
-        headline = (f"No pruned file is both smaller and better than the dense Q4_1 ({base['bytes'] / 1e6:.1f} MB, "
-                    f"ppl {base['ppl_llama_cpp']:.2f} under llama.cpp); the smallest is {smallest['name']} "
-                    f"{smallest['quant']} ({smallest['bytes'] / 1e6:.1f} MB, ppl {smallest['ppl_llama_cpp']:.2f}).")
-    md = "\n".join(lines) + "\n\n" + headline + "\n"
+    md, headline = render(rows)
     result = {
         "protocol": {"model": "smollm2-135m", "method": "ridge-auto", "round_to": 32, "eval": "builtin:eval",
                      "windows": args.windows, "seqlen": SEQLEN, "scored_tokens": rows[0]["scored_tokens"],

@@ -9,7 +9,8 @@
 // Perplexity: each window is scored on its own from an empty context, no BOS added (as rcpu's
 // transformers evaluation does); p(next token) comes from controlledEvaluate with the full
 // distribution (topK 0, topP 1, minP 0, temperature 1), so nothing is truncated.
-// Speed: models are timed in alternating order within each round, all in this one process.
+// Speed: models are timed in alternating order within each round, all in this one process, one
+// model loaded at a time.
 // NODE_PATH or a node_modules next to this script must provide node-llama-cpp (3.22.1 tested).
 import fs from "node:fs";
 import {createRequire} from "node:module";
@@ -84,7 +85,8 @@ const results = {};
 const seqlen = Math.max(...(job.windows ?? [[0, 0]]).map((w) => w.length), 256);
 const speed = job.speed;
 const ctxSize = Math.max(seqlen, speed ? speed.prompt_tokens.length + speed.new_tokens + 8 : 0, 512);
-for (const modelPath of job.models) {
+const evaluate = (job.windows?.length ?? 0) + (job.prompts?.length ?? 0) > 0;
+for (const modelPath of evaluate ? job.models : []) {
     const t0 = Date.now();
     const {model, context, sequence} = await open(modelPath, ctxSize);
     const res = {file: modelPath, bytes: fs.statSync(modelPath).size, completions: []};
@@ -102,23 +104,31 @@ for (const modelPath of job.models) {
 }
 
 if (speed) {
-    const opened = {};
-    for (const modelPath of job.models) opened[modelPath] = await open(modelPath, ctxSize);
+    // One model in memory at a time: every open context keeps its own llama.cpp thread pool, and
+    // idle pools spinning next to the timed one would distort the figures.
     const runs = Object.fromEntries(job.models.map((m) => [m, []]));
-    for (const m of job.models) await timeOnce(opened[m].sequence, speed.prompt_tokens, 4);  // warm-up
     for (let r = 0; r < (speed.rounds ?? 3); r++) {
         const order = r % 2 ? [...job.models].reverse() : job.models;
-        for (const m of order) runs[m].push(await timeOnce(opened[m].sequence, speed.prompt_tokens, speed.new_tokens));
+        for (const m of order) {
+            const {model, context, sequence} = await open(m, ctxSize);
+            await timeOnce(sequence, speed.prompt_tokens, 4);  // warm-up
+            runs[m].push(await timeOnce(sequence, speed.prompt_tokens, speed.new_tokens));
+            if (r === (speed.rounds ?? 3) - 1) {
+                logs.push(`[rcpu] timings of ${path.basename(m)} (last speed round, warm-up included):`);
+                await context.printTimings();
+            }
+            await context.dispose();
+            await model.dispose();
+        }
     }
     const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
     for (const m of job.models) {
+        results[m] = results[m] ?? {file: m, bytes: fs.statSync(m).size, completions: []};
         results[m].speed = {
             prompt_tps: median(runs[m].map((x) => x.prompt_tps)),
             gen_tps: median(runs[m].map((x) => x.gen_tps)),
             rounds: runs[m],
         };
-        logs.push(`[rcpu] timings of ${path.basename(m)} (whole speed run):`);
-        await opened[m].context.printTimings();
     }
 }
 

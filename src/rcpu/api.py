@@ -19,10 +19,11 @@ from torch import nn
 from .config import PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter, get_adapter
-from .models.checkpoint import SavedFormat, planned_shape
+from .models.checkpoint import SavedFormat
 from .pipeline import capture_layer_inputs, hidden_state_storage, make_plans, run_sequential
 from .report import PeakMemory, PruneReport, count_params
 from .select import LayerPlan, plan_uniform
+from .shapes import AttentionGeometry, LayerShape
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,15 @@ def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
                                    "rule": f"non-overlapping with the calibration windows, seed + "
                                            f"{data.HELDOUT_SEED_OFFSET}"}
     return windows, heldout, info
+
+
+def planned_shape(shape: LayerShape, plan: LayerPlan) -> LayerShape:
+    """The shape a layer of ``shape`` will have after ``plan``."""
+    g = shape.attn
+    attn = AttentionGeometry(g.num_heads - plan.heads_removed(g), g.num_kv_heads - plan.groups_removed,
+                             g.head_dim, g.hidden_size)
+    return LayerShape(attn, shape.intermediate_size - plan.channels_removed, shape.qkv_bias, shape.o_bias,
+                      shape.mlp_bias)
 
 
 def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | None = None,

@@ -1,4 +1,4 @@
-"""Command line: ``rcpu prune`` and ``rcpu eval``. Thin: parse, call the API, print.
+"""Command line: ``rcpu prune``, ``eval``, ``compare``, ``bench`` and ``export``. Thin: parse, call the API, print.
 
 Flag spellings follow the SparseGPT/Wanda/FLAP/RCPU lineage (``--pruning_ratio``,
 ``--nsamples``, ``--save_model``...); the dashed forms are accepted too.
@@ -18,6 +18,8 @@ from .errors import RcpuError
 logger = logging.getLogger("rcpu")
 
 DEFAULT_MODEL = "smollm2-135m"
+#: GGUF tensor types (kept in sync with rcpu.gguf_export.GGUF_QUANTS; listed here so --help needs no gguf import)
+GGUF_QUANT_NAMES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
 def _add(parser: argparse.ArgumentParser, name: str, **kw) -> None:
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="with --hidden_states auto: keep hidden states on the device only up to this size")
     _add(p, "resume", action="store_true",
          help="continue an interrupted streamed run into the same --save_model from its last finished layer")
+    _add(p, "save_gguf", default=None, help="also write the pruned model as a GGUF file (llama.cpp, Ollama)")
+    _add(p, "gguf_quant", default="q8_0", choices=GGUF_QUANT_NAMES, help="tensor type for --save_gguf (default q8_0)")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
@@ -135,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(c, "ray_address", default=None,
          help="--executor ray: cluster address for ray.init, e.g. auto or HEAD_IP:6379 (default: a local instance)")
     _add(c, "ray_num_cpus", type=float, default=1, help="--executor ray: CPUs reserved per cell (default 1)")
+
+    x = sub.add_parser("export", help="write a model (e.g. a pruned checkpoint) as a GGUF file for llama.cpp")
+    _add(x, "model", required=True, help="a checkpoint rcpu wrote, a supported HF directory, or a built-in name")
+    _add(x, "gguf", required=True, help="output .gguf file")
+    _add(x, "quant", default="f16", choices=GGUF_QUANT_NAMES, help="tensor type of the weight matrices (default f16)")
+    _add(x, "tokenizer_gguf", default=None,
+         help="copy the tokenizer from this GGUF file (default: the GGUF the model came from, if any, "
+              "else built from the HF tokenizer)")
+    _add(x, "trust_remote_code", action="store_true", help="allow modeling code shipped with the checkpoint")
+    _add(x, "overwrite", action="store_true", help="replace an existing output file")
+    x.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
     b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")
     _common(b)
@@ -199,6 +214,17 @@ def _prune_config(args) -> PruneConfig:
     ).validate()
 
 
+def _save_gguf(args, model, tok, report) -> None:
+    from .gguf_export import export_gguf, source_gguf_for
+
+    model.to("cpu")
+    res = export_gguf(model, tok, args.save_gguf, quant=args.gguf_quant, provenance=report.to_dict(),
+                      tokenizer_gguf=source_gguf_for(args.model), overwrite=args.overwrite)
+    report.gguf = res.to_dict()
+    for line in res.summary_lines():
+        print(line)
+
+
 def _finish_prune(args, report, dense, pruned, t_start: float) -> None:
     if pruned is not None:
         print(f"pruned: {pruned.format()}")
@@ -225,6 +251,10 @@ def cmd_prune(args) -> int:
         check_output_dir(args.save_model, args.overwrite)
     elif args.resume:
         raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
+    if args.save_gguf:
+        from .gguf_export import check_gguf_target
+
+        check_gguf_target(args.save_gguf, args.overwrite)
     if args.max_eval_tokens is None:
         args.max_eval_tokens = 16384  # a quick before/after check; `rcpu eval` uses all tokens
     from . import data
@@ -270,6 +300,8 @@ def cmd_prune(args) -> int:
             report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
         out = save_pruned(model, tok, args.save_model, report.to_dict(), overwrite=args.overwrite)
         print(f"saved to {out}")
+    if args.save_gguf:
+        _save_gguf(args, model, tok, report)
     _finish_prune(args, report, dense, pruned, t_start)
     return 0
 
@@ -315,6 +347,10 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
         tmp = res.path / (PROVENANCE + ".partial")
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str))
         tmp.replace(res.path / PROVENANCE)
+    if args.save_gguf:  # from the written checkpoint: this loads the pruned model
+        pruned_model = load_model(str(res.path), dtype=dtype, trust_remote_code=True).model
+        _save_gguf(args, pruned_model, tok, report)
+        del pruned_model
     _finish_prune(args, report, dense, pruned, t_start)
     return 0
 
@@ -377,7 +413,27 @@ def cmd_compare(args) -> int:
     from pathlib import Path
 
     print((Path(args.output) / "results.md").read_text())
-    print(f"wrote {args.output}/results.json, results.md, ppl.png ({results.get('wall_s_this_run', 0):.0f} s)")
+    written = "results.json, results.md" + (", ppl.png" if results.get("plot") else " (no ppl.png: matplotlib missing)")
+    print(f"wrote {args.output}/{written} ({results.get('wall_s_this_run', 0):.0f} s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .gguf_export import check_gguf_target, export_gguf, load_provenance, source_gguf_for
+    from .loading import load_model
+
+    check_gguf_target(args.gguf, args.overwrite)
+    loaded = load_model(args.model, dtype=torch.float32, device="cpu", trust_remote_code=args.trust_remote_code)
+    provenance = load_provenance(loaded.path) if loaded.kind in ("dir", "builtin") else None
+    tok_gguf = args.tokenizer_gguf
+    if tok_gguf is None:  # the GGUF the model came from: the model itself, or the source of a pruning run
+        tok_gguf = source_gguf_for(args.model) or source_gguf_for(((provenance or {}).get("model") or {}).get("source"))
+    res = export_gguf(loaded.model, loaded.tokenizer, args.gguf, quant=args.quant, tokenizer_gguf=tok_gguf,
+                      provenance=provenance, overwrite=args.overwrite)
+    for line in res.summary_lines():
+        print(line)
     return 0
 
 
@@ -411,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.quiet)
     try:
-        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench}
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
+                    "export": cmd_export}
         return commands[args.command](args)
     except RcpuError as exc:
         print(f"rcpu: error: {exc}", file=sys.stderr)

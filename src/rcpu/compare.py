@@ -7,7 +7,8 @@ Finished cells are stored in ``results.json`` after each one, so an interrupted 
 resumes where it stopped. Cells run one after another here by default, or in parallel
 (one per GPU, or as Ray tasks across machines; see :mod:`rcpu.executors`); either way
 only this process writes ``results.json``. Outputs: ``results.json``, ``results.md`` (tables, dense
-row included) and ``ppl.png`` (perplexity against ratio, one line per method).
+row included) and ``ppl.png`` (perplexity against ratio, one line per method; against nsamples for a
+calibration-size curve at one ratio).
 
 A method is a preset name, optionally with overrides of :class:`PruneConfig` fields:
 ``rcpu+compensate_attn=false``, ``ridge+ridge_lambda=0.1``.
@@ -248,8 +249,10 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     write_table(results, out / "results.md")
     try:
         plot(results, out / "ppl.png")
+        results["plot"] = str(out / "ppl.png")
     except ImportError:
         logger.warning("matplotlib is not installed; no plot (pip install 'rcpu[eval]')")
+        results["plot"] = None  # not saved in results.json: it says what this run wrote
     return results
 
 
@@ -309,17 +312,27 @@ def plot(results: dict, path: Path) -> None:
     cells = results["cells"]
     seqlen = str(results["protocol"]["eval_seqlens"][0])
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    pruned = [c for k, c in cells.items() if k != "dense"]
+    multi_n = len({c["nsamples"] for c in pruned}) > 1
+    # a calibration-size curve (several sizes, one ratio) is perplexity against nsamples, one line per method
+    size_curve = multi_n and len({c["ratio"] for c in pruned}) == 1
     groups: dict = {}
-    for k, c in cells.items():
-        if k != "dense":
+    for c in pruned:
+        if size_curve:
+            groups.setdefault((c["method"], None), []).append((c["nsamples"], c["ppl"][seqlen]["ppl"]))
+        else:
             groups.setdefault((c["method"], c["nsamples"]), []).append((c["ratio"], c["ppl"][seqlen]["ppl"]))
-    multi_n = len({n for _, n in groups}) > 1
     for (method, n), pts in groups.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method}" + (f" n={n}" if multi_n else ""))
+        label = method + (f" n={n}" if multi_n and not size_curve else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if "dense" in cells:
         ax.axhline(cells["dense"]["ppl"][seqlen]["ppl"], color="k", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("pruning ratio")
+    if size_curve:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"calibration windows (nsamples), pruning ratio {pruned[0]['ratio']:g}")
+    else:
+        ax.set_xlabel("pruning ratio")
     ax.set_ylabel(f"perplexity ({seqlen}-token windows)")
     ax.set_yscale("log")
     ax.set_title(results["protocol"]["model"])

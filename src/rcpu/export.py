@@ -25,7 +25,7 @@ from torch import nn
 from .errors import RcpuError
 from .models import get_adapter
 from .models.checkpoint import model_for_saving
-from .nonuniform import prepare_nonuniform_save
+from .nonuniform import prepare_nonuniform_save, prepare_uniform_save
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ def finish_checkpoint(model: nn.Module, work: Path, out: Path, provenance: dict,
     config.save_pretrained(work)
     if fmt.kind == "per-layer":
         prepare_nonuniform_save(model, work)
+    else:  # a per-layer source pruned to equal widths becomes a stock checkpoint
+        prepare_uniform_save(model, work)
     if generation_config is not None:
         generation_config.save_pretrained(work)
     weight_map, total = {}, 0
@@ -126,6 +128,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance
         model_for_saving(model, fmt).save_pretrained(tmp, safe_serialization=True)
         if fmt.kind == "per-layer":  # rcpu config + small modeling file
             prepare_nonuniform_save(model, tmp)
+        else:  # a per-layer checkpoint pruned again to equal widths becomes a stock one
+            prepare_uniform_save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _commit(tmp, out, provenance)

@@ -228,11 +228,51 @@ def _gguf_kwargs() -> dict:
         return {}
 
 
+def _gguf_geometry(path: Path) -> dict:
+    """Head size and per-layer widths stated in a GGUF file's metadata (empty when unreadable).
+
+    transformers derives Qwen2's head size from hidden / heads, which is wrong once heads are pruned,
+    and cannot build models whose layers differ; both are read here so they can be handled.
+    """
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        out: dict = {}
+        key_length = reader.fields.get(f"{arch}.attention.key_length")
+        if key_length is not None:
+            out["head_dim"] = int(key_length.contents())
+        if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+            out["attention_bias"] = True  # q/k/v biases in the llama layout (e.g. a Qwen2 with pruned heads)
+        for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
+            fld = reader.fields.get(f"{arch}.{key}")
+            if fld is not None and fld.types and fld.types[0] == gguf.GGUFValueType.ARRAY:
+                out["per_layer"] = True
+        return out
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader itself
+        return {}
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     parent, name = str(path.parent), path.name
+    geometry = _gguf_geometry(path)
+    if geometry.get("per_layer"):
+        raise RcpuError(
+            f"{path} has different widths per layer, which transformers' GGUF reader cannot load; run it with "
+            f"llama.cpp, or evaluate the safetensors checkpoint it was exported from"
+        )
+    extra = {}
     try:
+        if geometry:  # explicit head size (pruned heads) and biases: do not let them be guessed
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(parent, gguf_file=name, trust_remote_code=trust_remote_code)
+            for key, value in geometry.items():
+                setattr(config, key, value)
+            extra["config"] = config
         model = AutoModelForCausalLM.from_pretrained(
-            parent, gguf_file=name, dtype=dtype, trust_remote_code=trust_remote_code, **_gguf_kwargs()
+            parent, gguf_file=name, dtype=dtype, trust_remote_code=trust_remote_code, **extra, **_gguf_kwargs()
         )
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:
         raise RcpuError(
@@ -275,12 +315,39 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rcpu_model_class(path: Path):
+    """rcpu's own class for a checkpoint with per-layer widths (``rcpu_*`` model type), else None.
+
+    Such checkpoints carry a copy of ``rcpu/remote/modeling_rcpu.py``; rcpu uses its installed copy
+    of that file instead, so they load (and can be pruned again) without ``trust_remote_code``.
+    """
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not (isinstance(model_type, str) and model_type.startswith("rcpu_")):
+        return None
+    from .nonuniform import REMOTE_CLASSES
+    from .remote import modeling_rcpu
+
+    base = model_type.removeprefix("rcpu_")
+    if base not in REMOTE_CLASSES:
+        raise RcpuError(f"{path} has unknown model type {model_type!r}; supported: "
+                        f"{', '.join('rcpu_' + b for b in REMOTE_CLASSES)}")
+    return getattr(modeling_rcpu, REMOTE_CLASSES[base][1])
+
+
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     _check_model_dir(path)
+    rcpu_class = _rcpu_model_class(path)
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-        if model_cls is None:  # remote code (e.g. per-layer widths): the library's own loader
+        if rcpu_class is not None:  # rcpu's own per-layer-width classes (no remote code)
+            config = rcpu_class.config_class.from_pretrained(str(path))
+            model_cls = rcpu_class
+        else:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            model_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        if model_cls is None:  # other remote code: the library's own loader
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )

@@ -117,3 +117,25 @@ def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
     })
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(MODELING_FILE, save_dir / MODELING_FILE.name)
+
+
+#: base model_type -> the stock transformers class a uniform checkpoint names
+STOCK_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def prepare_uniform_save(model: nn.Module, save_dir: str | Path) -> None:
+    """Turn a checkpoint saved from an ``rcpu_*`` model whose layers are now all equal (pruned
+    again to uniform widths) back into a stock one: base model type, stock class, no per-layer
+    lists, no modeling file. A no-op for stock models."""
+    save_dir = Path(save_dir)
+    config_path = save_dir / "config.json"
+    cfg = json.loads(config_path.read_text())
+    if not str(cfg.get("model_type", "")).startswith("rcpu_"):
+        return
+    base = _base_model_type(model)
+    cfg["model_type"] = base
+    cfg["architectures"] = [STOCK_CLASSES[base]]
+    for key in ("auto_map", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
+        cfg.pop(key, None)
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (save_dir / MODELING_FILE.name).unlink(missing_ok=True)

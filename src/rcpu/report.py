@@ -41,6 +41,7 @@ class PruneReport:
     memory: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)
+    gguf: dict = field(default_factory=dict)  #: the GGUF export of this run, if any
     versions: dict = field(default_factory=versions)
 
     def to_dict(self) -> dict:

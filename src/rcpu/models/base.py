@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..select import AttentionGeometry, LayerShape
+from ..shapes import AttentionGeometry, LayerShape
 from .checkpoint import SavedFormat, saved_format
 
 
@@ -179,6 +179,11 @@ class DecoderAdapter:
             cfg.num_key_value_heads = geom.num_kv_heads
             cfg.head_dim = geom.head_dim
             cfg.intermediate_size = d_ff
+        if getattr(cfg, "layer_intermediate_size", None) is not None:  # rcpu_* config: keep its lists true
+            layer_shapes = [self.layer_shape(layer) for layer in layers]
+            cfg.layer_num_attention_heads = [s.attn.num_heads for s in layer_shapes]
+            cfg.layer_num_key_value_heads = [s.attn.num_kv_heads for s in layer_shapes]
+            cfg.layer_intermediate_size = [s.intermediate_size for s in layer_shapes]
         attn_bias, mlp_bias = biases or self.output_biases()
         if attn_bias or mlp_bias:
             for layer in layers:

@@ -28,12 +28,13 @@ from torch import nn
 from transformers import MistralConfig, MistralForCausalLM, PretrainedConfig
 
 from ..errors import RcpuError
-from ..select import AttentionGeometry, LayerPlan, LayerShape
+from ..shapes import LayerShape
 
 #: Llama config keys with no Mistral counterpart. ``pretraining_tp`` is not read by the
 #: transformers 5 Llama forward pass; the bias switches must be off for the remap.
 _LLAMA_ONLY = ("attention_bias", "mlp_bias", "pretraining_tp")
-_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map")
+_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map",
+               "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
 @dataclass
@@ -96,7 +97,8 @@ def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: 
     error = _validate(cfg)
     if error is None:
         return SavedFormat(cfg, "stock")
-    if cfg.model_type == "llama" and not (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+    family = cfg.model_type.removeprefix("rcpu_")  # a per-layer checkpoint pruned again to equal widths
+    if family == "llama" and not (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
         mistral = mistral_equivalent(cfg)
         if _validate(mistral) is None:
             return SavedFormat(mistral, "remapped", (
@@ -104,18 +106,9 @@ def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: 
                 f"LlamaConfig refuses; saved as the equivalent MistralForCausalLM (no biases, no sliding window)"))
     why = ("; its biases (attention_bias / mlp_bias) rule out the equivalent Mistral config: use a --compensation "
            "other than bias, or a --pruning_ratio whose head count divides the hidden size"
-           if cfg.model_type == "llama" else "")
-    raise RcpuError(f"the pruned model cannot be saved as a stock {cfg.model_type} checkpoint: "
+           if family == "llama" else "")
+    raise RcpuError(f"the pruned model cannot be saved as a stock {family} checkpoint: "
                     f"{error.rstrip('.')}{why}")
-
-
-def planned_shape(shape: LayerShape, plan: LayerPlan) -> LayerShape:
-    """The shape a layer of ``shape`` will have after ``plan``."""
-    g = shape.attn
-    attn = AttentionGeometry(g.num_heads - plan.heads_removed(g), g.num_kv_heads - plan.groups_removed,
-                             g.head_dim, g.hidden_size)
-    return LayerShape(attn, shape.intermediate_size - plan.channels_removed, shape.qkv_bias, shape.o_bias,
-                      shape.mlp_bias)
 
 
 def model_for_saving(model: nn.Module, fmt: SavedFormat) -> nn.Module:

@@ -12,15 +12,15 @@ from .base import DecoderAdapter
 
 class LlamaAdapter(DecoderAdapter):
     name = "llama"
-    model_types = ("llama",)
+    model_types = ("llama", "rcpu_llama")  # rcpu_*: checkpoints with per-layer widths
     output_bias_switches = True  # config.attention_bias / config.mlp_bias
 
 
 class MistralAdapter(DecoderAdapter):
     name = "mistral"
-    model_types = ("mistral",)
+    model_types = ("mistral", "rcpu_mistral")
 
 
 class Qwen2Adapter(DecoderAdapter):
     name = "qwen2"
-    model_types = ("qwen2",)
+    model_types = ("qwen2", "rcpu_qwen2")

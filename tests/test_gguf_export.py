@@ -1,0 +1,307 @@
+"""GGUF export: llama.cpp metadata and naming, quantisation fallbacks, and real readers.
+
+Tiny pruned models (heads 8 -> 4 with head_dim 8, so hidden / heads != head_dim) are exported and
+read back by transformers' GGUF reader (logits compared with the in-memory model) and, when Node
+and node-llama-cpp are installed, by llama.cpp itself (perplexity compared with torch's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rcpu.cli import main
+from rcpu.errors import RcpuError
+from rcpu.gguf_export import export_gguf, permute_qk
+from rcpu.loading import load_model
+from rcpu.models import get_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = {"config": {"method": "ridge-auto", "pruning_ratio": 0.2, "score": "rcpu", "compensation": "ridge"},
+              "params": {"ratio_attn_mlp": 0.2}, "model": {"source": "some/model"}}
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style): the kind llama.cpp's 'gpt2' vocabulary expresses."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "w")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def tiny(family: str, *, intermediate: int = 96, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=8, vocab_size=len(bpe_tokenizer()), max_position_embeddings=256,
+                  rms_norm_eps=1e-5)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, tie_word_embeddings=False, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **common))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
+    with torch.no_grad():  # larger weights than the default init, so that errors show in the logits
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def pruned(family: str, kept_channels: int = 64, **kw) -> torch.nn.Module:
+    """Two query heads dropped from each KV group (8 -> 4 heads, head_dim 8 != 64 / 4), MLP narrowed."""
+    model = tiny(family, **kw)
+    adapter = get_adapter(model)
+    for layer in adapter.layers:
+        adapter.prune_attention(layer, torch.tensor([0, 2, 5, 7]), torch.tensor([0, 1]))
+        adapter.prune_mlp(layer, torch.arange(kept_channels) + 3)
+    adapter.finalize()
+    return model
+
+
+def ids(n: int = 2, length: int = 24, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_permute_qk_interleaves_halves_per_head():
+    w = np.arange(2 * 8, dtype=np.float32)[:, None].repeat(3, 1)  # 2 heads of 8 rows
+    out = permute_qk(w, 2)
+    assert out[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    assert out.shape == w.shape
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_f32_export_reloads_with_identical_logits(family, tmp_path):
+    model = pruned(family)
+    path = tmp_path / f"{family}-tiny.gguf"
+    report = export_gguf(model, bpe_tokenizer(), path, quant="f32", provenance=PROVENANCE)
+    # llama.cpp's qwen2 graph needs heads x head_dim = hidden: pruned heads go to its llama graph
+    assert report.arch == "llama" and not report.fallbacks
+    meta = fields(path)
+    arch = report.arch
+    assert meta["general.architecture"] == arch
+    assert meta[f"{arch}.attention.head_count"] == 4 and meta[f"{arch}.attention.head_count_kv"] == 2
+    assert meta[f"{arch}.attention.key_length"] == 8 and meta[f"{arch}.attention.value_length"] == 8
+    assert meta[f"{arch}.feed_forward_length"] == 64 and meta[f"{arch}.embedding_length"] == 64
+    assert meta[f"{arch}.block_count"] == 2 and meta[f"{arch}.rope.dimension_count"] == 8
+    assert meta["general.rcpu.method"] == "ridge-auto" and meta["general.rcpu.source"] == "some/model"
+    assert abs(meta["general.rcpu.pruning_ratio"] - 0.2) < 1e-6
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"token_embd.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight"} <= names
+    assert ("output.weight" in names) == (family != "llama")  # tied embeddings are not written twice
+    x = ids()
+    with torch.no_grad():
+        ref = model(x).logits
+        got = load_model(str(path)).model(x).logits  # transformers' reader (+ explicit head_dim)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen2_with_all_heads_keeps_qwen2_architecture(tmp_path):
+    model = tiny("qwen2", intermediate=96)
+    adapter = get_adapter(model)
+    for layer in adapter.layers:
+        adapter.prune_mlp(layer, torch.arange(64))
+    adapter.finalize()
+    path = tmp_path / "q.gguf"
+    assert export_gguf(model, bpe_tokenizer(), path, quant="f32").arch == "qwen2"
+    meta = fields(path)
+    assert meta["qwen2.feed_forward_length"] == 64 and meta["qwen2.attention.head_count"] == 8
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(path)).model(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_reads_llama_export_directly(tmp_path):
+    """No rcpu in the loop: from_pretrained(dir, gguf_file=...) undoes the q/k permutation itself."""
+    model = pruned("llama")
+    export_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf", quant="f16")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert other.config.head_dim == 8 and other.config.num_attention_heads == 4
+    x = ids()
+    with torch.no_grad():
+        ref, got = model(x).logits, other(x).logits
+    assert (got - ref).abs().max() < 1e-2 * ref.abs().max()  # f16 rounding only
+    loss = torch.nn.functional.cross_entropy
+    ppl_ref = loss(ref[:, :-1].reshape(-1, ref.shape[-1]), x[:, 1:].reshape(-1)).exp()
+    ppl_got = loss(got[:, :-1].reshape(-1, got.shape[-1]), x[:, 1:].reshape(-1)).exp()
+    assert abs(ppl_got / ppl_ref - 1) < 1e-3
+
+
+def test_quantised_blocks_and_reported_f16_fallback(tmp_path, caplog):
+    model = pruned("llama", kept_channels=40)  # down_proj rows of 40: not a multiple of 32
+    report = export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf", quant="q8_0")
+    assert sorted(f["tensor"] for f in report.fallbacks) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    assert any("not a multiple of 32" in line for line in report.summary_lines())
+    assert "stored as f16" in caplog.text
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    up = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    ref = model.model.layers[0].mlp.up_proj.weight.numpy()
+    assert up.shape == ref.shape and np.abs(up - ref).max() < np.abs(ref).max() / 100
+    # a rounded width (64) needs no fallback, in any block type; 4/5-bit files keep the embedding at q8_0
+    for quant in ("q4_0", "q4_1", "q5_0", "q5_1", "bf16"):
+        rep = export_gguf(pruned("llama"), bpe_tokenizer(), tmp_path / f"{quant}.gguf", quant=quant)
+        assert not rep.fallbacks and rep.quant == quant
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / f"{quant}.gguf").tensors}
+        assert types["blk.1.ffn_gate.weight"] == quant.upper()
+        assert types["token_embd.weight"] == ("BF16" if quant == "bf16" else "Q8_0")
+
+
+def test_nonuniform_widths_become_per_layer_arrays(tmp_path):
+    model = tiny("llama")
+    adapter = get_adapter(model)
+    adapter.prune_attention(adapter.layers[0], torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1]))
+    adapter.prune_mlp(adapter.layers[1], torch.arange(32))
+    path = tmp_path / "nu.gguf"
+    report = export_gguf(model, bpe_tokenizer(), path, quant="f16")
+    assert not report.uniform and any("per-layer arrays" in line for line in report.summary_lines())
+    meta = fields(path)
+    assert report.arch == "deci" and meta["general.architecture"] == "deci"
+    assert meta["deci.attention.head_count"] == [4, 8] and meta["deci.attention.head_count_kv"] == [2, 2]
+    assert meta["deci.feed_forward_length"] == [96, 32]
+    with pytest.raises(RcpuError, match="different widths per layer"):
+        load_model(str(path))
+
+
+def test_refusals_leave_no_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    with pytest.raises(RcpuError, match="cannot express this tokenizer"):
+        export_gguf(tiny("llama"), make_tokenizer(), path)  # a word-level vocabulary
+    with pytest.raises(RcpuError, match="unknown GGUF type"):
+        export_gguf(tiny("llama"), bpe_tokenizer(), path, quant="q3_k")
+    assert list(tmp_path.iterdir()) == []  # no partial or temporary files
+    path.write_bytes(b"keep")
+    with pytest.raises(RcpuError, match="already exists"):
+        export_gguf(tiny("llama"), bpe_tokenizer(), path)
+    assert path.read_bytes() == b"keep"
+
+
+def test_tokenizer_copied_from_a_gguf_unchanged(tmp_path):
+    export_gguf(tiny("llama"), bpe_tokenizer(), tmp_path / "a.gguf")
+    export_gguf(pruned("llama"), None, tmp_path / "b.gguf", quant="q8_0", tokenizer_gguf=tmp_path / "a.gguf")
+    a, b = fields(tmp_path / "a.gguf"), fields(tmp_path / "b.gguf")
+    tok_keys = sorted(k for k in a if k.startswith("tokenizer."))
+    assert "tokenizer.ggml.merges" in tok_keys and tok_keys == sorted(k for k in b if k.startswith("tokenizer."))
+    assert all(a[k] == b[k] for k in tok_keys)
+    assert b["tokenizer.ggml.token_type"][-1] == int(gguf.TokenType.CONTROL)  # <|endoftext|> is special
+
+
+def _checkpoint(root: Path) -> Path:
+    model_dir = root / "model"
+    tiny("llama").save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    words = " ".join(f"the w{i % 37} x{i % 11}." for i in range(3000))
+    (root / "text.txt").write_text(words)
+    return model_dir
+
+
+def test_cli_prune_save_gguf_export_and_eval(tmp_path, capsys):
+    model_dir = _checkpoint(tmp_path)
+    text = str(tmp_path / "text.txt")
+    out = tmp_path / "pruned.gguf"
+    assert main(["prune", "--model", str(model_dir), "--calib", text, "--eval", "none", "--nsamples", "8",
+                 "--seqlen", "32", "--pruning_ratio", "0.5", "--round_to", "32", "--save_model",
+                 str(tmp_path / "pruned"), "--save_gguf", str(out), "--gguf_quant", "q8_0", "-q"]) == 0
+    assert "wrote" in capsys.readouterr().out and out.is_file()
+    meta = fields(out)
+    assert meta["llama.feed_forward_length"] == 64 and meta["general.rcpu.method"] == "rcpu"
+    # export of the checkpoint the same run wrote, then evaluation of both files
+    again = tmp_path / "again.gguf"
+    assert main(["export", "--model", str(tmp_path / "pruned"), "--gguf", str(again), "--quant", "f32", "-q"]) == 0
+    assert fields(again)["general.rcpu.pruning_ratio"] == pytest.approx(0.5)
+    assert main(["export", "--model", str(tmp_path / "pruned"), "--gguf", str(again), "-q"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    results = []
+    for model in (str(tmp_path / "pruned"), str(again)):
+        assert main(["eval", "--model", model, "--ppl", text, "--seqlen", "32", "--max_eval_tokens", "512",
+                     "--device", "cpu", "-q", "--output", str(tmp_path / "e.json")]) == 0
+        results.append(json.loads((tmp_path / "e.json").read_text())["perplexity"][0]["ppl"])
+    assert results[1] == pytest.approx(results[0], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+
+
+def _node_modules() -> Path | None:
+    for base in (os.environ.get("RCPU_NODE_MODULES"), Path.home() / ".cache" / "rcpu" / "node" / "node_modules"):
+        if base and (Path(base) / "node-llama-cpp" / "package.json").is_file():
+            return Path(base)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("node") is None or _node_modules() is None,
+                    reason="needs node and node-llama-cpp (npm install node-llama-cpp@3.22.1 into ~/.cache/rcpu/node)")
+def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
+    x = ids(n=3, length=32)
+    files, expected = [], []
+    for family in ("llama", "qwen2"):
+        model = pruned(family)
+        with torch.no_grad():
+            logits = model(x).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        for quant in ("f32", "q8_0"):
+            path = tmp_path / f"{family}-{quant}.gguf"
+            export_gguf(model, bpe_tokenizer(), path, quant=quant)
+            files.append(str(path))
+            expected.append((quant, float(nll.exp())))
+    # per-layer widths (llama.cpp's deci graph), with and without q/k/v biases
+    for family in ("llama", "qwen2"):
+        nu = tiny(family)
+        adapter = get_adapter(nu)
+        adapter.prune_attention(adapter.layers[0], torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1]))
+        adapter.prune_mlp(adapter.layers[1], torch.arange(32))
+        with torch.no_grad():
+            logits = nu(x).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        export_gguf(nu, bpe_tokenizer(), tmp_path / f"nonuniform-{family}.gguf", quant="f32")
+        files.append(str(tmp_path / f"nonuniform-{family}.gguf"))
+        expected.append(("f32", float(nll.exp())))
+
+    job = {"models": files, "windows": x.tolist(), "prompts": ["the w"], "max_tokens": 4, "threads": 1}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_eval.mjs"), str(tmp_path / "job.json"),
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RCPU_NODE_MODULES": str(_node_modules())})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    for res, (quant, ppl) in zip(results, expected, strict=True):
+        assert res["tokens"] == 3 * 31 and len(res["completions"]) == 1
+        tol = 2e-3 if quant == "f32" else 5e-2
+        assert abs(res["ppl"] / ppl - 1) < tol, (res["file"], res["ppl"], ppl)

@@ -185,3 +185,22 @@ def test_hidden_state_placement():
     b, rb = prune(make_model(), cfg, windows=make_windows(), device="cpu", progress=False)
     assert ra.memory["hidden_states_on"] == "cpu"
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_streamed_from_gguf_equals_in_memory(tmp_path, family):
+    """A GGUF file is dequantised per layer while streaming, with transformers' own name map and
+    tensor processors (Llama's q/k permutation), so the result equals pruning the loaded file."""
+    from test_gguf_export import bpe_tokenizer, tiny
+
+    from rcpu.gguf_export import export_gguf
+
+    gguf = tmp_path / "m.gguf"
+    export_gguf(tiny(family), bpe_tokenizer(), gguf, quant="f32")
+    cfg = PruneConfig(method="rcpu", pruning_ratio=0.5)
+    windows = torch.randint(0, len(bpe_tokenizer()), (24, 32), generator=torch.Generator().manual_seed(1))
+    loaded = load_model(str(gguf))
+    model, report = prune(loaded.model, cfg, windows=windows, device="cpu", progress=False)
+    save_pruned(model, loaded.tokenizer, tmp_path / "memory", report.to_dict())
+    res = prune_checkpoint(gguf, cfg, tmp_path / "streamed", windows=windows, progress=False)
+    _assert_same_checkpoint(tmp_path / "memory", res.path)

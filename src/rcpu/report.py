@@ -71,9 +71,8 @@ def _rss_bytes() -> int | None:
         return None
 
 
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated on a CUDA device, otherwise the peak
-    resident set size sampled every 20 ms (Linux), reported as growth over the start."""
+class _RssSampler:
+    """Peak resident set size over a ``with`` block, sampled every 20 ms (Linux)."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -84,57 +83,56 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
             self._peak = max(self._peak, _rss_bytes() or 0)
+
+    def _start(self) -> None:
+        self._rss0 = self._peak = _rss_bytes() or 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _finish(self) -> float:
+        """Stop sampling; the peak in bytes."""
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss_bytes() or 0)
+        return self._peak
+
+
+class PeakMemory(_RssSampler):
+    """Peak memory of a block: CUDA max allocated on a CUDA device, otherwise the peak
+    resident set size sampled every 20 ms (Linux), reported as growth over the start."""
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        self._rss0 = self._peak = _rss_bytes() or 0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+            self._cuda0 = torch.cuda.memory_allocated(self.device)
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, _rss_bytes() or 0)
+        peak = self._finish()
         mib = 2**20
-        self.result = {"peak_rss_mib": round(self._peak / mib, 1),
-                       "peak_rss_growth_mib": round((self._peak - self._rss0) / mib, 1)}
+        self.result = {"peak_rss_mib": round(peak / mib, 1),
+                       "peak_rss_growth_mib": round((peak - self._rss0) / mib, 1)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self.result["peak_cuda_allocated_mib"] = round(peak / mib, 1)
-            self.result["peak_cuda_growth_mib"] = round((peak - self._start) / mib, 1)
+            cuda_peak = torch.cuda.max_memory_allocated(self.device)
+            self.result["peak_cuda_allocated_mib"] = round(cuda_peak / mib, 1)
+            self.result["peak_cuda_growth_mib"] = round((cuda_peak - self._cuda0) / mib, 1)
 
 
-class LayerMemory:
+class LayerMemory(_RssSampler):
     """Memory while one layer is processed: peak RSS sampled over the block (Linux) and, on
     CUDA, the allocation at the end and the run's peak so far (CUDA keeps one peak counter,
     which :class:`PeakMemory` owns for the whole run, so it is not reset per layer)."""
 
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.result: dict = {}
-        self._stop = threading.Event()
-        self._peak = 0
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self._peak = max(self._peak, _rss_bytes() or 0)
-
     def __enter__(self) -> LayerMemory:
-        self._peak = _rss_bytes() or 0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
         mib = 2**20
-        self.result = {"peak_rss_mib": round(max(self._peak, _rss_bytes() or 0) / mib, 1)}
+        self.result = {"peak_rss_mib": round(self._finish() / mib, 1)}
         if self.device.type == "cuda":
             self.result["cuda_allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / mib, 1)
             self.result["cuda_peak_so_far_mib"] = round(torch.cuda.max_memory_allocated(self.device) / mib, 1)

@@ -160,8 +160,9 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     info: dict = {"rank": rank, "rank_needed": needed}
     if (n_tokens is not None and n_tokens < needed) or rank < needed:
         info["fallback"] = "none"
-        info["reason"] = (f"rank-deficient target (rank {rank} < {needed}"
-                          + (f", {n_tokens} calibration tokens" if n_tokens is not None else "") + ")")
+        tokens = f", {n_tokens} calibration tokens" if n_tokens is not None else ""
+        info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
+                          f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
         return Compensated(weight[:, kept].clone(), info=info)
     new = q @ w_k
     if scale:

@@ -290,11 +290,40 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     return model, tokenizer
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [path / "model.safetensors"]
+class SafetensorsCheckpoint:
+    """Tensors of a local safetensors checkpoint (one file or sharded with an index),
+    read on demand with plain reads and cast to ``dtype`` one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype):
+        self.path = Path(path)
+        self.dtype = dtype
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as fh:
+                self.weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        for file, members in by_file.items():
+            with safe_open(str(self.path / file), framework="pt", device="cpu", backend="pread") as fh:
+                for name in members:
+                    t = fh.get_tensor(name)
+                    out[name] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def fingerprint(self) -> dict:
+        """What identifies the weights cheaply: file names, sizes and modification times."""
+        files = sorted(set(self.weight_map.values()))
+        return {"path": str(self.path.resolve()),
+                "files": {f: [(self.path / f).stat().st_size, (self.path / f).stat().st_mtime_ns] for f in files}}
 
 
 def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -306,13 +335,8 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     (counted in RSS) for as long as any tensor of that file is alive, next to the sliced
     copies pruning makes.
     """
-    out: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as fh:
-            for name in fh.keys():
-                tensor = fh.get_tensor(name)
-                out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out
+    reader = SafetensorsCheckpoint(path, dtype)
+    return reader.read(reader.names())
 
 
 def _rcpu_model_class(path: Path):

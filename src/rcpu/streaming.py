@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import PruneConfig
 from .errors import RcpuError
+from .loading import SafetensorsCheckpoint
 from .models import DecoderAdapter, get_adapter
 from .pipeline import (
     LayerResult,
@@ -50,42 +50,6 @@ logger = logging.getLogger(__name__)
 RESUME_FILE = "rcpu_resume.json"
 HIDDEN_FILE = "rcpu_hidden.safetensors"
 LAYER_PREFIX = "model.layers."
-
-
-class SafetensorsCheckpoint:
-    """Tensors of a local safetensors checkpoint (one file or sharded with an index),
-    read on demand with plain reads and cast to ``dtype`` one tensor at a time."""
-
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype):
-        self.path = Path(path)
-        self.dtype = dtype
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        else:
-            with safe_open(str(self.path / "model.safetensors"), framework="pt") as fh:
-                self.weight_map = dict.fromkeys(fh.keys(), "model.safetensors")
-
-    def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.weight_map if n.startswith(prefix)]
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
-        for file, members in by_file.items():
-            with safe_open(str(self.path / file), framework="pt", device="cpu", backend="pread") as fh:
-                for name in members:
-                    t = fh.get_tensor(name)
-                    out[name] = t.to(self.dtype) if t.is_floating_point() else t
-        return out
-
-    def fingerprint(self) -> dict:
-        """What identifies the weights cheaply: file names, sizes and modification times."""
-        files = sorted(set(self.weight_map.values()))
-        return {"path": str(self.path.resolve()),
-                "files": {f: [(self.path / f).stat().st_size, (self.path / f).stat().st_mtime_ns] for f in files}}
 
 
 class GGUFCheckpoint:
@@ -396,7 +360,3 @@ def _report(adapter, config, src, cfg, calib_info, plans, results, warnings, sav
         versions=versions(),
     )
     return report
-
-
-def remove_work_dir(out: str | os.PathLike) -> None:
-    shutil.rmtree(work_dir_for(Path(out).expanduser().resolve()), ignore_errors=True)

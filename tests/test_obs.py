@@ -85,28 +85,31 @@ def test_dense_target_fit_equals_direct_least_squares():
     w, x = _data(2)
     x_dense = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     kept = torch.tensor([0, 2, 3, 5, 8, 9, 10, 13, 14, 17, 19, 20, 22, 23])
-    # streamed statistics of (dense, pruned) input pairs, in batches
+    y = w @ x_dense  # the dense sublayer's outputs on its own inputs
+    # streamed statistics of (target, pruned input) pairs, in batches
     stats = InputStats(24, with_gram=True)
     for cols in torch.arange(300).split(70):
         stats.update(x[:, cols].T.float())
-        stats.update_pair(x_dense[:, cols].T.float(), x[:, cols].T.float())
-    torch.testing.assert_close(stats.cross, x_dense @ x.T, rtol=1e-4, atol=1e-3)  # fp32 batch products
-    gram, cross = x @ x.T, x_dense @ x.T
-    direct = torch.linalg.lstsq(x[kept].T, (w @ x_dense).T).solution.T  # min ||W X_d - B X_K||
-    fit = comp.ridge(w, gram, kept, 0.0, cross=cross).weight
+        stats.update_target(y[:, cols].T.float(), x[:, cols].T.float())
+    torch.testing.assert_close(stats.target_cross, y @ x.T, rtol=1e-4, atol=1e-3)  # fp32 batch products
+    assert stats.target_sq == pytest.approx(float(y.square().sum()), rel=1e-5)
+    gram, target_cross = x @ x.T, y @ x.T
+    direct = torch.linalg.lstsq(x[kept].T, y.T).solution.T  # min ||W X_d - B X_K||
+    fit = comp.ridge(w, gram, kept, 0.0, target_cross=target_cross).weight
     torch.testing.assert_close(fit, direct, atol=1e-9, rtol=1e-9)
-    err = comp.reconstruction_error(w, gram, kept, fit, cross=cross, target_sq=float((w @ x_dense).square().sum()))
-    assert err == pytest.approx(float((w @ x_dense - direct @ x[kept]).square().sum() / (w @ x_dense).square().sum()),
-                                rel=1e-8)
-    # greedy selection on W* = W C G^-1 leaves the same direct least-squares fit for its set
-    res = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=10, cross=cross)
-    ref = obs.greedy_remove(obs.dense_target_weight(w, gram, cross), gram, torch.arange(24)[:, None], n_remove=10)
+    err = comp.reconstruction_error(w, gram, kept, fit, target_cross=target_cross,
+                                    target_sq=float(y.square().sum()))
+    assert err == pytest.approx(float((y - direct @ x[kept]).square().sum() / y.square().sum()), rel=1e-8)
+    # greedy selection on W* = Y X^T G^-1 leaves the same direct least-squares fit for its set
+    res = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=10, target_cross=target_cross)
+    ref = obs.greedy_remove(obs.dense_target_weight(w, gram, target_cross), gram, torch.arange(24)[:, None],
+                            n_remove=10)
     assert res.removed_units == ref.removed_units
-    direct = torch.linalg.lstsq(x[res.kept].T, (w @ x_dense).T).solution.T
+    direct = torch.linalg.lstsq(x[res.kept].T, y.T).solution.T
     torch.testing.assert_close(res.weight, direct, atol=1e-8, rtol=1e-8)
 
 
-def test_paired_collector_matches_direct_cross_gram():
+def test_paired_collector_matches_direct_cross_products():
     dense, pruned = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
     xs = [torch.randn(2, 5, 6) for _ in range(3)]
     xds = [x + 0.1 * torch.randn_like(x) for x in xs]
@@ -117,9 +120,56 @@ def test_paired_collector_matches_direct_cross_gram():
         with pytest.raises(RuntimeError, match="dense copy"):
             pruned(xs[0])
     x, xd = torch.cat(xs).reshape(-1, 6).double(), torch.cat(xds).reshape(-1, 6).double()
-    torch.testing.assert_close(col.stats["a"].cross, xd.T @ x, rtol=1e-5, atol=1e-5)
-    y = xd @ dense.weight.detach().double().T
+    y = xd @ dense.weight.detach().double().T  # bias removed
+    torch.testing.assert_close(col.stats["a"].target_cross, y.T @ x, rtol=1e-5, atol=1e-5)
     assert col.stats["a"].target_sq == pytest.approx(float(y.square().sum()), rel=1e-5)
+
+
+class _Block(torch.nn.Module):
+    """h + out(act(norm(h))): a pre-norm residual sublayer, like a decoder layer's halves."""
+
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.inner = torch.nn.Linear(d, inner)
+        self.out = torch.nn.Linear(inner, d, bias=False)
+
+    def forward(self, h):
+        return h + self.out(torch.tanh(self.inner(self.norm(h))))
+
+
+def test_residual_targets_fit_dense_output_plus_residual_error():
+    """With residual targets the collector streams Y = W X_d + (h_d - h) for each token, and
+    ridge on those statistics equals a direct least-squares fit of the block's output
+    h + B x_K to the dense block's output h_d + W x_d on stored activations."""
+    torch.manual_seed(0)
+    d, inner = 6, 10
+    dense = _Block(d, inner).double()
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        pruned.inner.weight += 0.2 * torch.randn_like(pruned.inner.weight)  # "pruned below": different inputs
+    hs = [torch.randn(3, 7, d, dtype=torch.float64) for _ in range(4)]
+    hds = [h + 0.3 * torch.randn_like(h) for h in hs]
+    with StatsCollector({"mlp": pruned.out}, {"mlp": True}, {"mlp": dense.out},
+                        {"mlp": (pruned.norm, dense.norm)}) as col:
+        for h, hd in zip(hs, hds, strict=True):
+            dense(hd)
+            pruned(h)
+    st = col.stats["mlp"]
+    h, hd = torch.cat(hs).reshape(-1, d), torch.cat(hds).reshape(-1, d)
+    x = torch.tanh(pruned.inner(pruned.norm(h))).detach()
+    y = (dense.out(torch.tanh(dense.inner(dense.norm(hd)))) + hd - h).detach()
+    torch.testing.assert_close(st.target_cross, y.T @ x, rtol=1e-5, atol=1e-5)
+    assert st.target_sq == pytest.approx(float(y.square().sum()), rel=1e-5)
+    kept = torch.tensor([0, 1, 3, 4, 6, 8, 9])
+    fit = comp.ridge(pruned.out.weight.detach(), st.gram, kept, 0.0, target_cross=st.target_cross).weight
+    direct = torch.linalg.lstsq(x[:, kept], y).solution.T
+    torch.testing.assert_close(fit, direct, rtol=1e-4, atol=1e-4)
+    # the fitted block's output is closer to the dense block's than the uncompensated one's
+    out_fit = h + x[:, kept] @ fit.T
+    out_plain = h + x[:, kept] @ pruned.out.weight.detach()[:, kept].T
+    target = dense(hd).detach()
+    assert (out_fit - target).square().sum() < (out_plain - target).square().sum()
 
 
 def test_singular_gram_without_regularisation_is_a_clear_error():

@@ -239,7 +239,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         checkpoint=saved.to_dict(),
         plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
               "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
-              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation == "global" else plans[0].to_dict()},
+              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation != "uniform" else plans[0].to_dict()},
         params=params,
         layers=[r.to_dict() for r in results],
         timings={"prune_s": round(prune_s, 3)},

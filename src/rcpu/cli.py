@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2")
     _add(p, "compensation", default=None,
          help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale")
-    _add(p, "allocation", default=None, choices=["uniform", "global"],
-         help="same widths in every layer (RCPU) or FLAP's global allocation (default: the preset's)")
+    _add(p, "allocation", default=None, choices=["uniform", "global", "error"],
+         help="same widths in every layer (RCPU), FLAP's global allocation, or global allocation by the "
+              "error left after compensation (default: the preset's)")
     _add(p, "statistics", default=None, choices=["sequential", "dense"],
          help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")
     _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,
@@ -81,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="relative ridge penalty of the greedy selection's Gram matrix (default 1e-3)")
     _add(p, "selection_block", type=int, default=d.selection_block,
          help="MLP channels removed per greedy step (default 32; 1 = strictly one at a time)")
-    _add(p, "targets", default=None, choices=["sequential", "dense"],
-         help="fit the unpruned sublayer on pruned inputs (RCPU) or the dense model's outputs (default: the preset's)")
+    _add(p, "targets", default=None, choices=["sequential", "dense", "residual"],
+         help="fit the unpruned sublayer on pruned inputs (RCPU), the dense model's outputs, or those plus "
+              "the residual-stream error below the sublayer (default: the preset's)")
     _add(p, "round_to", type=int, default=d.round_to,
          help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
     _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")

@@ -7,9 +7,9 @@ needed is a function of W and G, so no activation is stored:
 
     Y Z^T = W G[:, K] W_K^T      ||Z||_F^2 = tr(W_K G[K, K] W_K^T)
 
-With dense-model targets Y = W X_d (X_d: the dense model's inputs of the same tokens),
-the same formulas hold with W G[:, K] replaced by W C[:, K], C = X_d X^T the streamed
-cross-Gram, and ||Y||^2 = ||W X_d||^2 streamed as a number.
+With other targets Y (the dense model's outputs W X_d on its own inputs X_d, plus
+possibly the residual-stream error), the same formulas hold with W G replaced by the
+streamed target cross-product Y X^T (``target_cross``) and ||Y||^2 streamed as a number.
 
 All solves run in float64 (configurable for the rotation) and return new weights
 in the input's dtype. The functions know nothing about transformers.
@@ -40,19 +40,19 @@ class Compensated:
 
 
 def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-                          candidates: list[torch.Tensor], cross: torch.Tensor | None = None,
+                          candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
                           target_sq: float | None = None) -> list[float]:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for each B in ``candidates``, from the Gram matrix
-    alone; W G and ||Y||^2 are formed once for all candidates. With ``cross`` and
-    ``target_sq`` (= ||W X_d||^2) the target is the dense model's Y = W X_d."""
+    alone; W G and ||Y||^2 are formed once for all candidates. With ``target_cross``
+    (= Y X^T) and ``target_sq`` (= ||Y||^2) the target is that Y instead of W X."""
     w = weight.double()
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
-    if cross is None:
+    if target_cross is None:
         wg = w @ g
         y2 = (wg * w).sum()
     else:
-        wg = w @ cross.to(w.device).double()
+        wg = target_cross.to(w.device).double()
         y2 = torch.tensor(float(target_sq), dtype=torch.float64, device=w.device)
     y2 = y2.clamp_min(torch.finfo(torch.float64).tiny)
     wg_k, g_kk = wg[:, kept], g[kept][:, kept]
@@ -64,10 +64,10 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
 
 
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-                         new_kept: torch.Tensor, cross: torch.Tensor | None = None,
+                         new_kept: torch.Tensor, target_cross: torch.Tensor | None = None,
                          target_sq: float | None = None) -> float:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept."""
-    return reconstruction_errors(weight, gram, kept, [new_kept], cross, target_sq)[0]
+    return reconstruction_errors(weight, gram, kept, [new_kept], target_cross, target_sq)[0]
 
 
 def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:
@@ -80,14 +80,14 @@ def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> t
 
 
 def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lams: list[float],
-               relative: bool = True, cross: torch.Tensor | None = None) -> list[Compensated]:
+               relative: bool = True, target_cross: torch.Tensor | None = None) -> list[Compensated]:
     """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1
     for every lam in ``lams`` (the shared products are formed once).
 
     With ``relative`` the penalty is lam * tr(G) / d_in (the mean squared activation
     times N), so one lam works across layers, models and calibration sizes. Solved
-    with a float64 Cholesky factorisation, never an explicit inverse. ``cross`` (C =
-    X_d X^T) fits the dense model's outputs W X_d instead: W C[:, K] replaces W G[:, K].
+    with a float64 Cholesky factorisation, never an explicit inverse. ``target_cross``
+    (Y X^T) fits other targets Y instead: it replaces W G, so W G[:, K] -> (Y X^T)[:, K].
     """
     w = weight.double()
     g = gram.to(w.device).double()
@@ -95,7 +95,7 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
     scale = float(torch.trace(g) / g.shape[0]) if relative else 1.0
     g_kk = g[kept][:, kept]
     w_k = w[:, kept]
-    wg_k = w @ (g if cross is None else cross.to(w.device).double())[:, kept]
+    wg_k = (w @ g[:, kept]) if target_cross is None else target_cross.to(w.device).double()[:, kept]
     eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
     results = []
     for lam in lams:
@@ -115,9 +115,9 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
 
 
 def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
-          relative: bool = True, cross: torch.Tensor | None = None) -> Compensated:
+          relative: bool = True, target_cross: torch.Tensor | None = None) -> Compensated:
     """Ridge compensation for one lam; see :func:`ridge_path`."""
-    return ridge_path(weight, gram, kept, [lam], relative, cross)[0]
+    return ridge_path(weight, gram, kept, [lam], relative, target_cross)[0]
 
 
 def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +132,7 @@ def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, tor
 
 def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
              proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
-             rank_rtol: float | None = None, cross: torch.Tensor | None = None) -> Compensated:
+             rank_rtol: float | None = None, target_cross: torch.Tensor | None = None) -> Compensated:
     """RCPU: W_K <- s* Q* W_K with Q* = U V^T from M = Y Z^T = U S V^T.
 
     ``scale`` adds the optimal scalar s* = tr(Q^T M) / ||Z||^2 (RCPU "Rot.+Scale").
@@ -147,7 +147,7 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     g = gram.to(device=w.device, dtype=dtype)
     kept = kept.to(w.device)
     w_k = w[:, kept]
-    m = w @ (g if cross is None else cross.to(device=w.device, dtype=dtype))[:, kept] @ w_k.T
+    m = ((w @ g[:, kept]) if target_cross is None else target_cross.to(device=w.device, dtype=dtype)[:, kept]) @ w_k.T
     q, s = procrustes(m, proper=proper)
     if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
         rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5

@@ -41,14 +41,16 @@ DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform"
             "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention"}
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-ALLOCATIONS = ("uniform", "global")
+#: "global": FLAP's standardised scores; "error": error left after compensation (rcpu.obs)
+ALLOCATIONS = ("uniform", "global", "error")
 STATISTICS = ("sequential", "dense")
 #: "score": top-k of the importance score; "greedy": remove the unit with the smallest
 #: error left after least-squares compensation, one at a time (see rcpu.obs)
 SELECTIONS = ("score", "greedy")
-#: compensation targets: the unpruned sublayer on the pruned model's inputs (RCPU), or
-#: the dense model's sublayer outputs on dense inputs (corrects upstream error too)
-TARGETS = ("sequential", "dense")
+#: compensation targets: the unpruned sublayer on the pruned model's inputs (RCPU); the
+#: dense model's sublayer outputs on dense inputs ("dense"); or those plus the residual-stream
+#: error before the sublayer ("residual": each sublayer also undoes the error of the layers below)
+TARGETS = ("sequential", "dense", "residual")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -151,10 +153,13 @@ class PruneConfig:
             raise RcpuError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.resolved_selection!r}")
         if self.resolved_targets not in TARGETS:
             raise RcpuError(f"--targets must be one of {', '.join(TARGETS)}, got {self.resolved_targets!r}")
-        if self.resolved_targets == "dense" and self.resolved_statistics == "dense":
-            raise RcpuError("--targets dense needs --statistics sequential (dense statistics already fit the dense model)")
-        if self.resolved_targets == "dense" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
-            raise RcpuError("--targets dense needs a least-squares or rotation compensation (ridge, rotation, rotation_scale)")
+        targets = self.resolved_targets
+        if targets != "sequential" and self.resolved_statistics == "dense":
+            raise RcpuError(f"--targets {targets} needs --statistics sequential "
+                            "(dense statistics already fit the dense model)")
+        if targets != "sequential" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
+            raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation "
+                            "(ridge, rotation, rotation_scale)")
         if not (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0):
             raise RcpuError(f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
         if self.head_unit not in HEAD_UNITS:

@@ -19,10 +19,10 @@ the costs add up to E of the final set. A ridge penalty lam ||B - W_K||^2 is the
 problem on G + lam I (it equals least squares on data augmented with sqrt(lam) I), so
 the weights left at the end are exactly ridge compensation of the kept columns.
 
-Dense-model targets replace Y = W X (the unpruned sublayer on the pruned model's
-inputs) by Y = W X_d (on the dense model's inputs). With the cross-Gram C = X_d X^T,
-||W X_d - B X_K||^2 = const + ||W* X - B X_K||^2 with W* = W C G^-1, so the same
-greedy run on W* fits the dense model's outputs.
+Other targets replace Y = W X (the unpruned sublayer on the pruned model's inputs),
+e.g. Y = W X_d (the dense model's outputs on its own inputs). With the streamed
+target cross-product Y X^T, ||Y - B X_K||^2 = const + ||W* X - B X_K||^2 with
+W* = Y X^T G^-1, so the same greedy run on W* fits those targets.
 
 Everything runs in float64 and knows nothing about transformers.
 """
@@ -61,13 +61,13 @@ def _inverse(g: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, lam: float = 0.0,
+def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, target_cross: torch.Tensor, lam: float = 0.0,
                         relative: bool = True) -> torch.Tensor:
-    """W* = (W C + lam' W)(G + lam' I)^-1: the full-width weight whose outputs on the
-    pruned inputs X best match the dense outputs W X_d (C = X_d X^T, G = X X^T)."""
+    """W* = (Y X^T + lam' W)(G + lam' I)^-1: the full-width weight whose outputs on the
+    pruned inputs X best match the targets Y (``target_cross`` = Y X^T, G = X X^T)."""
     g, lam_abs = regularised_gram(gram, lam, relative)
     w = weight.double().to(g.device)
-    rhs = w @ cross.double().to(g.device) + lam_abs * w
+    rhs = target_cross.double().to(g.device) + lam_abs * w
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         raise ValueError("the (regularised) Gram matrix is not positive definite; use a larger lambda")
@@ -76,7 +76,7 @@ def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.T
 
 def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor, *, n_remove: int | None = None,
                   groups: torch.Tensor | None = None, per_group: int | None = None, lam: float = 0.0,
-                  relative: bool = True, block: int = 1, cross: torch.Tensor | None = None) -> GreedyResult:
+                  relative: bool = True, block: int = 1, target_cross: torch.Tensor | None = None) -> GreedyResult:
     """Greedily remove units (rows of ``units``: equal-sized sets of input columns) with
     the smallest post-compensation error.
 
@@ -84,15 +84,15 @@ def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor,
     (``groups[u]`` = group of unit u; used to keep GQA groups equal). With single-column
     units, ``block`` > 1 removes the ``block`` cheapest columns per step with one block
     downdate (fewer passes over H; each step's cost is still exact for what it removes).
-    Ties go to the lower unit index. ``cross`` (C = X_d X^T) fits the dense model's
-    outputs: the run starts from W* = (W C + lam' W) H (see :func:`dense_target_weight`).
+    Ties go to the lower unit index. ``target_cross`` (Y X^T) fits other targets Y: the
+    run starts from W* = (Y X^T + lam' W) H (see :func:`dense_target_weight`).
     """
     w = weight.detach().double().clone()
     g_reg, lam_abs = regularised_gram(gram.to(w.device), lam, relative)
     h = _inverse(g_reg)
     del g_reg
-    if cross is not None:
-        w = (w @ cross.to(w.device).double() + lam_abs * w) @ h
+    if target_cross is not None:
+        w = (target_cross.to(w.device).double() + lam_abs * w) @ h
     units = units.to(w.device).long()
     n_units, size = units.shape
     active = torch.ones(n_units, dtype=torch.bool, device=w.device)
@@ -161,3 +161,45 @@ def removal_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, 
     schur = g_dd - g_kd.T @ torch.linalg.solve(g_kk, g_kd)
     w_d = w[:, dropped]
     return float(((w_d @ schur) * w_d).sum())
+
+
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.cummax(x, 0).values if x.numel() else x
+
+
+def allocation_scores(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor, unit_params: float, *,
+                      n_remove: int, lam: float, relative: bool = True, block: int = 1,
+                      groups: torch.Tensor | None = None, norm: float = 1.0) -> torch.Tensor:
+    """One score per removable unit of a sublayer for error-based global allocation: the
+    post-compensation error each greedy removal step adds, per parameter it frees and
+    divided by ``norm`` (the energy of the residual stream the sublayer writes into), made
+    non-decreasing along the removal order so that any threshold removes a prefix of it.
+    Lower = cheaper to remove.
+
+    Without ``groups``: ``n_remove`` rows of ``units`` are removed greedily (single columns
+    ``block`` at a time, a block's cost shared by its columns) and the result has one score
+    per row. With ``groups`` (query heads under GQA, ``groups[h]`` = KV group of head h):
+    ``n_remove`` heads are removed from every group, and allocation unit j (the j-th head
+    of every group) gets the summed cost of removal steps j*G ... (j+1)*G - 1, G groups;
+    the result has one score per head of a group. Units beyond ``n_remove`` get +inf: they
+    are never offered for removal.
+    """
+    if groups is not None:
+        n_groups = int(groups.max()) + 1
+        n_units = units.shape[0] // n_groups
+    else:
+        n_units = units.shape[0]
+    out = torch.full((n_units,), float("inf"), dtype=torch.float64)
+    if n_remove <= 0:
+        return out
+    if groups is not None:
+        res = greedy_remove(weight, gram, units, groups=groups, per_group=n_remove, lam=lam, relative=relative)
+        costs = torch.tensor(res.costs, dtype=torch.float64).reshape(n_remove, n_groups).sum(1)
+    else:
+        res = greedy_remove(weight, gram, units, n_remove=n_remove, lam=lam, relative=relative, block=block)
+        step = block if units.shape[1] == 1 else 1
+        sizes = [min(step, n_remove - i) for i in range(0, n_remove, step)]
+        costs = torch.cat([torch.full((size,), cost / size, dtype=torch.float64)
+                           for size, cost in zip(sizes, res.costs, strict=True)])
+    out[:n_remove] = _running_max(costs.clamp_min(0) / (unit_params * max(norm, 1e-300)))
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -197,8 +198,8 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
     """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
     held-out calibration windows (their own Gram matrix), never on evaluation text."""
     cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
-                            cross=stats.cross)
-    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.cross,
+                            target_cross=stats.target_cross)
+    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.target_cross,
                                       heldout.target_sq)
     errors = dict(zip(cfg.ridge_grid, errs, strict=True))
     result = cands[min(range(len(errs)), key=errs.__getitem__)]
@@ -218,18 +219,18 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         result = _ridge_auto(weight, stats, heldout, kept, cfg)
     elif kind == "ridge":
         result = comp.ridge(weight, stats.gram, kept, float(cfg.resolved_ridge_lambda),
-                            relative=cfg.ridge_lambda_relative, cross=stats.cross)
+                            relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
     elif kind in ("rotation", "rotation_scale"):
         result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
                                proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
-                               n_tokens=stats.n, cross=stats.cross)
+                               n_tokens=stats.n, target_cross=stats.target_cross)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind
     if stats.gram is not None:
         before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
                                                                                 result.weight],
-                                                   stats.cross, stats.target_sq)
+                                                   stats.target_cross, stats.target_sq)
         result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
     return result
 
@@ -251,14 +252,16 @@ def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
 def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
-             dense_modules: dict[str, nn.Linear] | None = None
+             dense_modules: dict[str, nn.Linear] | None = None,
+             residuals: dict[str, tuple[nn.Module, nn.Module]] | None = None
              ) -> tuple[dict[str, InputStats], list, list | None]:
     """Stream input statistics of ``modules`` over ``batches``. With a dense copy of the
     layer and its own inputs, every batch goes through the dense copy first and its
-    sublayer inputs are paired with this model's into cross-Grams; the dense copy's
-    outputs are returned as the next layer's dense inputs."""
+    sublayer outputs become the targets of this model's inputs (``residuals``: plus the
+    residual-stream error before each sublayer); the dense copy's outputs are returned
+    as the next layer's dense inputs."""
     paired = dense_layer is not None
-    with StatsCollector(modules, grams, dense_modules if paired else None) as col:
+    with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None) as col:
         outs, dense_outs = [], [] if paired else None
         for i, (h, kw) in enumerate(batches):
             if paired:
@@ -274,7 +277,7 @@ def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: P
     try:
         # with dense-model targets the run starts from W* = W C G^-1 (see rcpu.obs)
         return obs.greedy_remove(weight, stats.gram, units, lam=cfg.selection_lambda,
-                                 relative=cfg.ridge_lambda_relative, cross=stats.cross, **kw)
+                                 relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross, **kw)
     except ValueError as exc:
         raise RcpuError(f"greedy selection: {exc} (fewer calibration tokens than input channels need "
                         "--selection_lambda > 0)") from None
@@ -321,18 +324,23 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
     recapture = cfg.resolved_mlp_stats == "after_attention"
     mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
-    twin = twin_mods = None
+    twin = twin_mods = resid = None
     if dense is not None:  # an unpruned copy of this layer runs the dense model alongside
         twin = copy.deepcopy(layer)
         twin_mods = {"attn": adapter.attn_out(twin)} if recapture else {"attn": adapter.attn_out(twin),
                                                                         "mlp": adapter.mlp_out(twin)}
+        if cfg.resolved_targets == "residual":  # the pre-norms' inputs are the residual stream
+            resid = {"attn": (adapter.attn_norm(layer), adapter.attn_norm(twin)),
+                     "mlp": (adapter.mlp_norm(layer), adapter.mlp_norm(twin))}
+    resid_first = resid and {k: v for k, v in resid.items() if k in mods}
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
-                                                dense_stats, twin, dense and dense["calib"], twin_mods)
+                                                dense_stats, twin, dense and dense["calib"], twin_mods, resid_first)
     st_attn, st_mlp = stats["attn"], stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None:
         stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
-                                                          dense_stats, twin, dense and dense["heldout"], twin_mods)
+                                                          dense_stats, twin, dense and dense["heldout"], twin_mods,
+                                                          resid_first)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
     # attention heads
@@ -357,12 +365,13 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     # MLP channels
     if recapture:
         twin_mlp = twin and {"mlp": adapter.mlp_out(twin)}
+        resid_mlp = resid and {"mlp": resid["mlp"]}
         stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
-                               dense and dense["calib"], twin_mlp)
+                               dense and dense["calib"], twin_mlp, resid_mlp)
         st_mlp = stats["mlp"]
         if heldout is not None:
             stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
-                                   dense and dense["heldout"], twin_mlp)
+                                   dense and dense["heldout"], twin_mlp, resid_mlp)
             ho_mlp = stats["mlp"]
     mlp_info: dict = {"stats": st_mlp.summary()}
     if greedy and plan.channels_removed > 0:
@@ -394,13 +403,48 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     return result, outputs, heldout_out
 
 
+def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[str, InputStats], head_unit: str,
+                       cfg: PruneConfig, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance of the removable units of one layer for ``allocation="error"``: minus
+    the post-compensation error per parameter that greedy removal measures (rcpu.obs),
+    relative to the residual-stream energy ``norm``; +inf for units never to be removed."""
+    o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
+    shape = adapter.layer_shape(layer)
+    g = shape.attn
+    hd, r = g.head_dim, g.n_rep
+    lam = cfg.selection_lambda
+    if head_unit == "group":
+        units = torch.arange(g.num_heads * hd).reshape(g.num_kv_heads, r * hd)
+        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units,
+                                     r * shape.params_per_query_head + shape.params_per_kv_head,
+                                     n_remove=g.num_kv_heads - 1, lam=lam, norm=norm)
+    else:
+        units = torch.arange(g.num_heads * hd).reshape(g.num_heads, hd)
+        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units,
+                                     g.num_kv_heads * shape.params_per_query_head, n_remove=r - 1, lam=lam,
+                                     groups=torch.arange(g.num_heads) // r, norm=norm)
+    d_ff = down_proj.in_features
+    cap = min(d_ff - 1, math.ceil(min(1.0, 3 * cfg.pruning_ratio) * d_ff))
+    mlp = obs.allocation_scores(down_proj.weight, stats["mlp"].gram, torch.arange(d_ff)[:, None],
+                                shape.params_per_channel, n_remove=cap, lam=lam, block=cfg.selection_block,
+                                norm=norm)
+    return tuple(torch.where(c.isinf(), torch.inf, -c) for c in (attn, mlp))
+
+
 @torch.no_grad()
 def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
                  cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True,
                  store: LayerStore | None = None) -> list[LayerPlan]:
-    """FLAP-style allocation: one pass over the dense model scores every unit of every
-    layer (standardised per layer and module), then :func:`allocate_global` decides
-    how many units each layer keeps. Only per-layer score vectors are kept."""
+    """Global allocation: one pass over the dense model scores every unit of every layer,
+    then :func:`allocate_global` decides how many units each layer keeps. Only per-layer
+    score vectors are kept.
+
+    "global" is FLAP's: the importance score, standardised per layer and module. "error"
+    is ours: the error left after least-squares compensation when units are removed
+    greedily, per parameter and relative to the residual stream's energy at that layer,
+    so layers and modules are compared on one scale that knows the compensation.
+    """
+    by_error = cfg.resolved_allocation == "error"
     unit_scores, shapes = [], []
     bar = tqdm(range(len(adapter.layers)), desc="scoring (allocation)", unit="layer", disable=not progress)
     store = store or LayerStore(adapter)
@@ -409,13 +453,19 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         home = _module_device(layer)
         layer.to(device)
         o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
-        with StatsCollector({"attn": o_proj, "mlp": down_proj}, {}) as col:
+        norm = sum(float(h.double().square().sum()) for h, _ in batches) if by_error else 1.0
+        with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": by_error, "mlp": by_error}) as col:
             batches = _run_layer(layer, batches, keep_outputs=True)
         geom = adapter.geometry(layer)
-        attn = standardize(channel_scores(cfg.resolved_score, o_proj.weight, col.stats["attn"]))
-        heads = attn.reshape(geom.num_heads, geom.head_dim).mean(1)
-        mlp = standardize(channel_scores(cfg.resolved_score, down_proj.weight, col.stats["mlp"]))
-        unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
+        if by_error:
+            unit_scores.append(tuple(s.cpu() for s in _error_unit_scores(adapter, layer, col.stats, head_unit,
+                                                                          cfg, norm)))
+        else:
+            attn = standardize(channel_scores(cfg.resolved_score, o_proj.weight, col.stats["attn"]))
+            heads = attn.reshape(geom.num_heads, geom.head_dim).mean(1)
+            mlp = standardize(channel_scores(cfg.resolved_score, down_proj.weight, col.stats["mlp"]))
+            unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
+        del col
         shapes.append(adapter.layer_shape(layer))
         layer.to(home)
         store.unload(i, layer)
@@ -456,7 +506,7 @@ def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Ten
     n = len(adapter.layers)
     # dense-model targets: the dense hidden states travel alongside the pruned ones
     # (twice the hidden-state memory; still no stored sublayer activations)
-    if dense is None and cfg.resolved_targets == "dense":
+    if dense is None and cfg.resolved_targets in ("dense", "residual"):
         dense = {"calib": list(batches), "heldout": heldout and list(heldout)}
     bar = tqdm(range(start, n), desc="pruning layers", unit="layer", disable=not progress, initial=start, total=n)
     for i in bar:

@@ -28,10 +28,10 @@ class InputStats:
     m2: torch.Tensor | None = None  # sum of squared deviations from the running mean
     gram: torch.Tensor | None = None
     with_gram: bool = False
-    # paired with the dense model's input X_d of the same sublayer (dense-model targets):
-    # cross = X_d X^T streamed like the Gram, and target_sq = ||W X_d||_F^2 (the dense
-    # sublayer's output energy, for relative errors; cheaper than a second Gram)
-    cross: torch.Tensor | None = None
+    # dense-model targets: the target outputs Y of the same tokens (the dense sublayer's
+    # W X_d, plus the residual-stream error for "residual" targets) enter only through
+    # target_cross = Y X^T (d_out x d_in, streamed like the Gram) and target_sq = ||Y||_F^2
+    target_cross: torch.Tensor | None = None
     target_sq: float | None = None
 
     def update(self, x: torch.Tensor) -> None:
@@ -57,20 +57,17 @@ class InputStats:
         if self.with_gram:
             self.gram += (x32.T @ x32).double()
 
-    def update_pair(self, x_dense: torch.Tensor, x: torch.Tensor) -> None:
-        """Add one batch of (dense-model input, this model's input) of the same tokens to
-        the cross-Gram X_d X^T."""
-        xd = x_dense.detach().reshape(-1, self.d_in).float()
+    def update_target(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """Add one batch of target outputs ``y`` (..., d_out) for this model's inputs ``x``
+        (..., d_in) of the same tokens: Y X^T and ||Y||^2."""
+        y32 = y.detach().reshape(-1, y.shape[-1]).float()
         x32 = x.detach().reshape(-1, self.d_in).float()
-        if xd.shape != x32.shape:
-            raise ValueError("dense and pruned inputs of a sublayer must cover the same tokens")
-        if self.cross is None:
-            self.cross = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x32.device)
-        self.cross += (xd.T @ x32).double()
-
-    def update_target(self, y_dense: torch.Tensor) -> None:
-        """Add one batch of the dense sublayer's outputs W x_d (bias removed) to ||W X_d||^2."""
-        self.target_sq = (self.target_sq or 0.0) + float(y_dense.detach().double().square().sum())
+        if y32.shape[0] != x32.shape[0]:
+            raise ValueError("target outputs and inputs of a sublayer must cover the same tokens")
+        if self.target_cross is None:
+            self.target_cross = torch.zeros(y32.shape[1], self.d_in, dtype=torch.float64, device=x32.device)
+        self.target_cross += (y32.T @ x32).double()
+        self.target_sq = (self.target_sq or 0.0) + float(y32.double().square().sum())
 
     def _require(self) -> None:
         if self.n == 0:
@@ -107,7 +104,7 @@ class InputStats:
         return (self.var_population * (self.n / (self.n - 1))).clamp_min(0)
 
     def to(self, device: torch.device | str) -> InputStats:
-        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "cross"):
+        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "target_cross"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -129,18 +126,31 @@ class StatsCollector:
     """Forward pre-hooks that feed the inputs of named linear modules into InputStats.
 
     With ``dense_modules`` (the same sublayers of an unpruned copy of the layer), each
-    batch must be run through the dense copy first: its input is held for that one
-    batch and paired with this model's input into the cross-Gram (dense-model targets).
+    batch must be run through the dense copy first: its sublayer outputs (bias removed)
+    are held for that one batch and become the targets of this model's inputs (dense-model
+    targets). With ``residuals`` (name -> (this layer's module, the dense copy's module)
+    whose inputs are the residual stream before that sublayer, i.e. its pre-norm), the
+    residual-stream error dense - pruned is added to the targets, so the sublayer also
+    undoes the error accumulated below it.
     """
 
     def __init__(self, modules: dict[str, torch.nn.Linear], with_gram: dict[str, bool],
-                 dense_modules: dict[str, torch.nn.Linear] | None = None):
+                 dense_modules: dict[str, torch.nn.Linear] | None = None,
+                 residuals: dict[str, tuple[torch.nn.Module, torch.nn.Module]] | None = None):
         self.stats = {name: InputStats(m.in_features, with_gram=with_gram.get(name, False))
                       for name, m in modules.items()}
         self._pending: dict[str, torch.Tensor] = {}
+        self._pending_res: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         for name, m in (dense_modules or {}).items():
             self._handles.append(m.register_forward_hook(self._dense_hook(name)))
+        self._residual = set()
+        for name, (mine, dense) in (residuals or {}).items():
+            if name not in (dense_modules or {}):
+                raise ValueError("residual-stream targets need the dense copy's sublayer too")
+            self._residual.add(name)
+            self._handles.append(dense.register_forward_pre_hook(self._stash(f"dense_res:{name}")))
+            self._handles.append(mine.register_forward_pre_hook(self._residual_hook(name)))
         self._paired = set(dense_modules or ())
 
     def _hook(self, name: str):
@@ -149,13 +159,29 @@ class StatsCollector:
             if name in self._paired:
                 if name not in self._pending:
                     raise RuntimeError("run the dense copy of the layer on a batch before the pruned one")
-                self.stats[name].update_pair(self._pending.pop(name), args[0])
+                y = self._pending.pop(name)
+                if name in self._residual:
+                    y = y + self._pending_res.pop(name)
+                self.stats[name].update_target(y, args[0])
+        return hook
+
+    def _stash(self, key: str):
+        def hook(_module, args):
+            self._pending[key] = args[0].detach()
+        return hook
+
+    def _residual_hook(self, name: str):
+        def hook(_module, args):
+            dense = self._pending.pop(f"dense_res:{name}", None)
+            if dense is None:
+                raise RuntimeError("run the dense copy of the layer on a batch before the pruned one")
+            self._pending_res[name] = (dense.float() - args[0].detach().float()).to(args[0].device)
         return hook
 
     def _dense_hook(self, name: str):
         def hook(module, args, output):
-            self._pending[name] = args[0].detach()
-            self.stats[name].update_target(output if module.bias is None else output - module.bias)
+            y = output if module.bias is None else output - module.bias
+            self._pending[name] = y.detach().float()
         return hook
 
     def remove(self) -> None:

@@ -310,7 +310,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
                 return None if like is None else [(saved[f"{prefix}.{i}"].to(storage), kw)
                                                   for i, (_, kw) in enumerate(like)]
 
-            if cfg.resolved_targets == "dense":
+            if cfg.resolved_targets in ("dense", "residual"):
                 dense = {"calib": restored("dense_calib", batches), "heldout": restored("dense_heldout", heldout)}
             batches, heldout = restored("calib", batches), restored("heldout", heldout)
             del saved
@@ -350,7 +350,7 @@ def _report(adapter, config, src, cfg, calib_info, plans, results, warnings, sav
         calibration=calib_info or {},
         plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
               "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
-              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation == "global" else plans[0].to_dict()},
+              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation != "uniform" else plans[0].to_dict()},
         params=param_summary(adapter, dense_shapes, params_before),
         checkpoint=saved_fmt.to_dict(),
         layers=[r.to_dict() for r in results],

@@ -69,6 +69,14 @@ class DecoderAdapter:
     def mlp_out(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
 
+    def attn_norm(self, layer: nn.Module) -> nn.Module:
+        """The pre-attention norm; its input is the residual stream before attention."""
+        return layer.input_layernorm
+
+    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+        """The pre-MLP norm; its input is the residual stream before the MLP."""
+        return layer.post_attention_layernorm
+
     def non_layer_modules(self) -> list[nn.Module]:
         """Modules run before the first decoder layer (moved to the compute device)."""
         mods = [self.base.embed_tokens]

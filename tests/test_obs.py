@@ -245,3 +245,42 @@ def test_extreme_ratio_keeps_every_layer_non_empty():
                       device="cpu", progress=False)
     for layer in report.layers:
         assert layer["kept_heads"] and layer["kept_channels"]
+
+
+def test_allocation_scores_follow_the_greedy_costs():
+    w, x = _data(5)
+    gram = x @ x.T
+    res = obs.greedy_remove(w, gram, torch.arange(24)[:, None], n_remove=10, lam=1e-3)
+    s = obs.allocation_scores(w, gram, torch.arange(24)[:, None], 36.0, n_remove=10, lam=1e-3, norm=2.0)
+    assert s.shape == (24,) and torch.isinf(s[10:]).all() and torch.isfinite(s[:10]).all()
+    assert (s[1:10] >= s[:9]).all()  # non-decreasing: a threshold removes a prefix
+    raw = torch.tensor(res.costs, dtype=torch.float64) / (36.0 * 2.0)
+    torch.testing.assert_close(s[:10], torch.cummax(raw, 0).values)
+    # blocks share their cost; heads under GQA: one unit = one head of every group
+    sb = obs.allocation_scores(w, gram, torch.arange(24)[:, None], 36.0, n_remove=10, lam=1e-3, block=4)
+    assert torch.isfinite(sb[:10]).all() and (sb[1:10] >= sb[:9]).all()
+    heads = torch.arange(24).reshape(6, 4)
+    sh = obs.allocation_scores(w, gram, heads, 1.0, n_remove=2, lam=1e-3, groups=torch.arange(6) // 3)
+    assert sh.shape == (3,) and torch.isinf(sh[2]) and sh[1] >= sh[0]
+
+
+def test_error_allocation_removes_redundant_channels_first():
+    """Layer 0's MLP channels come in identical pairs: after compensation, removing one of a
+    pair costs nothing, so error allocation takes the MLP budget from layer 0, whatever the
+    channels' variance (which FLAP's score ranks by)."""
+    model = make_model(layers=2, intermediate=96)
+    with torch.no_grad():
+        mlp = model.model.layers[0].mlp
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[48:] = lin.weight[:48]
+        mlp.down_proj.weight.mul_(4.0)  # large outputs: FLAP's score would keep them
+    cfg = PruneConfig(method="flap-ridge", allocation="error", pruning_ratio=0.2, nholdout=8, batch_size=6)
+    pruned, report = prune(copy.deepcopy(model), cfg, windows=make_windows(), heldout_windows=make_windows(8, 32, seed=7),
+                           device="cpu", progress=False)
+    widths = [len(layer["kept_channels"]) for layer in report.layers]
+    assert widths[0] <= 48 < widths[1]  # every duplicate of layer 0 goes before anything costly
+    _, ref = prune(copy.deepcopy(model), PruneConfig(method="flap-ridge", pruning_ratio=0.2, nholdout=8, batch_size=6),
+                   windows=make_windows(), heldout_windows=make_windows(8, 32, seed=7), device="cpu", progress=False)
+    assert report.params["attn_mlp_after"] == pytest.approx(ref.params["attn_mlp_after"], rel=0.005)
+    assert len(ref.layers[0]["kept_channels"]) > 48  # FLAP's standardised scores miss the redundancy
+    assert report.to_dict()["plan"]["allocation"] == "error"

@@ -134,3 +134,24 @@ def test_compensation_reduces_error_ridge_best():
         "ridge": comp.ridge(w, gram, kept, 0.0),
     }.items()}
     assert err["ridge"] <= err["rotation_scale"] <= err["rotation"] < err["none"]
+
+
+def test_chunked_products_match_direct_formulas(monkeypatch):
+    """The Gram products run in column chunks (bounded temporaries at 13B widths); with
+    chunks smaller than the widths they must equal the formulas on stored activations."""
+    monkeypatch.setattr(comp, "_CHUNK", 3)
+    w, x = _data(d_out=8, d_in=20)
+    gram = x.T @ x
+    kept = torch.tensor([1, 2, 4, 7, 8, 9, 12, 15, 16, 19])
+    y = x @ w.T
+    ridge = comp.ridge(w, gram, kept, 0.0, relative=False).weight
+    direct = torch.linalg.lstsq(x[:, kept], y).solution.T
+    torch.testing.assert_close(ridge, direct, atol=1e-9, rtol=1e-9)
+    err = comp.reconstruction_error(w, gram, kept, ridge)
+    assert err == pytest.approx(_objective(w, x, kept, ridge) / float(y.square().sum()), rel=1e-9)
+    rs = comp.rotation(w, gram, kept, scale=True)
+    z = x[:, kept] @ w[:, kept].T
+    u, _, vh = torch.linalg.svd(y.T @ z)
+    q = u @ vh
+    s = torch.trace(q.T @ (y.T @ z)) / z.square().sum()
+    torch.testing.assert_close(rs.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)

@@ -39,6 +39,39 @@ class Compensated:
     info: dict = field(default_factory=dict)
 
 
+#: columns of G per step in the chunked products below (bounds their temporaries)
+_CHUNK = 2048
+
+
+def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W G)[:, K] and tr(W G W^T) = ||W X||^2, in column chunks of G: no copy of G or of
+    a d_in x |K| block of it is made (at 13B MLP widths such a copy is over a GiB)."""
+    pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
+    pos[kept] = torch.arange(len(kept), device=g.device)
+    wg_k = torch.empty(w.shape[0], len(kept), dtype=w.dtype, device=w.device)
+    y2 = torch.zeros((), dtype=w.dtype, device=w.device) if with_energy else None
+    for start in range(0, g.shape[0], _CHUNK):
+        cols = slice(start, start + _CHUNK)
+        part = w @ g[:, cols]
+        if with_energy:
+            y2 += (part * w[:, cols]).sum()
+        where = pos[cols]
+        sel = where >= 0
+        if bool(sel.any()):
+            wg_k[:, where[sel]] = part[:, sel]
+    return wg_k, y2
+
+
+def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """tr(B G[K, K] B^T) = ||B X_K||^2, in chunks of kept columns (no |K| x |K| copy)."""
+    total = torch.zeros((), dtype=b.dtype, device=b.device)
+    for start in range(0, len(kept), _CHUNK):
+        cols = kept[start:start + _CHUNK]
+        total += ((b @ g[kept[:, None], cols[None, :]]) * b[:, start:start + _CHUNK]).sum()
+    return total
+
+
 def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
                           candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
                           target_sq: float | None = None) -> list[float]:
@@ -49,17 +82,15 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
     if target_cross is None:
-        wg = w @ g
-        y2 = (wg * w).sum()
+        wg_k, y2 = _gram_products(w, g, kept)
     else:
-        wg = target_cross.to(w.device).double()
+        wg_k = target_cross.to(w.device).double()[:, kept]
         y2 = torch.tensor(float(target_sq), dtype=torch.float64, device=w.device)
     y2 = y2.clamp_min(torch.finfo(torch.float64).tiny)
-    wg_k, g_kk = wg[:, kept], g[kept][:, kept]
     out = []
     for b in candidates:
         b = b.to(w.device).double()
-        out.append(float((y2 - 2 * (wg_k * b).sum() + ((b @ g_kk) * b).sum()) / y2))
+        out.append(float((y2 - 2 * (wg_k * b).sum() + _quadratic(b, g, kept)) / y2))
     return out
 
 
@@ -93,18 +124,23 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
     scale = float(torch.trace(g) / g.shape[0]) if relative else 1.0
-    g_kk = g[kept][:, kept]
+    g_kk = g[kept[:, None], kept[None, :]]
     w_k = w[:, kept]
-    wg_k = (w @ g[:, kept]) if target_cross is None else target_cross.to(w.device).double()[:, kept]
-    eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
+    wg_k = _gram_products(w, g, kept, False)[0] if target_cross is None else target_cross.to(w.device).double()[:, kept]
+
+    def factor(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        a = g_kk.clone()
+        a.diagonal().add_(shift)
+        return torch.linalg.cholesky_ex(a)
+
     results = []
     for lam in lams:
         lam_abs = lam * scale
         jitter = 0.0
-        chol, info = torch.linalg.cholesky_ex(g_kk + lam_abs * eye)
+        chol, info = factor(lam_abs)
         if int(info) != 0:  # singular: lam == 0 with fewer tokens than kept channels
             jitter = 1e-10 * max(float(torch.diagonal(g_kk).mean()), 1e-30)
-            chol, info = torch.linalg.cholesky_ex(g_kk + (lam_abs + jitter) * eye)
+            chol, info = factor(lam_abs + jitter)
             logger.warning("ridge: the kept Gram matrix is singular; added jitter %.3g", jitter)
             if int(info) != 0:
                 raise ValueError("ridge: kept Gram matrix is not positive definite; use a larger lambda")
@@ -147,7 +183,10 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     g = gram.to(device=w.device, dtype=dtype)
     kept = kept.to(w.device)
     w_k = w[:, kept]
-    m = ((w @ g[:, kept]) if target_cross is None else target_cross.to(device=w.device, dtype=dtype)[:, kept]) @ w_k.T
+    wg_k = (_gram_products(w, g, kept, False)[0] if target_cross is None
+            else target_cross.to(device=w.device, dtype=dtype)[:, kept])
+    m = wg_k @ w_k.T
+    del wg_k
     q, s = procrustes(m, proper=proper)
     if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
         rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
@@ -166,7 +205,7 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
         return Compensated(weight[:, kept].clone(), info=info)
     new = q @ w_k
     if scale:
-        z2 = ((w_k @ g[kept][:, kept]) * w_k).sum()
+        z2 = _quadratic(w_k, g, kept)
         s_star = torch.trace(q.T @ m) / z2
         info["scale"] = float(s_star)
         new = s_star * new

@@ -284,3 +284,27 @@ def test_error_allocation_removes_redundant_channels_first():
     assert report.params["attn_mlp_after"] == pytest.approx(ref.params["attn_mlp_after"], rel=0.005)
     assert len(ref.layers[0]["kept_channels"]) > 48  # FLAP's standardised scores miss the redundancy
     assert report.to_dict()["plan"]["allocation"] == "error"
+
+
+def test_token_weights_give_weighted_least_squares():
+    """inverse_rms weights: each token's squared error counts relative to the residual
+    stream it is added to, 1 / rms(h_t)^2; ridge on the weighted statistics equals weighted
+    least squares on stored activations, and scores (per-channel moments) are unweighted."""
+    torch.manual_seed(1)
+    block = _Block(6, 10).double()
+    hs = [torch.randn(2, 9, 6, dtype=torch.float64) * torch.rand(2, 9, 1, dtype=torch.float64) * 5 for _ in range(3)]
+    with StatsCollector({"mlp": block.out}, {"mlp": True}, token_weights={"mlp": block.norm}) as col:
+        for h in hs:
+            block(h)
+    st = col.stats["mlp"]
+    h = torch.cat(hs).reshape(-1, 6)
+    x = torch.tanh(block.inner(block.norm(h))).detach()
+    wt = 1.0 / (h.square().mean(-1) + 1e-6)
+    torch.testing.assert_close(st.gram, (x * wt[:, None]).T @ x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.sum, x.sum(0), rtol=1e-5, atol=1e-6)
+    kept = torch.tensor([0, 2, 3, 5, 6, 9])
+    w = block.out.weight.detach()
+    fit = comp.ridge(w, st.gram, kept, 0.0).weight
+    sw = wt.sqrt()[:, None]
+    direct = torch.linalg.lstsq(x[:, kept] * sw, (x @ w.T) * sw).solution.T
+    torch.testing.assert_close(fit, direct, rtol=1e-4, atol=1e-5)

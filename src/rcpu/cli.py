@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "targets", default=None, choices=["sequential", "dense", "residual"],
          help="fit the unpruned sublayer on pruned inputs (RCPU), the dense model's outputs, or those plus "
               "the residual-stream error below the sublayer (default: the preset's)")
+    _add(p, "token_weights", default=None, choices=["none", "inverse_rms"],
+         help="weigh each calibration token in the least-squares statistics by 1/rms(residual stream)^2, "
+              "the scale the next norm divides by (default: the preset's)")
     _add(p, "round_to", type=int, default=d.round_to,
          help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
     _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
@@ -211,7 +214,7 @@ def _prune_config(args) -> PruneConfig:
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
-        selection_block=args.selection_block, targets=args.targets, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()
 

@@ -38,7 +38,8 @@ PRESETS: dict[str, dict[str, str | float]] = {
                   "selection": "greedy", "targets": "dense", "mlp_stats": "after_attention"},
 }
 DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential",
-            "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention"}
+            "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention",
+            "token_weights": "none"}
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 #: "global": FLAP's standardised scores; "error": error left after compensation (rcpu.obs)
@@ -56,6 +57,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 MLP_STATS = ("before_attention", "after_attention")
+#: per-token weights of the least-squares statistics: none, or 1 / rms(residual stream)^2
+TOKEN_WEIGHTS = ("none", "inverse_rms")
 
 
 @dataclass
@@ -83,6 +86,7 @@ class PruneConfig:
     selection_lambda: float = 1e-3
     selection_block: int = 32
     targets: str | None = None
+    token_weights: str | None = None
     round_to: int = 1
     nsamples: int = 128
     seqlen: int = 128
@@ -132,6 +136,10 @@ class PruneConfig:
     def resolved_mlp_stats(self) -> str:
         return self._resolve("mlp_stats")
 
+    @property
+    def resolved_token_weights(self) -> str:
+        return self._resolve("token_weights")
+
     def validate(self) -> PruneConfig:
         if self.method not in PRESETS and not (self.score and self.compensation):
             raise RcpuError(f"unknown method {self.method!r}; choose from {', '.join(PRESETS)} "
@@ -164,6 +172,9 @@ class PruneConfig:
             raise RcpuError(f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
         if self.head_unit not in HEAD_UNITS:
             raise RcpuError(f"--head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
+        if self.resolved_token_weights not in TOKEN_WEIGHTS:
+            raise RcpuError(f"--token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                            f"got {self.resolved_token_weights!r}")
         if self.resolved_mlp_stats not in MLP_STATS:
             raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.resolved_mlp_stats!r}")
         if self.rotation_dtype not in ("float32", "float64"):
@@ -190,6 +201,7 @@ class PruneConfig:
         d["selection"] = self.resolved_selection
         d["targets"] = self.resolved_targets
         d["mlp_stats"] = self.resolved_mlp_stats
+        d["token_weights"] = self.resolved_token_weights
         return d
 
     @classmethod

@@ -253,15 +253,17 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
              dense_modules: dict[str, nn.Linear] | None = None,
-             residuals: dict[str, tuple[nn.Module, nn.Module]] | None = None
+             residuals: dict[str, tuple[nn.Module, nn.Module]] | None = None,
+             token_weights: dict[str, nn.Module] | None = None
              ) -> tuple[dict[str, InputStats], list, list | None]:
     """Stream input statistics of ``modules`` over ``batches``. With a dense copy of the
     layer and its own inputs, every batch goes through the dense copy first and its
     sublayer outputs become the targets of this model's inputs (``residuals``: plus the
     residual-stream error before each sublayer); the dense copy's outputs are returned
-    as the next layer's dense inputs."""
+    as the next layer's dense inputs. ``token_weights``: see :class:`StatsCollector`."""
     paired = dense_layer is not None
-    with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None) as col:
+    with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None,
+                        token_weights) as col:
         outs, dense_outs = [], [] if paired else None
         for i, (h, kw) in enumerate(batches):
             if paired:
@@ -333,14 +335,19 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             resid = {"attn": (adapter.attn_norm(layer), adapter.attn_norm(twin)),
                      "mlp": (adapter.mlp_norm(layer), adapter.mlp_norm(twin))}
     resid_first = resid and {k: v for k, v in resid.items() if k in mods}
+    weights = None
+    if cfg.resolved_token_weights == "inverse_rms":  # the pre-norm's input is the residual stream the sublayer writes into
+        weights = {"attn": adapter.attn_norm(layer), "mlp": adapter.mlp_norm(layer)}
+    weights_first = weights and {k: v for k, v in weights.items() if k in mods}
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
-                                                dense_stats, twin, dense and dense["calib"], twin_mods, resid_first)
+                                                dense_stats, twin, dense and dense["calib"], twin_mods, resid_first,
+                                                weights_first)
     st_attn, st_mlp = stats["attn"], stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None:
         stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods,
-                                                          resid_first)
+                                                          resid_first, weights_first)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
     # attention heads
@@ -366,12 +373,13 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     if recapture:
         twin_mlp = twin and {"mlp": adapter.mlp_out(twin)}
         resid_mlp = resid and {"mlp": resid["mlp"]}
+        weights_mlp = weights and {"mlp": weights["mlp"]}
         stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
-                               dense and dense["calib"], twin_mlp, resid_mlp)
+                               dense and dense["calib"], twin_mlp, resid_mlp, weights_mlp)
         st_mlp = stats["mlp"]
         if heldout is not None:
             stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
-                                   dense and dense["heldout"], twin_mlp, resid_mlp)
+                                   dense and dense["heldout"], twin_mlp, resid_mlp, weights_mlp)
             ho_mlp = stats["mlp"]
     mlp_info: dict = {"stats": st_mlp.summary()}
     if greedy and plan.channels_removed > 0:

@@ -80,7 +80,7 @@ def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
             "windows_sha256": data.token_hash(windows), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
             "seed": cfg.seed}
     heldout = None
-    if cfg.ridge_auto:
+    if cfg.needs_heldout:
         heldout = data.heldout_windows(ids, cfg.nholdout, cfg.nsamples, cfg.seqlen, cfg.seed)
         info["heldout_windows"] = {"n": cfg.nholdout, "sha256": data.token_hash(heldout),
                                    "rule": f"non-overlapping with the calibration windows, seed + "
@@ -140,8 +140,8 @@ def resolve_windows(cfg: PruneConfig, tokenizer, calib: str, windows: torch.Tens
 
     calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
                   "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
-    if cfg.ridge_auto and heldout_windows is None:
-        raise RcpuError("ridge_lambda='auto' with precomputed windows needs heldout_windows too")
+    if cfg.needs_heldout and heldout_windows is None:
+        raise RcpuError("ridge_lambda='auto' and allocation='loss' with precomputed windows need heldout_windows too")
     if heldout_windows is not None:
         calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]), "sha256": token_hash(heldout_windows)}
     return windows, heldout_windows, calib_info
@@ -208,7 +208,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    heldout_windows = heldout_windows if cfg.ridge_auto else None
+    heldout_windows = heldout_windows if cfg.needs_heldout else None
     storage, hidden_info = hidden_state_storage(
         hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
         model.config.hidden_size, next(model.parameters()).dtype, max_hidden_gib)
@@ -216,14 +216,15 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, storage)
         heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device, storage)
                    if heldout_windows is not None else None)
-        plans = make_plans(model, adapter, batches, cfg, device, progress=progress)
+        plans = make_plans(model, adapter, batches, cfg, device, progress=progress, heldout=heldout,
+                           heldout_ids=heldout_windows)
         saved = check_saveable(model, cfg, plans, adapter)  # before the first layer is pruned
         if saved.note:
             logger.warning(saved.note)
         for note in dict.fromkeys(n for p in plans for n in p.notes):
             logger.warning(note)
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                           batches=batches, heldout=heldout)
+                                           batches=batches, heldout=heldout if cfg.ridge_auto else None)
         del batches, heldout
     model.train(was_training)
     adapter.finalize()

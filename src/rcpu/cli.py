@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2")
     _add(p, "compensation", default=None,
          help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale")
-    _add(p, "allocation", default=None, choices=["uniform", "global", "error"],
-         help="same widths in every layer (RCPU), FLAP's global allocation, or global allocation by the "
-              "error left after compensation (default: the preset's)")
+    _add(p, "allocation", default=None, choices=["uniform", "global", "error", "loss"],
+         help="same widths in every layer (RCPU), FLAP's global allocation, global allocation by the "
+              "error left after compensation, or by probed loss on held-out windows (default: the preset's)")
     _add(p, "statistics", default=None, choices=["sequential", "dense"],
          help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")
     _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,

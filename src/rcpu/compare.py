@@ -212,7 +212,7 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
                 cfg = PruneConfig(**kwargs, pruning_ratio=ratio, nsamples=n, seqlen=seqlen, seed=seed,
                                   batch_size=batch_size)
                 heldout = None
-                if cfg.ridge_auto:
+                if cfg.needs_heldout:
                     heldout = f"heldout/{cfg.nholdout}"
                     if heldout not in tensors:
                         tensors[heldout] = data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples), seqlen, seed)

@@ -42,8 +42,9 @@ DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform"
             "token_weights": "none"}
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-#: "global": FLAP's standardised scores; "error": error left after compensation (rcpu.obs)
-ALLOCATIONS = ("uniform", "global", "error")
+#: "global": FLAP's standardised scores; "error": error left after compensation (rcpu.obs);
+#: "loss": probed next-token loss on held-out calibration windows (rcpu.sensitivity)
+ALLOCATIONS = ("uniform", "global", "error", "loss")
 STATISTICS = ("sequential", "dense")
 #: "score": top-k of the importance score; "greedy": remove the unit with the smallest
 #: error left after least-squares compensation, one at a time (see rcpu.obs)
@@ -121,6 +122,11 @@ class PruneConfig:
         return self._resolve("allocation")
 
     @property
+    def needs_heldout(self) -> bool:
+        """Held-out calibration windows are drawn for ridge-auto's lambda and loss allocation."""
+        return self.ridge_auto or self.resolved_allocation == "loss"
+
+    @property
     def resolved_statistics(self) -> str:
         return self._resolve("statistics")
 
@@ -182,6 +188,8 @@ class PruneConfig:
         lam = self.resolved_ridge_lambda
         if lam != "auto" and (isinstance(lam, str) or lam < 0):
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
+        if self.needs_heldout and self.nholdout < 1:
+            raise RcpuError("--ridge_lambda auto and --allocation loss need --nholdout >= 1")
         if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0 or self.nholdout < 1):
             raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0 and --nholdout >= 1")
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):

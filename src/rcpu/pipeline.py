@@ -413,8 +413,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
 def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[str, InputStats], head_unit: str,
                        cfg: PruneConfig, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance of the removable units of one layer for ``allocation="error"``: minus
-    the post-compensation error per parameter that greedy removal measures (rcpu.obs),
+    """Importance of the removable units of one layer for ``allocation="error"``: the
+    post-compensation error per parameter that greedy removal measures (rcpu.obs),
     relative to the residual-stream energy ``norm``; +inf for units never to be removed."""
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
     shape = adapter.layer_shape(layer)
@@ -436,7 +436,7 @@ def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[st
     mlp = obs.allocation_scores(down_proj.weight, stats["mlp"].gram, torch.arange(d_ff)[:, None],
                                 shape.params_per_channel, n_remove=cap, lam=lam, block=cfg.selection_block,
                                 norm=norm)
-    return tuple(torch.where(c.isinf(), torch.inf, -c) for c in (attn, mlp))
+    return attn, mlp  # the costs are the importances: expensive units are kept
 
 
 @torch.no_grad()
@@ -482,12 +482,28 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
 
 def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
                cfg: PruneConfig, device: torch.device, progress: bool = True,
-               store: LayerStore | None = None) -> list[LayerPlan]:
-    """How many units each layer loses: the same everywhere (uniform) or allocated globally."""
+               store: LayerStore | None = None, heldout: list[tuple[torch.Tensor, dict]] | None = None,
+               heldout_ids: torch.Tensor | None = None) -> list[LayerPlan]:
+    """How many units each layer loses: the same everywhere (uniform) or allocated globally
+    (``heldout`` / ``heldout_ids``: layer-0 inputs and token ids of the held-out windows,
+    for ``allocation="loss"``)."""
     shape = adapter.layer_shape(adapter.layers[0])
     uniform = plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)
     if cfg.resolved_allocation == "uniform":
         return [uniform] * len(adapter.layers)
+    if cfg.resolved_allocation == "loss":
+        if heldout is None or heldout_ids is None:
+            raise RcpuError("allocation='loss' needs held-out calibration windows")
+        if store is not None and type(store) is not LayerStore:
+            raise RcpuError("--allocation loss needs the model in memory; use --no-stream")
+        from .sensitivity import loss_plans
+
+        def compensate(weight, stats, kept, heldout_stats):
+            kind = cfg.resolved_compensation
+            return _compensate(kind, weight, stats, kept, cfg, heldout_stats)
+
+        return loss_plans(model, adapter, batches, heldout, heldout_ids, cfg, uniform.head_unit, device,
+                          compensate, progress)
     return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress, store)
 
 

@@ -29,6 +29,8 @@ class LayerPlan:
     groups_removed: int = 0
     channels_removed: int = 0
     notes: list[str] = field(default_factory=list)
+    #: allocation="loss": the probed loss increases that decided this layer's widths
+    probe_loss: dict = field(default_factory=dict)
 
     def heads_removed(self, geom: AttentionGeometry) -> int:
         if self.head_unit == "group":

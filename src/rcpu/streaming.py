@@ -241,6 +241,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     from .export import check_output_dir, finish_checkpoint
 
     cfg = cfg.validate()
+    if cfg.resolved_allocation == "loss":  # its probes run the whole model above each layer
+        raise RcpuError("--allocation loss needs the model in memory; use --no-stream")
     src = Path(source)
     out = check_output_dir(out, overwrite)
     device = torch.device(device)

@@ -69,6 +69,10 @@ class DecoderAdapter:
     def mlp_out(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
 
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and the LM head."""
+        return self.base.norm
+
     def attn_norm(self, layer: nn.Module) -> nn.Module:
         """The pre-attention norm; its input is the residual stream before attention."""
         return layer.input_layernorm

@@ -1,10 +1,11 @@
-"""Our method (obs-ridge) against every shipped method and the strongest combination of
-shipped parts (flap-ridge), plus an ablation that adds one ingredient at a time.
+"""Candidate methods against every shipped method and the strongest combination of shipped
+parts (flap-ridge): an ablation that adds one ingredient at a time to flap-ridge, and other
+combinations of shipped settings.
 
-    python benchmarks/method_table.py [--parts main,ablation] [--device cuda]
+    python benchmarks/method_table.py [--parts main,ablation,combinations] [--device cuda]
 
 Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
-tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). Both parts
+tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). All parts
 share benchmarks/results/method/results.json, so cells present there (e.g. copied from
 benchmarks/results/main, same settings and keys) are not recomputed. Resumable.
 """
@@ -24,9 +25,14 @@ SHIPPED = ["wanda-sp", "flap", "ridge-auto", "rcpu", "rcpu-scaled"]
 PARTS = {
     # name: (methods, ratios)
     "main": (["obs-ridge", "flap-ridge", *SHIPPED], [0.1, 0.2, 0.3]),
-    # flap-ridge plus one ingredient at a time, then all of them (obs-ridge)
+    # flap-ridge plus one ingredient at a time, then obs-ridge (greedy + dense targets + re-capture)
     "ablation": (["flap-ridge", "flap-ridge+selection=greedy", "flap-ridge+targets=dense",
-                  "flap-ridge+mlp_stats=after_attention", "obs-ridge"], [0.2]),
+                  "flap-ridge+mlp_stats=after_attention", "flap-ridge+targets=residual+mlp_stats=after_attention",
+                  "flap-ridge+token_weights=inverse_rms", "flap-ridge+token_weights=inverse_rms+targets=dense",
+                  "flap-ridge+allocation=error", "flap-ridge+allocation=loss", "obs-ridge"], [0.2]),
+    # other combinations of shipped score / allocation / statistics / compensation settings
+    "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
+                      "flap-ridge+compensation=rotation_scale"], [0.2]),
 }
 
 

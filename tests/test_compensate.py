@@ -155,3 +155,15 @@ def test_chunked_products_match_direct_formulas(monkeypatch):
     q = u @ vh
     s = torch.trace(q.T @ (y.T @ z)) / z.square().sum()
     torch.testing.assert_close(rs.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_rotation_reports_the_errors_reconstruction_errors_computes(scale):
+    w, x = _data()
+    gram = x.T @ x
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11, 13, 14, 15, 17, 19])
+    res = comp.rotation(w, gram, kept, scale=scale)
+    before, after = comp.reconstruction_errors(w, gram, kept, [w[:, kept], res.weight])
+    assert res.info["rel_error_uncompensated"] == pytest.approx(before, rel=1e-9)
+    assert res.info["rel_error"] == pytest.approx(after, rel=1e-9)
+    assert res.info["rel_error"] < res.info["rel_error_uncompensated"]

@@ -168,7 +168,8 @@ def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, tor
 
 def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
              proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
-             rank_rtol: float | None = None, target_cross: torch.Tensor | None = None) -> Compensated:
+             rank_rtol: float | None = None, target_cross: torch.Tensor | None = None,
+             target_sq: float | None = None) -> Compensated:
     """RCPU: W_K <- s* Q* W_K with Q* = U V^T from M = Y Z^T = U S V^T.
 
     ``scale`` adds the optimal scalar s* = tr(Q^T M) / ||Z||^2 (RCPU "Rot.+Scale").
@@ -177,16 +178,31 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     but with fewer calibration tokens than min(d_out, |K|) or degenerate data it
     rotates unseen directions at random and can wreck the layer: we detect it,
     keep W_K unchanged and report ``fallback`` instead of returning that rotation.
+
+    The relative errors before and after (``rel_error_uncompensated``, ``rel_error``) come
+    from the same products, ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2 (Q is
+    orthogonal), so no second pass over the Gram matrix is needed (``target_sq`` = ||Y||^2
+    with ``target_cross``).
     """
     d_out = weight.shape[0]
     w = weight.to(dtype)
     g = gram.to(device=w.device, dtype=dtype)
     kept = kept.to(w.device)
     w_k = w[:, kept]
-    wg_k = (_gram_products(w, g, kept, False)[0] if target_cross is None
-            else target_cross.to(device=w.device, dtype=dtype)[:, kept])
+    if target_cross is None:
+        wg_k, y2 = _gram_products(w, g, kept)
+    else:
+        wg_k = target_cross.to(device=w.device, dtype=dtype)[:, kept]
+        y2 = torch.tensor(float(target_sq) if target_sq is not None else float("nan"), dtype=dtype)
+    del w
     m = wg_k @ w_k.T
     del wg_k
+    z2 = _quadratic(w_k, g, kept)
+    y2 = float(y2.clamp_min(torch.finfo(dtype).tiny))
+
+    def rel_error(s_tr: float, s2: float) -> float:
+        return (y2 - 2 * s_tr + s2 * float(z2)) / y2
+
     q, s = procrustes(m, proper=proper)
     if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
         rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
@@ -196,17 +212,19 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     needed = min(d_out, len(kept))
     if rank < needed:
         needed = min(needed, int(torch.linalg.matrix_rank(w_k)))
-    info: dict = {"rank": rank, "rank_needed": needed}
+    info: dict = {"rank": rank, "rank_needed": needed, "rel_error_uncompensated": rel_error(float(torch.trace(m)), 1.0)}
     if (n_tokens is not None and n_tokens < needed) or rank < needed:
         info["fallback"] = "none"
+        info["rel_error"] = info["rel_error_uncompensated"]
         tokens = f", {n_tokens} calibration tokens" if n_tokens is not None else ""
         info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
                           f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
         return Compensated(weight[:, kept].clone(), info=info)
     new = q @ w_k
+    tr_qm = float(torch.trace(q.T @ m))
+    s_star = tr_qm / float(z2) if scale else 1.0
     if scale:
-        z2 = _quadratic(w_k, g, kept)
-        s_star = torch.trace(q.T @ m) / z2
-        info["scale"] = float(s_star)
+        info["scale"] = s_star
         new = s_star * new
+    info["rel_error"] = rel_error(s_star * tr_qm, s_star**2)
     return Compensated(new.to(weight.dtype), info=info)

@@ -223,11 +223,11 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
     elif kind in ("rotation", "rotation_scale"):
         result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
                                proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
-                               n_tokens=stats.n, target_cross=stats.target_cross)
+                               n_tokens=stats.n, target_cross=stats.target_cross, target_sq=stats.target_sq)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind
-    if stats.gram is not None:
+    if stats.gram is not None and "rel_error" not in result.info:  # the rotation reports its own
         before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
                                                                                 result.weight],
                                                    stats.target_cross, stats.target_sq)

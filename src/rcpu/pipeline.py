@@ -277,7 +277,7 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
 
 def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: PruneConfig, **kw) -> obs.GreedyResult:
     try:
-        # with dense-model targets the run starts from W* = W C G^-1 (see rcpu.obs)
+        # with other targets the run starts from W* = Y X^T G^-1 (see rcpu.obs)
         return obs.greedy_remove(weight, stats.gram, units, lam=cfg.selection_lambda,
                                  relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross, **kw)
     except ValueError as exc:
@@ -336,7 +336,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                      "mlp": (adapter.mlp_norm(layer), adapter.mlp_norm(twin))}
     resid_first = resid and {k: v for k, v in resid.items() if k in mods}
     weights = None
-    if cfg.resolved_token_weights == "inverse_rms":  # the pre-norm's input is the residual stream the sublayer writes into
+    if cfg.resolved_token_weights == "inverse_rms":  # pre-norm inputs: the residual stream written into
         weights = {"attn": adapter.attn_norm(layer), "mlp": adapter.mlp_norm(layer)}
     weights_first = weights and {k: v for k, v in weights.items() if k in mods}
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,

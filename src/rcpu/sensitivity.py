@@ -77,7 +77,7 @@ def tail_nll(model: nn.Module, adapter: DecoderAdapter, start: int, hidden: list
 
 
 def _probe_attention(adapter: DecoderAdapter, layer: nn.Module, stats: InputStats, heldout: InputStats | None,
-                     cfg: PruneConfig, head_unit: str, compensate) -> tuple[nn.Module, int]:
+                     cfg: PruneConfig, head_unit: str, compensate) -> nn.Module:
     geom = adapter.geometry(layer)
     plan = LayerPlan(head_unit, heads_removed_per_group=1) if head_unit == "query" else LayerPlan(head_unit,
                                                                                                   groups_removed=1)
@@ -90,7 +90,7 @@ def _probe_attention(adapter: DecoderAdapter, layer: nn.Module, stats: InputStat
     adapter.prune_attention(probe, kept_heads, kept_kv, res.weight)
     if res.bias is not None:
         adapter.add_output_bias(adapter.attn_out(probe), res.bias)
-    return probe, 1
+    return probe
 
 
 def _probe_mlp(adapter: DecoderAdapter, layer: nn.Module, stats: InputStats, heldout: InputStats | None,
@@ -157,7 +157,7 @@ def loss_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[to
         n_attn = geom.n_rep if head_unit == "query" else geom.num_kv_heads
         d_ff = shape.intermediate_size
         k_mlp = max(1, round(cfg.pruning_ratio * d_ff))
-        probe, _ = _probe_attention(adapter, layer, st["attn"], st_ho["attn"], cfg, head_unit, compensate)
+        probe = _probe_attention(adapter, layer, st["attn"], st_ho["attn"], cfg, head_unit, compensate)
         d_attn = tail_nll(model, adapter, i, h_ho, kw_ho, ids, device, probe) - base
         probe = _probe_mlp(adapter, layer, st["mlp"], st_ho["mlp"], cfg, k_mlp, compensate)
         d_mlp = tail_nll(model, adapter, i, h_ho, kw_ho, ids, device, probe) - base

@@ -26,7 +26,8 @@ PARTS = {
     # name: (methods, ratios)
     "main": (["obs-ridge", "flap-ridge", *SHIPPED], [0.1, 0.2, 0.3]),
     # flap-ridge plus one ingredient at a time, then obs-ridge (greedy + dense targets + re-capture)
-    "ablation": (["flap-ridge", "flap-ridge+selection=greedy", "flap-ridge+targets=dense",
+    "ablation": (["flap-ridge", "flap-ridge+selection=greedy",
+                  "flap-ridge+selection=greedy+selection_block=1+selection_lambda=0.1", "flap-ridge+targets=dense",
                   "flap-ridge+mlp_stats=after_attention", "flap-ridge+targets=residual+mlp_stats=after_attention",
                   "flap-ridge+token_weights=inverse_rms", "flap-ridge+token_weights=inverse_rms+targets=dense",
                   "flap-ridge+allocation=error", "flap-ridge+allocation=loss", "obs-ridge"], [0.2]),

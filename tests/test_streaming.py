@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from rcpu.api import prune
 from rcpu.cli import main
+from rcpu.compare import parse_method
 from rcpu.config import PruneConfig
 from rcpu.export import PROVENANCE, save_pruned
 from rcpu.loading import load_model
@@ -58,14 +59,16 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("family,method,dtype", [("llama", "rcpu", torch.float32), ("qwen2", "ridge-auto", torch.float32),
                                                  ("llama", "flap", torch.float32), ("mistral", "wanda-sp", torch.float32),
                                                  ("qwen2", "rcpu-scaled", torch.bfloat16),
-                                                 ("mistral", "obs-ridge", torch.float32)])
+                                                 ("mistral", "obs-ridge", torch.float32),
+                                                 ("qwen2", "flap-ridge+allocation=error+targets=residual"
+                                                  "+mlp_stats=after_attention+token_weights=inverse_rms", torch.float32)])
 def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family == "llama" else {}
     make_model(family, layers=3, **tied).save_pretrained(src, max_shard_size="50KB")
     make_tokenizer().save_pretrained(src)
     assert (src / "model.safetensors.index.json").is_file()
-    cfg = PruneConfig(method=method, pruning_ratio=0.5)
+    cfg = PruneConfig(**parse_method(method), pruning_ratio=0.5)
     windows = make_windows()
     heldout = make_windows(8, 32, seed=7) if cfg.ridge_auto else None
     loaded = load_model(str(src), dtype=dtype)

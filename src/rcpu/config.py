@@ -188,10 +188,8 @@ class PruneConfig:
         lam = self.resolved_ridge_lambda
         if lam != "auto" and (isinstance(lam, str) or lam < 0):
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
-        if self.needs_heldout and self.nholdout < 1:
-            raise RcpuError("--ridge_lambda auto and --allocation loss need --nholdout >= 1")
-        if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0 or self.nholdout < 1):
-            raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0 and --nholdout >= 1")
+        if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0):  # --nholdout >= 1: below
+            raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0")
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +36,7 @@ from .select import (
     allocate_global,
     head_channels,
     head_unit_scores,
+    max_channels_removed,
     plan_uniform,
     select_channels,
     select_heads,
@@ -421,21 +421,19 @@ def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[st
     g = shape.attn
     hd, r = g.head_dim, g.n_rep
     lam = cfg.selection_lambda
+    unit_params = shape.params_per_head_unit(head_unit)
     if head_unit == "group":
         units = torch.arange(g.num_heads * hd).reshape(g.num_kv_heads, r * hd)
-        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units,
-                                     r * shape.params_per_query_head + shape.params_per_kv_head,
+        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units, unit_params,
                                      n_remove=g.num_kv_heads - 1, lam=lam, norm=norm)
     else:
         units = torch.arange(g.num_heads * hd).reshape(g.num_heads, hd)
-        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units,
-                                     g.num_kv_heads * shape.params_per_query_head, n_remove=r - 1, lam=lam,
-                                     groups=torch.arange(g.num_heads) // r, norm=norm)
+        attn = obs.allocation_scores(o_proj.weight, stats["attn"].gram, units, unit_params, n_remove=r - 1,
+                                     lam=lam, groups=torch.arange(g.num_heads) // r, norm=norm)
     d_ff = down_proj.in_features
-    cap = min(d_ff - 1, math.ceil(min(1.0, 3 * cfg.pruning_ratio) * d_ff))
     mlp = obs.allocation_scores(down_proj.weight, stats["mlp"].gram, torch.arange(d_ff)[:, None],
-                                shape.params_per_channel, n_remove=cap, lam=lam, block=cfg.selection_block,
-                                norm=norm)
+                                shape.params_per_channel, n_remove=max_channels_removed(d_ff, cfg.pruning_ratio),
+                                lam=lam, block=cfg.selection_block, norm=norm)
     return attn, mlp  # the costs are the importances: expensive units are kept
 
 

@@ -163,6 +163,12 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
     return per_group.sort(dim=1).values.mean(0)
 
 
+def max_channels_removed(d_ff: int, ratio: float) -> int:
+    """The most MLP channels the error and loss allocations may take from one layer:
+    3x the global ratio, and never the last channel."""
+    return min(d_ff - 1, math.ceil(min(1.0, 3 * ratio) * d_ff))
+
+
 def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes: list[LayerShape], ratio: float,
                     head_unit: str, round_to: int = 1) -> list[LayerPlan]:
     """FLAP's global adaptive allocation across layers and modules.
@@ -178,9 +184,7 @@ def allocate_global(unit_scores: list[tuple[torch.Tensor, torch.Tensor]], shapes
     scores, weights, owner = [], [], []
     total = sum((sh.attn_params + sh.mlp_params) / sh.params_per_channel for sh in shapes)
     for i, ((attn_s, mlp_s), shape) in enumerate(zip(unit_scores, shapes, strict=True)):
-        g = shape.attn
-        head_w = shape.params_per_query_head
-        unit_w = (g.n_rep * head_w + shape.params_per_kv_head) if head_unit == "group" else g.num_kv_heads * head_w
+        unit_w = shape.params_per_head_unit(head_unit)
         scores += [attn_s.double(), mlp_s.double()]
         weights += [torch.full((len(attn_s),), unit_w / shape.params_per_channel, dtype=torch.float64),
                     torch.ones(len(mlp_s), dtype=torch.float64)]

@@ -28,45 +28,45 @@ from tqdm.auto import tqdm
 
 from .config import PruneConfig
 from .models import DecoderAdapter
+from .pipeline import _module_device, _run_layer
 from .scores import channel_scores, group_scores
-from .select import LayerPlan, allocate_global, head_channels, select_channels, select_heads
+from .select import (
+    LayerPlan,
+    allocate_global,
+    head_channels,
+    max_channels_removed,
+    select_channels,
+    select_heads,
+)
 from .stats import InputStats, StatsCollector
 
 logger = logging.getLogger(__name__)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def _run(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device) -> list[torch.Tensor]:
-    home = _device_of(layer)
+def _run_on(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], device: torch.device
+            ) -> list[tuple[torch.Tensor, dict]]:
+    """``layer``'s outputs on ``batches``, computed on ``device`` (the layer goes back home)."""
+    home = _module_device(layer)
     layer.to(device)
-    out = []
-    for h, kw in zip(hidden, kwargs, strict=True):
-        y = layer(h.to(device), **kw)
-        out.append((y[0] if isinstance(y, tuple) else y).to(h.device))
-    layer.to(home)
-    return out
+    try:
+        return _run_layer(layer, batches, keep_outputs=True)
+    finally:
+        layer.to(home)
 
 
 @torch.no_grad()
-def tail_nll(model: nn.Module, adapter: DecoderAdapter, start: int, hidden: list[torch.Tensor], kwargs: list[dict],
+def tail_nll(model: nn.Module, adapter: DecoderAdapter, start: int, batches: list[tuple[torch.Tensor, dict]],
              ids: list[torch.Tensor], device: torch.device, layer: nn.Module | None = None) -> float:
-    """Mean next-token loss of the model from decoder layer ``start`` on (its inputs
-    ``hidden``), with ``layer`` standing in for layer ``start`` when given."""
-    xs = hidden
+    """Mean next-token loss of the model from decoder layer ``start`` on (``batches``: its
+    inputs), with ``layer`` standing in for layer ``start`` when given."""
     for i in range(start, len(adapter.layers)):
-        xs = _run(layer if (i == start and layer is not None) else adapter.layers[i], xs, kwargs, device)
+        batches = _run_on(layer if (i == start and layer is not None) else adapter.layers[i], batches, device)
     norm, head = adapter.final_norm(), model.get_output_embeddings()
-    homes = [(m, _device_of(m)) for m in (norm, head)]
+    homes = [(m, _module_device(m)) for m in (norm, head)]
     for m, _ in homes:
         m.to(device)
     total, count = 0.0, 0
-    for x, y in zip(xs, ids, strict=True):
+    for (x, _), y in zip(batches, ids, strict=True):
         logits = head(norm(x.to(device)))[:, :-1].float()
         labels = y[:, 1:].to(device)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
@@ -129,50 +129,41 @@ def loss_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[to
     heldout_stats)``: the run's own compensation.
     """
     layers = adapter.layers
-    kw_cal = [kw for _, kw in batches]
-    kw_ho = [kw for _, kw in heldout]
-    h_cal = [h for h, _ in batches]
-    h_ho = [h for h, _ in heldout]
     bs = heldout[0][0].shape[0]
     ids = [heldout_ids[i:i + bs] for i in range(0, len(heldout_ids), bs)]
-    base = tail_nll(model, adapter, 0, h_ho, kw_ho, ids, device)
+    base = tail_nll(model, adapter, 0, heldout, ids, device)
     shapes, unit_scores, record = [], [], []
     floor = 1e-7 * abs(base)  # keeps every a > 0: a probe that lowered the loss is (almost) free
     bar = tqdm(range(len(layers)), desc="probing (allocation)", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
         shape = adapter.layer_shape(layer)
-        o_proj, down = adapter.attn_out(layer), adapter.mlp_out(layer)
-        mods = {"attn": o_proj, "mlp": down}
-        grams = {"attn": True, "mlp": True}
-        home = _device_of(layer)
-        layer.to(device)
-        with StatsCollector(mods, grams) as col:
-            next_cal = _run(layer, h_cal, kw_cal, device)
-        with StatsCollector(mods, grams) as col_ho:
-            next_ho = _run(layer, h_ho, kw_ho, device)
-        layer.to(home)
+        mods = {"attn": adapter.attn_out(layer), "mlp": adapter.mlp_out(layer)}
+        with StatsCollector(mods, {"attn": True, "mlp": True}) as col:
+            next_cal = _run_on(layer, batches, device)
+        # held-out statistics only where the compensation tunes lambda on them (ridge-auto)
+        with StatsCollector(mods if cfg.ridge_auto else {}, {"attn": True, "mlp": True}) as col_ho:
+            next_ho = _run_on(layer, heldout, device)
         st, st_ho = col.stats, col_ho.stats
         geom = shape.attn
         n_attn = geom.n_rep if head_unit == "query" else geom.num_kv_heads
         d_ff = shape.intermediate_size
         k_mlp = max(1, round(cfg.pruning_ratio * d_ff))
-        probe = _probe_attention(adapter, layer, st["attn"], st_ho["attn"], cfg, head_unit, compensate)
-        d_attn = tail_nll(model, adapter, i, h_ho, kw_ho, ids, device, probe) - base
-        probe = _probe_mlp(adapter, layer, st["mlp"], st_ho["mlp"], cfg, k_mlp, compensate)
-        d_mlp = tail_nll(model, adapter, i, h_ho, kw_ho, ids, device, probe) - base
+        probe = _probe_attention(adapter, layer, st["attn"], st_ho.get("attn"), cfg, head_unit, compensate)
+        d_attn = tail_nll(model, adapter, i, heldout, ids, device, probe) - base
+        probe = _probe_mlp(adapter, layer, st["mlp"], st_ho.get("mlp"), cfg, k_mlp, compensate)
+        d_mlp = tail_nll(model, adapter, i, heldout, ids, device, probe) - base
         del probe, st, st_ho
-        unit_w = (geom.num_kv_heads * shape.params_per_query_head if head_unit == "query"
-                  else geom.n_rep * shape.params_per_query_head + shape.params_per_kv_head)
-        cap = min(d_ff - 1, math.ceil(min(1.0, 3 * cfg.pruning_ratio) * d_ff))
-        unit_scores.append((quadratic_unit_scores(d_attn, 1, n_attn, unit_w, floor, n_attn - 1),
-                            quadratic_unit_scores(d_mlp, k_mlp, d_ff, shape.params_per_channel, floor, cap)))
+        unit_scores.append((quadratic_unit_scores(d_attn, 1, n_attn, shape.params_per_head_unit(head_unit), floor,
+                                                  n_attn - 1),
+                            quadratic_unit_scores(d_mlp, k_mlp, d_ff, shape.params_per_channel, floor,
+                                                  max_channels_removed(d_ff, cfg.pruning_ratio))))
         shapes.append(shape)
-        record.append({"attn": d_attn, "mlp": d_mlp})
+        record.append({"base": base, "attn": d_attn, "mlp": d_mlp, "mlp_channels": k_mlp})
         bar.set_postfix_str(f"attn {d_attn:+.4f} mlp {d_mlp:+.4f}")
-        h_cal, h_ho = next_cal, next_ho
+        batches, heldout = next_cal, next_ho
     logger.info("loss sensitivities (base %.4f): %s", base, record)
     plans = allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
     for plan, rec in zip(plans, record, strict=True):
-        plan.probe_loss = {"base": base, "attn": rec["attn"], "mlp": rec["mlp"], "mlp_channels": k_mlp}
+        plan.probe_loss = rec
     return plans

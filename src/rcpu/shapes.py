@@ -45,6 +45,14 @@ class LayerShape:
     def params_per_channel(self) -> int:  # gate row, up row, down column
         return 3 * self.attn.hidden_size + (2 if self.mlp_bias else 0)
 
+    def params_per_head_unit(self, head_unit: str) -> int:
+        """Parameters one removable attention unit frees: a query head from every KV group
+        ("query"; k/v stay) or one whole KV group with its k/v rows ("group")."""
+        a = self.attn
+        if head_unit == "group":
+            return a.n_rep * self.params_per_query_head + self.params_per_kv_head
+        return a.num_kv_heads * self.params_per_query_head
+
     @property
     def attn_params(self) -> int:
         a = self.attn

@@ -141,7 +141,8 @@ def resolve_windows(cfg: PruneConfig, tokenizer, calib: str, windows: torch.Tens
     calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
                   "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
     if cfg.needs_heldout and heldout_windows is None:
-        raise RcpuError("ridge_lambda='auto' and allocation='loss' with precomputed windows need heldout_windows too")
+        raise RcpuError("ridge_lambda='auto', allocation='loss' and refine_epochs > 0 with precomputed windows "
+                        "need heldout_windows too")
     if heldout_windows is not None:
         calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]), "sha256": token_hash(heldout_windows)}
     return windows, heldout_windows, calib_info
@@ -224,7 +225,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         for note in dict.fromkeys(n for p in plans for n in p.notes):
             logger.warning(note)
         results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                           batches=batches, heldout=heldout if cfg.ridge_auto else None)
+                                           batches=batches, heldout=heldout if cfg.heldout_in_loop else None)
         del batches, heldout
     model.train(was_training)
     adapter.finalize()

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "token_weights", default=None, choices=["none", "inverse_rms"],
          help="weigh each calibration token in the least-squares statistics by 1/rms(residual stream)^2, "
               "the scale the next norm divides by (default: the preset's)")
+    _add(p, "refine_epochs", type=int, default=d.refine_epochs,
+         help="after compensation, passes of Adam over the calibration batches that pull each pruned layer's "
+              "outputs towards the unpruned layer's (0 = off, the default)")
+    _add(p, "refine_lr", type=float, default=d.refine_lr,
+         help="peak learning rate of the layer refinement (cosine decay to zero; default 1e-3)")
     _add(p, "round_to", type=int, default=d.round_to,
          help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
     _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
@@ -214,7 +219,8 @@ def _prune_config(args) -> PruneConfig:
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
-        selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,
+        refine_epochs=args.refine_epochs, refine_lr=args.refine_lr, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()
 

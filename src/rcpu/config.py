@@ -88,6 +88,8 @@ class PruneConfig:
     selection_block: int = 32
     targets: str | None = None
     token_weights: str | None = None
+    refine_epochs: int = 0
+    refine_lr: float = 1e-3
     round_to: int = 1
     nsamples: int = 128
     seqlen: int = 128
@@ -122,9 +124,15 @@ class PruneConfig:
         return self._resolve("allocation")
 
     @property
+    def heldout_in_loop(self) -> bool:
+        """The layer loop carries held-out hidden states: for ridge-auto's lambda and to
+        measure the layer refinement on windows it was not fitted to."""
+        return self.ridge_auto or self.refine_epochs > 0
+
+    @property
     def needs_heldout(self) -> bool:
-        """Held-out calibration windows are drawn for ridge-auto's lambda and loss allocation."""
-        return self.ridge_auto or self.resolved_allocation == "loss"
+        """Held-out calibration windows are drawn for the layer loop and for loss allocation."""
+        return self.heldout_in_loop or self.resolved_allocation == "loss"
 
     @property
     def resolved_statistics(self) -> str:
@@ -193,6 +201,10 @@ class PruneConfig:
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0):
+            raise RcpuError(f"--refine_epochs must be an integer >= 0, got {self.refine_epochs!r}")
+        if not (isinstance(self.refine_lr, (int, float)) and self.refine_lr > 0):
+            raise RcpuError(f"--refine_lr must be a number > 0, got {self.refine_lr!r}")
         if self.seqlen < 2:
             raise RcpuError(f"--seqlen must be >= 2, got {self.seqlen}")
         return self

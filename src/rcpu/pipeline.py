@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import compensate as comp
-from . import obs
+from . import obs, refine
 from .config import PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter
@@ -57,6 +57,7 @@ class LayerResult:
     mlp: dict = field(default_factory=dict)
     seconds: float = 0.0
     memory: dict = field(default_factory=dict)  #: peak RSS (and CUDA) while this layer was pruned
+    refine: dict = field(default_factory=dict)  #: layer refinement log (rcpu.refine), if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -335,6 +336,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             resid = {"attn": (adapter.attn_norm(layer), adapter.attn_norm(twin)),
                      "mlp": (adapter.mlp_norm(layer), adapter.mlp_norm(twin))}
     resid_first = resid and {k: v for k, v in resid.items() if k in mods}
+    # layer refinement pulls the pruned layer towards an unpruned copy of itself
+    reference = (twin if twin is not None else copy.deepcopy(layer)) if cfg.refine_epochs > 0 else None
     weights = None
     if cfg.resolved_token_weights == "inverse_rms":  # pre-norm inputs: the residual stream written into
         weights = {"attn": adapter.attn_norm(layer), "mlp": adapter.mlp_norm(layer)}
@@ -344,7 +347,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                                                 weights_first)
     st_attn, st_mlp = stats["attn"], stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
-    if heldout is not None:
+    if heldout is not None and (cfg.ridge_auto or dense_stats):  # dense statistics: the dense held-out outputs
         stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods,
                                                           resid_first, weights_first)
@@ -377,7 +380,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
                                dense and dense["calib"], twin_mlp, resid_mlp, weights_mlp)
         st_mlp = stats["mlp"]
-        if heldout is not None:
+        if heldout is not None and cfg.ridge_auto:
             stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
                                    dense and dense["heldout"], twin_mlp, resid_mlp, weights_mlp)
             ho_mlp = stats["mlp"]
@@ -398,6 +401,11 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             adapter.add_output_bias(down_proj, res.bias)
         mlp_info.update(res.info)
     del st_mlp, twin
+    refine_info: dict = {}
+    if reference is not None and (len(kept_heads) < geom.num_heads or plan.channels_removed > 0):
+        refine_info = refine.refine_layer(layer, reference, batches, epochs=cfg.refine_epochs, lr=cfg.refine_lr,
+                                          seed=cfg.seed + index, forward=_forward, heldout=heldout)
+    del reference
 
     # dense statistics: the next layer sees the dense model's hidden states (FLAP)
     outputs = dense_outputs if dense_stats else _run_layer(layer, batches, keep_outputs=True)
@@ -407,7 +415,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     if dense is not None:
         dense["calib"], dense["heldout"] = dense_next, dense_next_ho
     result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
-                         attn_info, mlp_info, time.perf_counter() - t0)
+                         attn_info, mlp_info, time.perf_counter() - t0, refine=refine_info)
     return result, outputs, heldout_out
 
 

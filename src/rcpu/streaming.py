@@ -278,7 +278,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     if start:
         (announce or logger.info)(f"resuming at layer {start} of {n_layers}")
 
-    heldout_windows = heldout_windows if cfg.ridge_auto else None
+    heldout_windows = heldout_windows if cfg.heldout_in_loop else None
     storage, hidden_info = hidden_state_storage(
         hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
         config.hidden_size, dtype, max_hidden_gib)

@@ -155,6 +155,14 @@ def test_chunked_products_match_direct_formulas(monkeypatch):
     q = u @ vh
     s = torch.trace(q.T @ (y.T @ z)) / z.square().sum()
     torch.testing.assert_close(rs.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)
+    # the target-cross path (blocks of kept columns) gives the same rotation and errors
+    rt = comp.rotation(w, gram, kept, scale=True, target_cross=y.T @ x, target_sq=float(y.square().sum()))
+    torch.testing.assert_close(rt.weight, rs.weight, atol=1e-9, rtol=1e-9)
+    assert rt.info["rel_error"] == pytest.approx(rs.info["rel_error"], rel=1e-9)
+    # a float32 weight is converted block by block; the result comes back in float32
+    r32 = comp.rotation(w.float(), gram, kept, scale=True)
+    assert r32.weight.dtype == torch.float32
+    torch.testing.assert_close(r32.weight.double(), s * q @ w.float().double()[:, kept], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [False, True])

@@ -17,6 +17,22 @@ def _stats(x, with_gram=True, batches=7):
     return st
 
 
+def test_gram_and_target_products_accumulate_in_row_blocks(monkeypatch):
+    """Both products are added to their float64 totals a block of rows at a time (bounded
+    temporaries at 13B widths); with blocks smaller than the width they equal the direct sums."""
+    import rcpu.stats
+
+    monkeypatch.setattr(rcpu.stats, "_ROWS", 3)
+    x, y = torch.randn(2, 50, 10), torch.randn(2, 50, 7)
+    st = InputStats(10, with_gram=True)
+    for i in range(2):
+        st.update(x[i])
+        st.update_target(y[i], x[i])
+    xd, yd = x.reshape(-1, 10).double(), y.reshape(-1, 7).double()
+    torch.testing.assert_close(st.gram, xd.T @ xd, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(st.target_cross, yd.T @ xd, atol=1e-4, rtol=1e-6)
+
+
 def test_streaming_stats_equal_direct():
     x = _acts()
     st = _stats(x)

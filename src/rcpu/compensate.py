@@ -39,23 +39,41 @@ class Compensated:
     info: dict = field(default_factory=dict)
 
 
-#: columns of G per step in the chunked products below (bounds their temporaries)
+#: rows / columns of G per block in the blocked products below (bounds their temporaries)
 _CHUNK = 2048
+
+
+def _blocks(n: int, device: torch.device) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + _CHUNK, n), device=device) for s in range(0, n, _CHUNK)]
+
+
+def _wg(w: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor,
+        w_cols: torch.Tensor | None = None) -> torch.Tensor:
+    """``W' @ G[rows][:, cols]`` in G's dtype, where W' is ``w`` (its columns matching ``rows``,
+    all of G's rows if None) or ``w[:, w_cols]``. W and G are converted and gathered one
+    block of rows at a time, so no full-precision copy of W and no copy of a large block of
+    G is ever made: at 13B MLP widths either would be over a GiB."""
+    n = g.shape[0] if rows is None else len(rows)
+    out = None
+    for block in _blocks(n, g.device):
+        g_rows = block if rows is None else rows[block]
+        w_block = w[:, block] if w_cols is None else w[:, w_cols[block]]
+        part = w_block.to(g.dtype) @ g[g_rows[:, None], cols[None, :]]
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W G)[:, K] and tr(W G W^T) = ||W X||^2, in column chunks of G: no copy of G or of
-    a d_in x |K| block of it is made (at 13B MLP widths such a copy is over a GiB)."""
+    """(W G)[:, K] and tr(W G W^T) = ||W X||^2 in G's dtype, one block of G's columns at a time."""
     pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
     pos[kept] = torch.arange(len(kept), device=g.device)
-    wg_k = torch.empty(w.shape[0], len(kept), dtype=w.dtype, device=w.device)
-    y2 = torch.zeros((), dtype=w.dtype, device=w.device) if with_energy else None
-    for start in range(0, g.shape[0], _CHUNK):
-        cols = slice(start, start + _CHUNK)
-        part = w @ g[:, cols]
+    wg_k = torch.empty(w.shape[0], len(kept), dtype=g.dtype, device=g.device)
+    y2 = torch.zeros((), dtype=g.dtype, device=g.device) if with_energy else None
+    for cols in _blocks(g.shape[0], g.device):
+        part = _wg(w, g, None, cols)
         if with_energy:
-            y2 += (part * w[:, cols]).sum()
+            y2 += (part * w[:, cols].to(g.dtype)).sum()
         where = pos[cols]
         sel = where >= 0
         if bool(sel.any()):
@@ -63,12 +81,14 @@ def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_en
     return wg_k, y2
 
 
-def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """tr(B G[K, K] B^T) = ||B X_K||^2, in chunks of kept columns (no |K| x |K| copy)."""
-    total = torch.zeros((), dtype=b.dtype, device=b.device)
-    for start in range(0, len(kept), _CHUNK):
-        cols = kept[start:start + _CHUNK]
-        total += ((b @ g[kept[:, None], cols[None, :]]) * b[:, start:start + _CHUNK]).sum()
+def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """tr(B G[K, K] B^T) = ||B X_K||^2 in G's dtype, in blocks; B's columns match K, and
+    B = ``b[:, b_cols]`` when ``b_cols`` is given (without forming that copy)."""
+    total = torch.zeros((), dtype=g.dtype, device=g.device)
+    for block in _blocks(len(kept), g.device):
+        b_block = b[:, block] if b_cols is None else b[:, b_cols[block]]
+        total += (_wg(b, g, kept, kept[block], b_cols) * b_block.to(g.dtype)).sum()
     return total
 
 
@@ -166,6 +186,88 @@ def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, tor
     return u @ vh, s
 
 
+@dataclass
+class RotationProducts:
+    """What the rotation needs from the Gram matrix: M = Y Z^T (d_out x d_out), ||Y||^2 and
+    ||Z||^2. Once formed, the Gram matrix can be freed before the SVD."""
+
+    m: torch.Tensor
+    y2: float
+    z2: float
+
+
+def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *,
+                      dtype: torch.dtype = torch.float64, target_cross: torch.Tensor | None = None,
+                      target_sq: float | None = None) -> RotationProducts:
+    """M = (W G)[:, K] W_K^T (or (Y X^T)[:, K] W_K^T), ||Y||^2 and ||Z||^2 = tr(W_K G_KK W_K^T),
+    accumulated one block of G's columns at a time: no d_out x |K| product and no
+    full-precision copy of W is held (at 13B MLP widths each is about half a GiB)."""
+    g = gram.to(device=weight.device, dtype=dtype)
+    kept = kept.to(weight.device)
+    d_out = weight.shape[0]
+    m = torch.zeros(d_out, d_out, dtype=dtype, device=weight.device)
+    if target_cross is None:
+        pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
+        pos[kept] = torch.arange(len(kept), device=g.device)
+        y2 = torch.zeros((), dtype=dtype, device=g.device)
+        for cols in _blocks(g.shape[0], g.device):
+            part = _wg(weight, g, None, cols)
+            w_cols = weight[:, cols].to(dtype)
+            y2 += (part * w_cols).sum()
+            sel = pos[cols] >= 0
+            if bool(sel.any()):
+                m += part[:, sel] @ w_cols[:, sel].T
+        y2 = float(y2)
+    else:
+        for block in _blocks(len(kept), g.device):
+            cols = kept[block]
+            m += target_cross[:, cols].to(device=weight.device, dtype=dtype) @ weight[:, cols].to(dtype).T
+        y2 = float(target_sq) if target_sq is not None else float("nan")
+    z2 = float(_quadratic(weight, g, kept, b_cols=kept))
+    return RotationProducts(m, max(y2, torch.finfo(dtype).tiny), z2)
+
+
+def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationProducts, *, scale: bool = False,
+                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None
+                   ) -> Compensated:
+    """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`."""
+    m, y2, z2 = products.m, products.y2, products.z2
+    dtype = m.dtype
+    d_out = weight.shape[0]
+    kept = kept.to(weight.device)
+
+    def rel_error(s_tr: float, s2: float) -> float:
+        return (y2 - 2 * s_tr + s2 * z2) / y2
+
+    q, s = procrustes(m, proper=proper)
+    if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
+        rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
+    rank = int((s > s[0] * rank_rtol).sum()) if s[0] > 0 else 0
+    # Q W_K is determined by the data only on range(Z); it equals range(W_K) (rank
+    # min(d_out, |K|) generically) unless the calibration tokens do not span it.
+    needed = min(d_out, len(kept))
+    if rank < needed:
+        needed = min(needed, int(torch.linalg.matrix_rank(weight[:, kept].to(dtype))))
+    info: dict = {"rank": rank, "rank_needed": needed, "rel_error_uncompensated": rel_error(float(torch.trace(m)), 1.0)}
+    if (n_tokens is not None and n_tokens < needed) or rank < needed:
+        info["fallback"] = "none"
+        info["rel_error"] = info["rel_error_uncompensated"]
+        tokens = f", {n_tokens} calibration tokens" if n_tokens is not None else ""
+        info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
+                          f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
+        return Compensated(weight[:, kept].clone(), info=info)
+    tr_qm = float(torch.trace(q.T @ m))
+    s_star = tr_qm / z2 if scale else 1.0
+    if scale:
+        info["scale"] = s_star
+    info["rel_error"] = rel_error(s_star * tr_qm, s_star**2)
+    # s Q W_K, one block of kept columns at a time, straight into the weight's dtype
+    new = torch.empty(d_out, len(kept), dtype=weight.dtype, device=weight.device)
+    for block in _blocks(len(kept), weight.device):
+        new[:, block] = (s_star * (q @ weight[:, kept[block]].to(dtype))).to(weight.dtype)
+    return Compensated(new, info=info)
+
+
 def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
              proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
              rank_rtol: float | None = None, target_cross: torch.Tensor | None = None,
@@ -182,49 +284,8 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     The relative errors before and after (``rel_error_uncompensated``, ``rel_error``) come
     from the same products, ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2 (Q is
     orthogonal), so no second pass over the Gram matrix is needed (``target_sq`` = ||Y||^2
-    with ``target_cross``).
+    with ``target_cross``). :func:`rotation_products` and :func:`rotation_solve` are the two
+    halves, for callers that free the Gram matrix in between.
     """
-    d_out = weight.shape[0]
-    w = weight.to(dtype)
-    g = gram.to(device=w.device, dtype=dtype)
-    kept = kept.to(w.device)
-    w_k = w[:, kept]
-    if target_cross is None:
-        wg_k, y2 = _gram_products(w, g, kept)
-    else:
-        wg_k = target_cross.to(device=w.device, dtype=dtype)[:, kept]
-        y2 = torch.tensor(float(target_sq) if target_sq is not None else float("nan"), dtype=dtype)
-    del w
-    m = wg_k @ w_k.T
-    del wg_k
-    z2 = _quadratic(w_k, g, kept)
-    y2 = float(y2.clamp_min(torch.finfo(dtype).tiny))
-
-    def rel_error(s_tr: float, s2: float) -> float:
-        return (y2 - 2 * s_tr + s2 * float(z2)) / y2
-
-    q, s = procrustes(m, proper=proper)
-    if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
-        rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
-    rank = int((s > s[0] * rank_rtol).sum()) if s[0] > 0 else 0
-    # Q W_K is determined by the data only on range(Z); it equals range(W_K) (rank
-    # min(d_out, |K|) generically) unless the calibration tokens do not span it.
-    needed = min(d_out, len(kept))
-    if rank < needed:
-        needed = min(needed, int(torch.linalg.matrix_rank(w_k)))
-    info: dict = {"rank": rank, "rank_needed": needed, "rel_error_uncompensated": rel_error(float(torch.trace(m)), 1.0)}
-    if (n_tokens is not None and n_tokens < needed) or rank < needed:
-        info["fallback"] = "none"
-        info["rel_error"] = info["rel_error_uncompensated"]
-        tokens = f", {n_tokens} calibration tokens" if n_tokens is not None else ""
-        info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
-                          f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
-        return Compensated(weight[:, kept].clone(), info=info)
-    new = q @ w_k
-    tr_qm = float(torch.trace(q.T @ m))
-    s_star = tr_qm / float(z2) if scale else 1.0
-    if scale:
-        info["scale"] = s_star
-        new = s_star * new
-    info["rel_error"] = rel_error(s_star * tr_qm, s_star**2)
-    return Compensated(new.to(weight.dtype), info=info)
+    products = rotation_products(weight, gram, kept, dtype=dtype, target_cross=target_cross, target_sq=target_sq)
+    return rotation_solve(weight, kept, products, scale=scale, proper=proper, n_tokens=n_tokens, rank_rtol=rank_rtol)

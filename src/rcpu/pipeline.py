@@ -222,9 +222,13 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         result = comp.ridge(weight, stats.gram, kept, float(cfg.resolved_ridge_lambda),
                             relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
     elif kind in ("rotation", "rotation_scale"):
-        result = comp.rotation(weight, stats.gram, kept, scale=kind == "rotation_scale",
-                               proper=cfg.rotation_proper, dtype=getattr(torch, cfg.rotation_dtype),
-                               n_tokens=stats.n, target_cross=stats.target_cross, target_sq=stats.target_sq)
+        products = comp.rotation_products(weight, stats.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
+                                          target_cross=stats.target_cross, target_sq=stats.target_sq)
+        # the rotation reports its own errors and needs nothing more of the Gram matrix: free
+        # it before the SVD (at 13B MLP widths it is the largest buffer of the layer)
+        stats.gram = stats.target_cross = None
+        result = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
+                                     proper=cfg.rotation_proper, n_tokens=stats.n)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind

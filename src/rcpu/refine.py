@@ -9,9 +9,9 @@ linear and closed-form. The query/key/value and gate/up projections feed nonline
 
 over the calibration batches adjusts every kept weight of the layer at once. The targets
 f_dense(h) are recomputed batch by batch from an unpruned copy of the layer, so no
-activations are stored. The optimisation runs in float32 on the layer's device whatever
-the model dtype (Adam on bfloat16 weights loses most small updates); the result is cast
-back. The error is measured before and after, on held-out calibration windows when
+activations are stored. The optimisation runs on a float32 copy of the pruned layer whatever
+the model dtype (Adam on bfloat16 weights loses most small updates) and the result is
+cast back; the unpruned copy runs in the model's dtype. The error is measured before and after, on held-out calibration windows when
 there are any, and the refinement is undone if it did not lower it, so it never makes
 a layer worse by the measure it reports.
 """
@@ -52,8 +52,8 @@ def relative_error(layer: nn.Module, dense: nn.Module, batches: list[Batch],
     """sum ||f(h) - f_dense(h)||^2 / sum ||f_dense(h) - h||^2 over ``batches`` (float64 sums)."""
     err = ref = 0.0
     for h, kw in batches:
+        target = forward(dense, h, kw).float()
         h, kw = _float32(h), _float32(kw)
-        target = forward(dense, h, kw)
         err += float((forward(layer, h, kw) - target).double().square().sum())
         ref += float((target - h).double().square().sum())
     return err / max(ref, torch.finfo(torch.float64).tiny)
@@ -72,7 +72,7 @@ def refine_layer(layer: nn.Module, dense: nn.Module, batches: list[Batch], *, ep
     t0 = time.perf_counter()
     check = heldout if heldout else batches
     work = _as_float32(layer)
-    ref = _as_float32(dense)
+    ref = dense  # runs in the model's dtype, as it would at inference; its outputs are cast
     before = relative_error(work, ref, check, forward)
     original = {k: v.detach().clone() for k, v in work.state_dict().items()}
     params = [p for p in work.parameters()]
@@ -86,9 +86,10 @@ def refine_layer(layer: nn.Module, dense: nn.Module, batches: list[Batch], *, ep
     with torch.enable_grad():
         for _ in range(epochs):
             for j in torch.randperm(len(batches), generator=gen).tolist():
+                with torch.no_grad():
+                    target = forward(ref, *batches[j]).float()
                 h, kw = _float32(batches[j][0]), _float32(batches[j][1])
                 with torch.no_grad():
-                    target = forward(ref, h, kw)
                     scale = (target - h).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
                 loss = (forward(work, h, kw) - target).square().sum() / scale
                 opt.zero_grad(set_to_none=True)

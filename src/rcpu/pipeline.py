@@ -357,27 +357,46 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                                                           resid_first, weights_first)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
-    # attention heads
     geom = adapter.geometry(layer)
-    attn_info: dict = {"stats": st_attn.summary()}
-    if greedy and plan.heads_removed(geom) > 0:
-        kept_heads, kept_kv, sel_info = _greedy_heads(o_proj.weight, st_attn, geom, plan, cfg)
-        attn_info.update(sel_info)
-    else:
-        scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
-        kept_heads, kept_kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
-    if len(kept_heads) < geom.num_heads:
-        kept_ch = head_channels(kept_heads, geom.head_dim)
-        res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, kept_ch, cfg, index, "o_proj", warnings,
-                        ho_attn)
-        adapter.prune_attention(layer, kept_heads, kept_kv, res.weight)
-        if res.bias is not None:
-            adapter.add_output_bias(o_proj, res.bias)
-        attn_info.update(res.info)
-    del st_attn
 
-    # MLP channels
-    if recapture:
+    def prune_heads() -> tuple[torch.Tensor, torch.Tensor, dict]:
+        info: dict = {"stats": st_attn.summary()}
+        if greedy and plan.heads_removed(geom) > 0:
+            heads, kv, sel_info = _greedy_heads(o_proj.weight, st_attn, geom, plan, cfg)
+            info.update(sel_info)
+        else:
+            scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
+            heads, kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
+        if len(heads) < geom.num_heads:
+            res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, head_channels(heads, geom.head_dim),
+                            cfg, index, "o_proj", warnings, ho_attn)
+            adapter.prune_attention(layer, heads, kv, res.weight)
+            if res.bias is not None:
+                adapter.add_output_bias(o_proj, res.bias)
+            info.update(res.info)
+        return heads, kv, info
+
+    def prune_channels(st_mlp: InputStats, ho_mlp: InputStats | None) -> tuple[torch.Tensor, dict]:
+        info: dict = {"stats": st_mlp.summary()}
+        if greedy and plan.channels_removed > 0:
+            res_sel = _greedy(down_proj.weight, st_mlp, torch.arange(down_proj.in_features)[:, None], cfg,
+                              n_remove=plan.channels_removed, block=cfg.selection_block)
+            channels = res_sel.kept
+            info.update({"selection": "greedy", "selection_error": res_sel.error})
+        else:
+            scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
+            channels = select_channels(scores, plan.channels_removed)
+        if len(channels) < down_proj.in_features:
+            res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, channels, cfg, index,
+                            "down_proj", warnings, ho_mlp)
+            adapter.prune_mlp(layer, channels, res.weight)
+            if res.bias is not None:
+                adapter.add_output_bias(down_proj, res.bias)
+            info.update(res.info)
+        return channels, info
+
+    if recapture:  # attention first, then the MLP's statistics again on the pruned attention
+        kept_heads, kept_kv, attn_info = prune_heads()
         twin_mlp = twin and {"mlp": adapter.mlp_out(twin)}
         resid_mlp = resid and {"mlp": resid["mlp"]}
         weights_mlp = weights and {"mlp": weights["mlp"]}
@@ -388,22 +407,13 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
                                    dense and dense["heldout"], twin_mlp, resid_mlp, weights_mlp)
             ho_mlp = stats["mlp"]
-    mlp_info: dict = {"stats": st_mlp.summary()}
-    if greedy and plan.channels_removed > 0:
-        res_sel = _greedy(down_proj.weight, st_mlp, torch.arange(down_proj.in_features)[:, None], cfg,
-                          n_remove=plan.channels_removed, block=cfg.selection_block)
-        kept_channels = res_sel.kept
-        mlp_info.update({"selection": "greedy", "selection_error": res_sel.error})
+        kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
     else:
-        scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
-        kept_channels = select_channels(scores, plan.channels_removed)
-    if len(kept_channels) < down_proj.in_features:
-        res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, kept_channels, cfg, index,
-                        "down_proj", warnings, ho_mlp)
-        adapter.prune_mlp(layer, kept_channels, res.weight)
-        if res.bias is not None:
-            adapter.add_output_bias(down_proj, res.bias)
-        mlp_info.update(res.info)
+        # Both sublayers' statistics come from the same pass, so neither choice depends on
+        # the other: the MLP goes first, and a rotation frees its Gram matrix (at MLP widths
+        # the largest buffer of the layer) before the attention's SVD needs its workspace.
+        kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
+        kept_heads, kept_kv, attn_info = prune_heads()
     del st_mlp, twin
     refine_info: dict = {}
     if reference is not None and (len(kept_heads) < geom.num_heads or plan.channels_removed > 0):

@@ -50,8 +50,9 @@ def test_refinement_lowers_the_heldout_error_it_reports():
     assert relative_error(layer, dense, held, _forward) == pytest.approx(log["rel_error_after"], rel=1e-5)
 
 
-def test_a_refinement_that_does_not_help_is_undone():
-    layer, dense, batches, held = _pruned_and_dense_layer()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_refinement_that_does_not_help_is_undone(dtype):
+    layer, dense, batches, held = _pruned_and_dense_layer(dtype)
     weights = {k: v.clone() for k, v in layer.state_dict().items()}
     log = refine_layer(layer, dense, batches, epochs=2, lr=10.0, seed=0, forward=_forward, heldout=held)
     assert not log["kept"] and log["rel_error_after"] > log["rel_error_before"]

@@ -74,7 +74,7 @@ def refine_layer(layer: nn.Module, dense: nn.Module, batches: list[Batch], *, ep
     work = _as_float32(layer)
     ref = dense  # runs in the model's dtype, as it would at inference; its outputs are cast
     before = relative_error(work, ref, check, forward)
-    original = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    original = {k: v.detach().clone() for k, v in work.state_dict().items()} if work is layer else None
     params = [p for p in work.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -103,11 +103,12 @@ def refine_layer(layer: nn.Module, dense: nn.Module, batches: list[Batch], *, ep
     after = relative_error(work, ref, check, forward)
     kept = after < before
     with torch.no_grad():
-        if not kept:
-            work.load_state_dict(original)
-        if work is not layer:
+        if work is layer and not kept:
+            layer.load_state_dict(original)
+        elif work is not layer and kept:  # cast the float32 copy back into the layer
+            refined = work.state_dict()
             for name, p in layer.state_dict().items():
-                p.copy_(work.state_dict()[name])
+                p.copy_(refined[name])
     return {"epochs": epochs, "lr": lr, "steps": total, "rel_error_before": before, "rel_error_after": after,
             "measured_on": "heldout" if heldout else "calibration", "kept": kept,
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -190,3 +190,22 @@ def test_ridge_auto_picks_lambda_on_heldout_windows():
             assert f"{info['lambda']:g}" == min(errors, key=errors.get)
             assert info["heldout_tokens"] == 8 * 32
     assert report.config["ridge_lambda"] == "auto" and report.calibration["heldout_windows"]["n"] == 8
+
+
+@pytest.mark.parametrize("method", ["rcpu", "ridge-auto"])
+def test_float32_gram_matrices_give_nearly_the_float64_result(method):
+    """--gram_dtype float32 halves the Gram matrices' memory; the pruned model must choose the
+    same units and stay within float32 rounding of the float64 run."""
+    windows, heldout = make_windows(), make_windows(8, 32, seed=7)
+    runs = {}
+    for dtype in ("float64", "float32"):
+        model = make_model("qwen2")
+        cfg = PruneConfig(method=method, pruning_ratio=0.5, gram_dtype=dtype)
+        _, report = prune(model, cfg, windows=windows, heldout_windows=heldout, device="cpu", progress=False)
+        runs[dtype] = (model, report)
+    (m64, r64), (m32, r32) = runs["float64"], runs["float32"]
+    for a, b in zip(r64.layers, r32.layers, strict=True):
+        assert a["kept_heads"] == b["kept_heads"] and a["kept_channels"] == b["kept_channels"]
+    x = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(m32(x).logits, m64(x).logits, rtol=1e-3, atol=1e-3)

@@ -33,6 +33,18 @@ def test_gram_and_target_products_accumulate_in_row_blocks(monkeypatch):
     torch.testing.assert_close(st.target_cross, yd.T @ xd, atol=1e-4, rtol=1e-6)
 
 
+def test_float32_gram_is_float32_and_close_to_float64():
+    x, y = torch.randn(4, 64, 10), torch.randn(4, 64, 7)
+    a, b = InputStats(10, with_gram=True), InputStats(10, with_gram=True, gram_dtype=torch.float32)
+    for st in (a, b):
+        for i in range(4):
+            st.update(x[i])
+            st.update_target(y[i], x[i])
+    assert b.gram.dtype == b.target_cross.dtype == torch.float32 and a.gram.dtype == torch.float64
+    torch.testing.assert_close(b.gram.double(), a.gram, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(b.target_cross.double(), a.target_cross, rtol=1e-5, atol=1e-4)
+
+
 def test_streaming_stats_equal_direct():
     x = _acts()
     st = _stats(x)

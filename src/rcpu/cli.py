@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "ridge_lambda_absolute", action="store_true", help="use --ridge_lambda as an absolute penalty")
     _add(p, "rotation_dtype", default=d.rotation_dtype, choices=["float32", "float64"],
          help="precision of the Procrustes SVD (reference code: float32)")
+    _add(p, "gram_dtype", default=d.gram_dtype, choices=["float64", "float32"],
+         help="precision the Gram matrices are kept in (float32 halves a layer's largest buffer: d_ff^2 "
+              "x 4 bytes instead of 8; solves still run in float64)")
     _add(p, "rotation_proper", action="store_true", help="restrict Q to rotations, det(Q) = +1 (SO(d))")
     _add(p, "head_unit", default=d.head_unit, choices=["auto", "query", "group"],
          help="GQA: remove query heads evenly from every KV group, or whole KV groups")
@@ -216,7 +219,7 @@ def _prune_config(args) -> PruneConfig:
         allocation=args.allocation, statistics=args.statistics,
         compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
         ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
-        ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype,
+        ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype, gram_dtype=args.gram_dtype,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
         selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,

@@ -40,7 +40,7 @@ class Compensated:
 
 
 #: rows / columns of G per block in the blocked products below (bounds their temporaries)
-_CHUNK = 2048
+_CHUNK = 1024
 
 
 def _blocks(n: int, device: torch.device) -> list[torch.Tensor]:
@@ -48,19 +48,24 @@ def _blocks(n: int, device: torch.device) -> list[torch.Tensor]:
 
 
 def _wg(w: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor,
-        w_cols: torch.Tensor | None = None) -> torch.Tensor:
-    """``W' @ G[rows][:, cols]`` in G's dtype, where W' is ``w`` (its columns matching ``rows``,
-    all of G's rows if None) or ``w[:, w_cols]``. W and G are converted and gathered one
-    block of rows at a time, so no full-precision copy of W and no copy of a large block of
-    G is ever made: at 13B MLP widths either would be over a GiB."""
+        w_cols: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W' @ G[rows][:, cols]`` in ``dtype`` (default G's), where W' is ``w`` (its columns
+    matching ``rows``, all of G's rows if None) or ``w[:, w_cols]``. W and G are converted
+    and gathered one block of rows at a time, so no full-precision copy of W or of G and no
+    copy of a large block of G is ever made: at 13B MLP widths each would be over a GiB."""
+    dtype = dtype or g.dtype
     n = g.shape[0] if rows is None else len(rows)
-    out = None
+    out = torch.zeros(w.shape[0], len(cols), dtype=dtype, device=g.device)
     for block in _blocks(n, g.device):
         g_rows = block if rows is None else rows[block]
         w_block = w[:, block] if w_cols is None else w[:, w_cols[block]]
-        part = w_block.to(g.dtype) @ g[g_rows[:, None], cols[None, :]]
-        out = part if out is None else out.add_(part)
+        out.addmm_(w_block.to(dtype), g[g_rows[:, None], cols[None, :]].to(dtype))
     return out
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) without the elementwise temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True
@@ -73,7 +78,7 @@ def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_en
     for cols in _blocks(g.shape[0], g.device):
         part = _wg(w, g, None, cols)
         if with_energy:
-            y2 += (part * w[:, cols].to(g.dtype)).sum()
+            y2 += _dot(part, w[:, cols].to(g.dtype))
         where = pos[cols]
         sel = where >= 0
         if bool(sel.any()):
@@ -81,14 +86,15 @@ def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_en
     return wg_k, y2
 
 
-def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """tr(B G[K, K] B^T) = ||B X_K||^2 in G's dtype, in blocks; B's columns match K, and
-    B = ``b[:, b_cols]`` when ``b_cols`` is given (without forming that copy)."""
-    total = torch.zeros((), dtype=g.dtype, device=g.device)
+def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: torch.Tensor | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """tr(B G[K, K] B^T) = ||B X_K||^2 in ``dtype`` (default G's), in blocks; B's columns
+    match K, and B = ``b[:, b_cols]`` when ``b_cols`` is given (without forming that copy)."""
+    dtype = dtype or g.dtype
+    total = torch.zeros((), dtype=dtype, device=g.device)
     for block in _blocks(len(kept), g.device):
         b_block = b[:, block] if b_cols is None else b[:, b_cols[block]]
-        total += (_wg(b, g, kept, kept[block], b_cols) * b_block.to(g.dtype)).sum()
+        total += _dot(_wg(b, g, kept, kept[block], b_cols, dtype), b_block.to(dtype))
     return total
 
 
@@ -202,7 +208,7 @@ def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tens
     """M = (W G)[:, K] W_K^T (or (Y X^T)[:, K] W_K^T), ||Y||^2 and ||Z||^2 = tr(W_K G_KK W_K^T),
     accumulated one block of G's columns at a time: no d_out x |K| product and no
     full-precision copy of W is held (at 13B MLP widths each is about half a GiB)."""
-    g = gram.to(device=weight.device, dtype=dtype)
+    g = gram.to(weight.device)  # any dtype: blocks are converted to ``dtype`` on the fly
     kept = kept.to(weight.device)
     d_out = weight.shape[0]
     m = torch.zeros(d_out, d_out, dtype=dtype, device=weight.device)
@@ -211,19 +217,21 @@ def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tens
         pos[kept] = torch.arange(len(kept), device=g.device)
         y2 = torch.zeros((), dtype=dtype, device=g.device)
         for cols in _blocks(g.shape[0], g.device):
-            part = _wg(weight, g, None, cols)
+            part = _wg(weight, g, None, cols, dtype=dtype)
             w_cols = weight[:, cols].to(dtype)
-            y2 += (part * w_cols).sum()
+            y2 += _dot(part, w_cols)
             sel = pos[cols] >= 0
-            if bool(sel.any()):
-                m += part[:, sel] @ w_cols[:, sel].T
+            if bool(sel.all()):
+                m.addmm_(part, w_cols.T)
+            elif bool(sel.any()):
+                m.addmm_(part[:, sel], w_cols[:, sel].T)
         y2 = float(y2)
     else:
         for block in _blocks(len(kept), g.device):
             cols = kept[block]
-            m += target_cross[:, cols].to(device=weight.device, dtype=dtype) @ weight[:, cols].to(dtype).T
+            m.addmm_(target_cross[:, cols].to(device=weight.device, dtype=dtype), weight[:, cols].to(dtype).T)
         y2 = float(target_sq) if target_sq is not None else float("nan")
-    z2 = float(_quadratic(weight, g, kept, b_cols=kept))
+    z2 = float(_quadratic(weight, g, kept, b_cols=kept, dtype=dtype))
     return RotationProducts(m, max(y2, torch.finfo(dtype).tiny), z2)
 
 

@@ -79,6 +79,7 @@ class PruneConfig:
     nholdout: int = 32
     ridge_lambda_relative: bool = True
     rotation_dtype: str = "float64"
+    gram_dtype: str = "float64"
     rotation_proper: bool = False
     head_unit: str = "auto"
     rebalance: bool = True
@@ -191,6 +192,8 @@ class PruneConfig:
                             f"got {self.resolved_token_weights!r}")
         if self.resolved_mlp_stats not in MLP_STATS:
             raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.resolved_mlp_stats!r}")
+        if self.gram_dtype not in ("float32", "float64"):
+            raise RcpuError(f"--gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
         if self.rotation_dtype not in ("float32", "float64"):
             raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
         lam = self.resolved_ridge_lambda

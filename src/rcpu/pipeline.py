@@ -259,7 +259,7 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
              dense_modules: dict[str, nn.Linear] | None = None,
              residuals: dict[str, tuple[nn.Module, nn.Module]] | None = None,
-             token_weights: dict[str, nn.Module] | None = None
+             token_weights: dict[str, nn.Module] | None = None, gram_dtype: torch.dtype = torch.float64
              ) -> tuple[dict[str, InputStats], list, list | None]:
     """Stream input statistics of ``modules`` over ``batches``. With a dense copy of the
     layer and its own inputs, every batch goes through the dense copy first and its
@@ -268,7 +268,7 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
     as the next layer's dense inputs. ``token_weights``: see :class:`StatsCollector`."""
     paired = dense_layer is not None
     with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None,
-                        token_weights) as col:
+                        token_weights, gram_dtype) as col:
         outs, dense_outs = [], [] if paired else None
         for i, (h, kw) in enumerate(batches):
             if paired:
@@ -327,6 +327,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     gram_attn = (kind in comp.NEEDS_GRAM and cfg.compensate_attn) or greedy
     gram_mlp = (kind in comp.NEEDS_GRAM and cfg.compensate_mlp) or greedy
     dense_stats = cfg.resolved_statistics == "dense"
+    gram_dtype = getattr(torch, cfg.gram_dtype)
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
     recapture = cfg.resolved_mlp_stats == "after_attention"
@@ -348,13 +349,13 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     weights_first = weights and {k: v for k, v in weights.items() if k in mods}
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
                                                 dense_stats, twin, dense and dense["calib"], twin_mods, resid_first,
-                                                weights_first)
+                                                weights_first, gram_dtype)
     st_attn, st_mlp = stats["attn"], stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None and (cfg.ridge_auto or dense_stats):  # dense statistics: the dense held-out outputs
         stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods,
-                                                          resid_first, weights_first)
+                                                          resid_first, weights_first, gram_dtype)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
 
     geom = adapter.geometry(layer)
@@ -401,11 +402,11 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         resid_mlp = resid and {"mlp": resid["mlp"]}
         weights_mlp = weights and {"mlp": weights["mlp"]}
         stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": gram_mlp}, batches, False, twin,
-                               dense and dense["calib"], twin_mlp, resid_mlp, weights_mlp)
+                               dense and dense["calib"], twin_mlp, resid_mlp, weights_mlp, gram_dtype)
         st_mlp = stats["mlp"]
         if heldout is not None and cfg.ridge_auto:
             stats, _, _ = _collect(layer, {"mlp": down_proj}, {"mlp": True}, heldout, False, twin,
-                                   dense and dense["heldout"], twin_mlp, resid_mlp, weights_mlp)
+                                   dense and dense["heldout"], twin_mlp, resid_mlp, weights_mlp, gram_dtype)
             ho_mlp = stats["mlp"]
         kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
     else:

@@ -24,7 +24,7 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     float32 and float64 temporaries are 2048 x d rather than d x d (at 13B MLP widths
     the full ones would add 2.3 GB to a 1.5 GB Gram matrix)."""
     for start in range(0, a.shape[1], _ROWS):
-        total[start:start + _ROWS] += (a[:, start:start + _ROWS].T @ b).double()
+        total[start:start + _ROWS] += (a[:, start:start + _ROWS].T @ b).to(total.dtype)
 
 
 @dataclass
@@ -39,6 +39,9 @@ class InputStats:
     m2: torch.Tensor | None = None  # sum of squared deviations from the running mean
     gram: torch.Tensor | None = None
     with_gram: bool = False
+    #: float64 by default; float32 halves the largest buffer of a layer (d_in^2) at a small
+    #: cost in accumulation precision (each batch's product is float32 either way)
+    gram_dtype: torch.dtype = torch.float64
     # dense-model targets: the target outputs Y of the same tokens (the dense sublayer's
     # W X_d, plus the residual-stream error for "residual" targets) enter only through
     # target_cross = Y X^T (d_out x d_in, streamed like the Gram) and target_sq = ||Y||_F^2
@@ -53,7 +56,7 @@ class InputStats:
             zeros = torch.zeros(self.d_in, dtype=torch.float64, device=x32.device)
             self.sum, self.sum_sq, self.sum_abs, self.m2 = (zeros.clone() for _ in range(4))
             if self.with_gram:
-                self.gram = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=x32.device)
+                self.gram = torch.zeros(self.d_in, self.d_in, dtype=self.gram_dtype, device=x32.device)
         n_a, n_b = self.n, x32.shape[0]
         # variance by Chan et al.'s pairwise update: batch moments are centred in fp32,
         # so channels with a large mean and small spread keep their precision
@@ -79,7 +82,7 @@ class InputStats:
             raise ValueError("target outputs and inputs of a sublayer must cover the same tokens")
         yw = y32 if weight is None else y32 * weight.reshape(-1, 1).to(y32)
         if self.target_cross is None:
-            self.target_cross = torch.zeros(y32.shape[1], self.d_in, dtype=torch.float64, device=x32.device)
+            self.target_cross = torch.zeros(y32.shape[1], self.d_in, dtype=self.gram_dtype, device=x32.device)
         _accumulate(self.target_cross, yw, x32)
         self.target_sq = (self.target_sq or 0.0) + float((yw.double() * y32.double()).sum())
 
@@ -155,8 +158,8 @@ class StatsCollector:
     def __init__(self, modules: dict[str, torch.nn.Linear], with_gram: dict[str, bool],
                  dense_modules: dict[str, torch.nn.Linear] | None = None,
                  residuals: dict[str, tuple[torch.nn.Module, torch.nn.Module]] | None = None,
-                 token_weights: dict[str, torch.nn.Module] | None = None):
-        self.stats = {name: InputStats(m.in_features, with_gram=with_gram.get(name, False))
+                 token_weights: dict[str, torch.nn.Module] | None = None, gram_dtype: torch.dtype = torch.float64):
+        self.stats = {name: InputStats(m.in_features, with_gram=with_gram.get(name, False), gram_dtype=gram_dtype)
                       for name, m in modules.items()}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_res: dict[str, torch.Tensor] = {}

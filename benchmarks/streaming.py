@@ -11,8 +11,9 @@ Parts (each stored in the JSON as it finishes; finished parts are skipped when r
   holding it; wanda-sp over the full depth, streamed, with 8 x 128 calibration tokens.
 - ``13b-rcpu``: rcpu (Gram matrices, SVD) on the first 3 layers of the same shapes, with the
   time per layer, the compensation (solve / SVD) share of it, and the extrapolation to 40 layers.
+- ``13b-rcpu-gram32``: the same with ``--gram_dtype float32`` (Gram matrices kept in float32).
 
-    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu] [--work DIR]
+    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-gram32] [--work DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "streaming" / "results.json"
-PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu")
+PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-gram32")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> dict:
@@ -132,11 +133,11 @@ def _dir_gb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9, 2)
 
 
-def part_13b(work: Path, method: str, layers: int) -> dict:
+def part_13b(work: Path, method: str, layers: int, *extra: str) -> dict:
     src = _make_13b(work, layers)
     out = work / f"13b-{method}-out"
     r = _run(_prune_cmd(str(src), out, "--method", method, "--pruning_ratio", "0.2", "--nsamples", "8",
-                        "--seqlen", "128", "--dtype", "bfloat16"))
+                        "--seqlen", "128", "--dtype", "bfloat16", *extra))
     prov = _prov(out)
     secs = [x["seconds"] for x in prov["layers"]]
     comp = [x["attn"].get("compensate_s", 0) + x["mlp"].get("compensate_s", 0) for x in prov["layers"]]
@@ -147,7 +148,8 @@ def part_13b(work: Path, method: str, layers: int) -> dict:
            "compensate_share": round(sum(comp) / sum(secs), 3) if sum(secs) else 0,
            "per_layer_peak_rss_mib": [x["memory"].get("peak_rss_mib") for x in prov["layers"]],
            "memory": prov["memory"], "params": {k: prov["params"][k] for k in ("total_before", "total_after")},
-           "settings": f"{method}, ratio 0.2, 8 x 128 calibration tokens, bfloat16, CPU, --eval none"}
+           "settings": f"{method}, ratio 0.2, 8 x 128 calibration tokens, bfloat16, CPU, --eval none"
+                       + "".join(f" {x}" for x in extra)}
     if layers < 40:
         res["extrapolated_40_layers_s"] = round(res["per_layer_s_mean"] * 40, 0)
     shutil.rmtree(out)
@@ -180,6 +182,8 @@ def main() -> None:
             results[part] = part_13b(work, "wanda-sp", 40)
         elif part == "13b-rcpu":
             results[part] = part_13b(work, "rcpu", 3)
+        elif part == "13b-rcpu-gram32":
+            results[part] = part_13b(work, "rcpu", 3, "--gram_dtype", "float32")
         else:
             raise SystemExit(f"unknown part {part}; choose from {', '.join(PARTS)}")
         tmp = OUT.with_name(OUT.name + ".partial")

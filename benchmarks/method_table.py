@@ -32,7 +32,8 @@ PARTS = {
                   "flap-ridge+token_weights=inverse_rms", "flap-ridge+token_weights=inverse_rms+targets=dense",
                   "flap-ridge+allocation=error",
                   "flap-ridge+allocation=error+selection_block=1+selection_lambda=0.1",
-                  "flap-ridge+allocation=loss", "obs-ridge"], [0.2]),
+                  "flap-ridge+allocation=loss", "flap-ridge+refine_epochs=2", "flap-ridge+refine_epochs=4",
+                  "obs-ridge"], [0.2]),
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale"], [0.2]),

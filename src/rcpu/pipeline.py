@@ -5,8 +5,11 @@ h = inputs of the first decoder layer for the calibration windows. For each laye
      input statistics (and Gram matrices when the compensation needs them);
   2. attention: score o_proj's input channels -> choose heads -> compensate o_proj -> slice;
   3. MLP: the same on down_proj (statistics from step 1 by default, as the reference
-     code does; ``mlp_stats="after_attention"`` re-captures them after step 2);
-  4. h <- pruned layer(h), so layer l+1 sees all pruning so far.
+     code does; ``mlp_stats="after_attention"`` re-captures them after step 2). With
+     statistics from step 1 the two steps do not depend on each other and run MLP first,
+     which frees the larger Gram matrix before the attention's SVD;
+  4. optionally, refine the whole layer towards its unpruned copy (rcpu.refine);
+  5. h <- pruned layer(h), so layer l+1 sees all pruning so far.
 Targets are the unpruned sublayer's outputs on already-pruned inputs.
 
 Only one layer is on the compute device at a time; per-layer results are small,

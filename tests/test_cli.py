@@ -87,3 +87,18 @@ def test_bad_model_and_existing_output(tiny_checkpoint, tmp_path):
     (tmp_path / "exists").mkdir()
     proc = _run(*_prune_args(tiny_checkpoint, "--save_model", str(tmp_path / "exists")))
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_refinement_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
+    out = tmp_path / "refined"
+    assert main(_prune_args(tiny_checkpoint, "--method", "ridge", "--pruning_ratio", "0.5", "--eval", "none",
+                            "--refine_epochs", "2", "--refine_lr", "5e-4", "--gram_dtype", "float32",
+                            "--save_model", str(out))) == 0
+    prov = json.loads((out / "rcpu_provenance.json").read_text())
+    cfg = prov["config"]
+    assert cfg["refine_epochs"] == 2 and cfg["refine_lr"] == 5e-4 and cfg["gram_dtype"] == "float32"
+    assert "heldout_windows" in prov["calibration"]
+    for layer in prov["layers"]:
+        log = layer["refine"]
+        assert log["epochs"] == 2 and log["measured_on"] == "heldout"
+        assert log["kept"] == (log["rel_error_after"] < log["rel_error_before"])

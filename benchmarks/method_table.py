@@ -2,7 +2,7 @@
 parts (flap-ridge): an ablation that adds one ingredient at a time to flap-ridge, and other
 combinations of shipped settings.
 
-    python benchmarks/method_table.py [--parts main,ablation,combinations] [--device cuda]
+    python benchmarks/method_table.py [--parts main,ablation,refinement,combinations] [--device cuda]
 
 Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
 tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). All parts
@@ -34,6 +34,8 @@ PARTS = {
                   "flap-ridge+allocation=error+selection_block=1+selection_lambda=0.1",
                   "flap-ridge+allocation=loss", "flap-ridge+refine_epochs=2", "flap-ridge+refine_epochs=4",
                   "obs-ridge"], [0.2]),
+    # layer refinement on top of flap-ridge at every ratio
+    "refinement": (["flap-ridge", "flap-ridge+refine_epochs=4"], [0.1, 0.2, 0.3]),
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale"], [0.2]),

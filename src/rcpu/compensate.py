@@ -68,18 +68,24 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
+def _column_blocks(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype):
+    """Per block of G's columns: W G[:, cols] and W[:, cols] in ``dtype``, and
+    each column's position in K (-1 for a dropped one). The one pass over G that both the
+    least-squares and the rotation products make."""
+    pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
+    pos[kept] = torch.arange(len(kept), device=g.device)
+    for cols in _blocks(g.shape[0], g.device):
+        yield _wg(w, g, None, cols, dtype=dtype), w[:, cols].to(dtype), pos[cols]
+
+
 def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(W G)[:, K] and tr(W G W^T) = ||W X||^2 in G's dtype, one block of G's columns at a time."""
-    pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
-    pos[kept] = torch.arange(len(kept), device=g.device)
     wg_k = torch.empty(w.shape[0], len(kept), dtype=g.dtype, device=g.device)
     y2 = torch.zeros((), dtype=g.dtype, device=g.device) if with_energy else None
-    for cols in _blocks(g.shape[0], g.device):
-        part = _wg(w, g, None, cols)
+    for part, w_cols, where in _column_blocks(w, g, kept, g.dtype):
         if with_energy:
-            y2 += _dot(part, w[:, cols].to(g.dtype))
-        where = pos[cols]
+            y2 += _dot(part, w_cols)
         sel = where >= 0
         if bool(sel.any()):
             wg_k[:, where[sel]] = part[:, sel]
@@ -213,14 +219,10 @@ def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tens
     d_out = weight.shape[0]
     m = torch.zeros(d_out, d_out, dtype=dtype, device=weight.device)
     if target_cross is None:
-        pos = torch.full((g.shape[0],), -1, dtype=torch.long, device=g.device)
-        pos[kept] = torch.arange(len(kept), device=g.device)
         y2 = torch.zeros((), dtype=dtype, device=g.device)
-        for cols in _blocks(g.shape[0], g.device):
-            part = _wg(weight, g, None, cols, dtype=dtype)
-            w_cols = weight[:, cols].to(dtype)
+        for part, w_cols, where in _column_blocks(weight, g, kept, dtype):
             y2 += _dot(part, w_cols)
-            sel = pos[cols] >= 0
+            sel = where >= 0
             if bool(sel.all()):
                 m.addmm_(part, w_cols.T)
             elif bool(sel.any()):

@@ -32,6 +32,7 @@ from . import obs, refine
 from .config import PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter
+from .nested import map_tensors
 from .report import LayerMemory
 from .scores import channel_scores, group_scores
 from .select import (
@@ -113,13 +114,7 @@ class _Catcher(nn.Module):
 
 
 def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -26,20 +26,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .nested import map_tensors
+
 Batch = tuple[torch.Tensor, dict]
 
 
 def _float32(obj):
     """Floating tensors (hidden states, rotary tables) in a batch's kwargs -> float32."""
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_float32(o) for o in obj)
-    if isinstance(obj, list):
-        return [_float32(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _float32(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def _as_float32(layer: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ absolute values, and optionally the Gram matrix G = X X^T. They are accumulated
 batch by batch so the calibration activations are never stored. Vectors are kept
 in float64; per-batch partial sums and the per-batch Gram are computed in float32
 (fast on every device) and added to float64 totals, so accumulation error does not
-grow with the token count.
+grow with the token count (the Gram total can be kept in float32 to halve its memory).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-#: rows of a float64 total per block in :func:`_accumulate`
+#: rows of a running total per block in :func:`_accumulate`
 _ROWS = 2048
 
 
 def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += A^T B (float32 product, float64 total), one block of rows at a time: the
-    float32 and float64 temporaries are 2048 x d rather than d x d (at 13B MLP widths
-    the full ones would add 2.3 GB to a 1.5 GB Gram matrix)."""
+    """total += A^T B (float32 product, added in the total's dtype), one block of rows at a
+    time: the temporaries are _ROWS x d rather than d x d (at 13B MLP widths the full
+    float32 and float64 ones would add 2.3 GB to a 1.5 GB Gram matrix)."""
     for start in range(0, a.shape[1], _ROWS):
         total[start:start + _ROWS] += (a[:, start:start + _ROWS].T @ b).to(total.dtype)
 

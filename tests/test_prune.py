@@ -209,3 +209,17 @@ def test_float32_gram_matrices_give_nearly_the_float64_result(method):
     x = make_windows(2, 16, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(m32(x).logits, m64(x).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_global_bias_compensation_on_qwen2_fails_before_calibration(monkeypatch):
+    """FLAP (global allocation, bias compensation) on Qwen2: the error comes before the
+    calibration pass and the scoring pass, not after them."""
+    import rcpu.api
+
+    def boom(*a, **k):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(rcpu.api, "capture_layer_inputs", boom)
+    with pytest.raises(RcpuError, match=r"bias compensation \(method flap\) needs output biases"):
+        prune(make_model("qwen2"), PruneConfig(method="flap", pruning_ratio=0.2), windows=make_windows(),
+              device="cpu", progress=False)

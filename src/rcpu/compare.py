@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import data, executors
-from .api import prune
+from .api import check_saveable, prune
 from .config import PRESETS, PruneConfig
 from .errors import RcpuError
 from .evaluate import perplexity
@@ -184,6 +184,9 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
 
     loaded = load_model(model_source, dtype=dtype, device="cpu")
     dense, tok = loaded.model, loaded.tokenizer
+    for kwargs in specs.values():  # settings this architecture cannot save fail now, not cells later
+        for ratio in ratios:
+            check_saveable(dense, PruneConfig(**kwargs, pruning_ratio=ratio))
     calib_ids = data.tokenize(tok, data.load_text(calib, "calib"))
     eval_ids = data.tokenize(tok, data.load_text(eval_source, "eval"))
     all_windows = data.calibration_windows(calib_ids, max(nsamples), seqlen, seed)

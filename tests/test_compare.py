@@ -131,22 +131,18 @@ def test_gpu_slots_follow_visible_devices(monkeypatch):
     assert callable(executors.make("gpus", torch.device("cuda"), gpus=[0]))
 
 
-def test_settings_the_architecture_cannot_save_fail_before_any_cell(tmp_path, monkeypatch):
-    """FLAP's bias compensation on Qwen2 (no o_proj/down_proj biases in its stock config): one
-    error up front, not after the cells before it (or its own scoring pass) have run."""
-    from conftest import make_model, make_text, make_tokenizer
 
-    src = tmp_path / "qwen2"
-    make_model("qwen2").save_pretrained(src)
-    make_tokenizer().save_pretrained(src)
-    (tmp_path / "text.txt").write_text(make_text())
-    text = str(tmp_path / "text.txt")
+def test_settings_the_architecture_cannot_save_fail_before_any_cell(tiny_checkpoint, tmp_path, monkeypatch):
+    """6 of 8 heads with bias compensation: LlamaConfig refuses 64 % 6 and the biases rule out
+    the Mistral remap. One error up front, not after the cells before it have run."""
+    text = str(tiny_checkpoint / "text.txt")
 
     def boom(*a, **k):
         raise AssertionError("a cell ran")
 
     monkeypatch.setattr(cmp, "run_cell", boom)
-    with pytest.raises(RcpuError, match=r"bias compensation \(method flap\) needs output biases.*qwen2"):
-        cmp.run_compare(str(src), ["wanda-sp", "flap"], [0.2], tmp_path / "out", calib=text, eval_source=text,
-                        nsamples=[8], seqlen=32, eval_seqlens=[32], progress=False)
+    with pytest.raises(RcpuError, match="cannot be saved as a stock llama checkpoint"):
+        cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp", "wanda-sp+compensation=bias"], [0.25],
+                        tmp_path / "out", calib=text, eval_source=text, nsamples=[8], seqlen=32, eval_seqlens=[32],
+                        progress=False)
     assert not (tmp_path / "out" / cmp.RESULTS).exists()

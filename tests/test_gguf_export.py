@@ -294,6 +294,25 @@ def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
         files.append(str(tmp_path / f"nonuniform-{family}.gguf"))
         expected.append(("f32", float(nll.exp())))
 
+    # o_proj / down_proj biases (bias compensation) on families whose configs cannot switch them on,
+    # with uniform widths (llama graph) and per-layer widths (deci graph)
+    for family, nonuniform in (("qwen2", False), ("mistral", False), ("qwen2", True)):
+        biased = tiny(family)
+        adapter = get_adapter(biased)
+        g = torch.Generator().manual_seed(3)
+        for i, layer in enumerate(adapter.layers):
+            if nonuniform and i == 0:
+                adapter.prune_attention(layer, torch.tensor([0, 1, 4, 5]), torch.tensor([0, 1]))
+            adapter.add_output_bias(adapter.attn_out(layer), torch.randn(64, generator=g) * 0.5)
+            adapter.add_output_bias(adapter.mlp_out(layer), torch.randn(64, generator=g) * 0.5)
+        with torch.no_grad():
+            logits = biased(x).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        path = tmp_path / f"biases-{family}-{'nonuniform' if nonuniform else 'uniform'}.gguf"
+        assert export_gguf(biased, bpe_tokenizer(), path, quant="f32").arch == ("deci" if nonuniform else "llama")
+        files.append(str(path))
+        expected.append(("f32", float(nll.exp())))
+
     job = {"models": files, "windows": x.tolist(), "prompts": ["the w"], "max_tokens": 4, "threads": 1}
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_eval.mjs"), str(tmp_path / "job.json"),

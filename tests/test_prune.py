@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model, make_windows
+from conftest import make_model, make_tokenizer, make_windows
 
 from rcpu import RcpuError
 from rcpu.api import prune
 from rcpu.config import PruneConfig
 from rcpu.export import PROVENANCE, save_pruned
+from rcpu.loading import load_model
 from rcpu.models import get_adapter
 
 
@@ -171,9 +172,23 @@ def test_unsupported_architecture():
         prune(gpt2, PruneConfig(), windows=make_windows())
 
 
-def test_bias_compensation_refused_where_checkpoint_cannot_carry_it():
-    with pytest.raises(RcpuError, match="bias compensation"):
-        prune(make_model("qwen2"), PruneConfig(method="wanda-sp", compensation="bias"), windows=make_windows())
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_bias_compensation_without_config_switches_uses_the_rcpu_config(family, tmp_path):
+    """Qwen2 / Mistral configs cannot switch on o_proj / down_proj biases: uniform widths with
+    FLAP's bias go to the rcpu config (two bias keys) and reload with the same logits."""
+    model, report = prune(make_model(family), PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5),
+                          windows=make_windows(), device="cpu", progress=False)
+    assert report.params["uniform"] and report.checkpoint["kind"] == "per-layer"
+    assert "o_proj / down_proj biases" in report.checkpoint["note"]
+    for layer in model.model.layers:
+        assert layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias is not None
+        assert layer.mlp.gate_proj.bias is None and (layer.self_attn.q_proj.bias is not None) == (family == "qwen2")
+    out = save_pruned(model, make_tokenizer(), tmp_path / "out", report.to_dict())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == f"rcpu_{family}" and cfg["o_proj_bias"] and cfg["down_proj_bias"]
+    x = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out)).model(x).logits, model(x).logits)
 
 
 def test_ridge_auto_picks_lambda_on_heldout_windows():
@@ -210,16 +225,3 @@ def test_float32_gram_matrices_give_nearly_the_float64_result(method):
     with torch.no_grad():
         torch.testing.assert_close(m32(x).logits, m64(x).logits, rtol=1e-3, atol=1e-3)
 
-
-def test_global_bias_compensation_on_qwen2_fails_before_calibration(monkeypatch):
-    """FLAP (global allocation, bias compensation) on Qwen2: the error comes before the
-    calibration pass and the scoring pass, not after them."""
-    import rcpu.api
-
-    def boom(*a, **k):
-        raise AssertionError("calibration ran")
-
-    monkeypatch.setattr(rcpu.api, "capture_layer_inputs", boom)
-    with pytest.raises(RcpuError, match=r"bias compensation \(method flap\) needs output biases"):
-        prune(make_model("qwen2"), PruneConfig(method="flap", pruning_ratio=0.2), windows=make_windows(),
-              device="cpu", progress=False)

@@ -98,19 +98,13 @@ def planned_shape(shape: LayerShape, plan: LayerPlan) -> LayerShape:
 
 
 def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | None = None,
-                   adapter: DecoderAdapter | None = None) -> SavedFormat | None:
+                   adapter: DecoderAdapter | None = None) -> SavedFormat:
     """Build and validate the config the pruned model will be saved with, before any layer
     is pruned; RcpuError if no stock (or per-layer) config can carry it. Without ``plans``
-    the uniform plan is used; a non-uniform allocation then gets only the checks that hold
-    for any plan (None is returned), and its shapes are checked once its plans exist."""
+    the uniform plan is used (global allocation is checked once its plans exist)."""
     adapter = adapter or get_adapter(model)
-    if cfg.resolved_compensation == "bias" and not adapter.output_bias_switches:
-        raise RcpuError(f"bias compensation (method {cfg.method}) needs output biases, which a stock "
-                        f"{adapter.name} checkpoint cannot carry; choose another --compensation")
     layers = adapter.layers
     if plans is None:
-        if cfg.resolved_allocation != "uniform":
-            return None
         shape = adapter.layer_shape(layers[0])
         plans = [plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)] * len(layers)
     shapes = [planned_shape(adapter.layer_shape(layer), plan) for layer, plan in zip(layers, plans, strict=True)]
@@ -201,7 +195,8 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         loaded = load_model(model)
         model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
     device = resolve_device(device)
 
     windows, heldout_windows, calib_info = resolve_windows(cfg, tokenizer, calib, windows, heldout_windows)

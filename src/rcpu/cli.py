@@ -287,7 +287,8 @@ def cmd_prune(args) -> int:
     model, tok = loaded.model, loaded.tokenizer
     check_seqlen(model.config, cfg.seqlen)
     check_seqlen(model.config, args.eval_seqlen, "--eval_seqlen")
-    check_saveable(model, cfg)  # an unsaveable setting fails now, not after the run
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg)  # an unsaveable setting fails now, not after the run
     print(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
           f"{count_params(model):,} parameters, {args.dtype}, device {device}")
     eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)

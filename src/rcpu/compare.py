@@ -184,9 +184,11 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
 
     loaded = load_model(model_source, dtype=dtype, device="cpu")
     dense, tok = loaded.model, loaded.tokenizer
-    for kwargs in specs.values():  # settings this architecture cannot save fail now, not cells later
+    for kwargs in specs.values():  # uniform widths this architecture cannot save fail now, not cells later
         for ratio in ratios:
-            check_saveable(dense, PruneConfig(**kwargs, pruning_ratio=ratio))
+            cfg = PruneConfig(**kwargs, pruning_ratio=ratio)
+            if cfg.resolved_allocation == "uniform":
+                check_saveable(dense, cfg)
     calib_ids = data.tokenize(tok, data.load_text(calib, "calib"))
     eval_ids = data.tokenize(tok, data.load_text(eval_source, "eval"))
     all_windows = data.calibration_windows(calib_ids, max(nsamples), seqlen, seed)

@@ -389,9 +389,14 @@ def export_gguf(
     widths = _layer_widths(model)
     head_dim = model.model.layers[0].self_attn.head_dim
     hidden_size = int(config.hidden_size)
-    if arch == gguf.MODEL_ARCH.QWEN2 and any(w["num_attention_heads"] * head_dim != hidden_size for w in widths):
-        # llama.cpp's qwen2 graph sizes q/o as hidden x hidden, so pruned heads do not fit it; its llama
-        # graph takes the same weights (with q/k biases) once q/k rows are in llama's RoPE order.
+    layers = model.model.layers
+    o_bias = any(layer.self_attn.o_proj.bias is not None for layer in layers)
+    down_bias = any(layer.mlp.down_proj.bias is not None for layer in layers)
+    if arch == gguf.MODEL_ARCH.QWEN2 and (o_bias or down_bias
+                                          or any(w["num_attention_heads"] * head_dim != hidden_size for w in widths)):
+        # llama.cpp's qwen2 graph sizes q/o as hidden x hidden, so pruned heads do not fit it, and it has
+        # no o_proj / down_proj biases (bias compensation); its llama graph takes the same weights (with
+        # q/k biases, optional output biases) once q/k rows are in llama's RoPE order.
         arch, permute = gguf.MODEL_ARCH.LLAMA, True
     uniform = len({tuple(w.values()) for w in widths}) <= 1
     if not uniform:
@@ -467,7 +472,7 @@ def export_gguf(
 
         fallbacks: list[dict] = []
         expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]] = {}
-        zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2
+        zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2 and not o_bias
         for tname, data in _tensor_plan(model, arch, permute, widths, zero_o_bias):
             stored, stype = _quantise(tname, data, qtype, fallbacks)
             writer.add_tensor(tname, stored, raw_dtype=stype if stype in (_Q.BF16, *_BLOCK_TYPES) else None)

@@ -5,7 +5,9 @@ MLP channels for all layers. When they differ per layer, the checkpoint gets an
 ``rcpu_<family>`` config with three per-layer lists and the small modeling file
 ``remote/modeling_rcpu.py`` (stock classes plus per-layer projection shapes), so it
 loads with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
-without rcpu. Without ``trust_remote_code`` transformers refuses to load it.
+without rcpu. Without ``trust_remote_code`` transformers refuses to load it. The same
+format carries o_proj / down_proj biases that a Mistral or Qwen2 config cannot switch on
+(``o_proj_bias`` / ``down_proj_bias``), with per-layer or uniform widths.
 
 Usage: ``model.save_pretrained(d)`` then ``prepare_nonuniform_save(model, d)``.
 """
@@ -69,13 +71,32 @@ def is_uniform(model: nn.Module) -> bool:
     return len({tuple(w.values()) for w in layer_widths(model)}) <= 1
 
 
-def _check_bias_layout(model: nn.Module) -> None:
-    """The loaded model gets the biases the stock layer builds from the config; refuse
-    to write a checkpoint whose weights would not match them (dropped or random biases)."""
+#: output projections the rcpu config can give a bias where the stock config cannot
+OUTPUT_BIAS_KEYS = {"self_attn.o_proj": "o_proj_bias", "mlp.down_proj": "down_proj_bias"}
+
+
+def extra_output_biases(model: nn.Module) -> dict[str, bool]:
+    """``o_proj_bias`` / ``down_proj_bias`` for the rcpu config: True where some layer's
+    o_proj / down_proj has a bias that the stock layer built from the config lacks
+    (bias compensation on Mistral or Qwen2, whose configs have no switch for it)."""
+    layers = model.model.layers
+    with torch.device("meta"):
+        ref = type(layers[0])(model.config, 0)
+    return {key: ref.get_submodule(name).bias is None
+            and any(layer.get_submodule(name).bias is not None for layer in layers)
+            for name, key in OUTPUT_BIAS_KEYS.items()}
+
+
+def _check_bias_layout(model: nn.Module, extra: dict[str, bool]) -> None:
+    """The loaded model gets the biases the stock layer builds from the config (plus the
+    ``extra`` output biases); refuse to write a checkpoint whose weights would not match
+    them (dropped or random biases)."""
     layers = model.model.layers
     with torch.device("meta"):
         ref = type(layers[0])(model.config, 0)
     expected = {name: ref.get_submodule(name).bias is not None for name in PROJECTIONS}
+    for name, key in OUTPUT_BIAS_KEYS.items():
+        expected[name] = expected[name] or extra.get(key, False)
     for i, layer in enumerate(layers):
         for name, want in expected.items():
             if (layer.get_submodule(name).bias is not None) != want:
@@ -98,7 +119,8 @@ def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
         raise FileNotFoundError(f"{config_path} not found; call model.save_pretrained({str(save_dir)!r}) first")
     widths = layer_widths(model)
     head_dim = _head_dim(model)
-    _check_bias_layout(model)
+    extra = extra_output_biases(model)
+    _check_bias_layout(model, extra)
 
     cfg = json.loads(config_path.read_text())
     if cfg.get("num_hidden_layers") != len(widths):
@@ -114,6 +136,7 @@ def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
         "layer_num_attention_heads": [w["num_attention_heads"] for w in widths],
         "layer_num_key_value_heads": [w["num_key_value_heads"] for w in widths],
         "layer_intermediate_size": [w["intermediate_size"] for w in widths],
+        **{key: True for key, on in extra.items() if on},
     })
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(MODELING_FILE, save_dir / MODELING_FILE.name)
@@ -135,7 +158,10 @@ def prepare_uniform_save(model: nn.Module, save_dir: str | Path) -> None:
     base = _base_model_type(model)
     cfg["model_type"] = base
     cfg["architectures"] = [STOCK_CLASSES[base]]
-    for key in ("auto_map", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size"):
+    if any(extra_output_biases(model).values()):
+        raise ValueError("o_proj / down_proj biases that the stock config cannot switch on need the rcpu config")
+    for key in ("auto_map", "layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size",
+                *OUTPUT_BIAS_KEYS.values()):
         cfg.pop(key, None)
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (save_dir / MODELING_FILE.name).unlink(missing_ok=True)

@@ -254,7 +254,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
               else SafetensorsCheckpoint(src, dtype))
     adapter = get_adapter(model)
-    check_saveable(model, cfg, adapter=adapter)  # fail fast
+    if cfg.resolved_allocation == "uniform":
+        check_saveable(model, cfg, adapter=adapter)  # fail fast
     dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
     params_before = count_params(model)
 

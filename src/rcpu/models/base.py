@@ -40,8 +40,8 @@ class DecoderAdapter:
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: whether the stock config can switch on output biases of o_proj / down_proj
-    #: (needed to save FLAP-style bias compensation as a standard checkpoint)
+    #: whether the stock config can switch on output biases of o_proj / down_proj; without
+    #: switches, FLAP-style bias compensation is saved with the rcpu modeling file
     output_bias_switches: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
@@ -152,13 +152,18 @@ class DecoderAdapter:
             shapes = [self.layer_shape(layer) for layer in self.layers]
         if attn_bias is None or mlp_bias is None:
             attn_bias, mlp_bias = self.output_biases()
-        return saved_format(self.config, shapes, attn_bias, mlp_bias)
+        return saved_format(self.config, shapes, attn_bias, mlp_bias, self.output_bias_switches)
 
     def finalize_layer(self, layer: nn.Module, attn_bias: bool, mlp_bias: bool) -> None:
-        """Give one layer the (zero) biases that the config's bias switches will build."""
-        if (attn_bias or mlp_bias) and not self.output_bias_switches:
-            raise ValueError(f"{self.name} checkpoints cannot carry output biases")
+        """Give one layer the (zero) biases that the saved config will build: every
+        projection of the sublayer with the config's bias switches, else o_proj / down_proj."""
         attn, mlp = self.attn(layer), self.mlp(layer)
+        if not self.output_bias_switches:
+            if attn_bias:
+                _ensure_bias(attn.o_proj)
+            if mlp_bias:
+                _ensure_bias(mlp.down_proj)
+            return
         if attn_bias:
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 _ensure_bias(lin)
@@ -200,5 +205,6 @@ class DecoderAdapter:
         if attn_bias or mlp_bias:
             for layer in layers:
                 self.finalize_layer(layer, attn_bias, mlp_bias)
-            cfg.attention_bias = cfg.attention_bias or attn_bias
-            cfg.mlp_bias = getattr(cfg, "mlp_bias", False) or mlp_bias
+            if self.output_bias_switches:  # otherwise the saved rcpu config says so (nonuniform.py)
+                cfg.attention_bias = cfg.attention_bias or attn_bias
+                cfg.mlp_bias = getattr(cfg, "mlp_bias", False) or mlp_bias

@@ -16,7 +16,8 @@ with an indivisible head count is refused before any layer is pruned.
 
 Per-layer widths (global allocation) are saved with the ``rcpu_<family>`` config (see
 :mod:`rcpu.nonuniform`), whose top-level widths are the unpruned ones; only its bias
-switches change, and the check covers them.
+switches change, and the check covers them. So are o_proj / down_proj biases on a family
+whose config cannot switch them on (Mistral, Qwen2), even with uniform widths.
 """
 
 from __future__ import annotations
@@ -72,23 +73,27 @@ def mistral_equivalent(config: PretrainedConfig) -> MistralConfig:
     return mistral
 
 
-def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: bool, mlp_bias: bool
-                 ) -> SavedFormat:
+def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: bool, mlp_bias: bool,
+                 bias_switches: bool = True) -> SavedFormat:
     """The config a model with layer shapes ``shapes`` will be saved with; RcpuError when
     no stock config can carry it. ``attn_bias`` / ``mlp_bias``: whether o_proj / down_proj
-    will have biases (compensation adds them), which needs the config's bias switches."""
+    will have biases (compensation adds them). With ``bias_switches`` the config's switches
+    carry them; without (Mistral, Qwen2) only the rcpu modeling file can."""
     cfg = copy.deepcopy(config)
-    if attn_bias:
+    if bias_switches and attn_bias:
         cfg.attention_bias = True
-    if mlp_bias:
+    if bias_switches and mlp_bias:
         cfg.mlp_bias = True
     uniform = len({(s.attn, s.intermediate_size) for s in shapes}) == 1
-    if not uniform:
+    extra_biases = (attn_bias or mlp_bias) and not bias_switches
+    if not uniform or extra_biases:
         error = _validate(cfg)
         if error:
             raise RcpuError(f"the pruned {cfg.model_type} config would be refused by transformers ({error})")
-        return SavedFormat(cfg, "per-layer", "per-layer widths: saved with the rcpu modeling file "
-                                             "(trust_remote_code=True)")
+        what = "per-layer widths" if not uniform else (
+            f"o_proj / down_proj biases, which a stock {cfg.model_type.removeprefix('rcpu_')} config cannot "
+            "switch on")
+        return SavedFormat(cfg, "per-layer", f"{what}: saved with the rcpu modeling file (trust_remote_code=True)")
     geom, d_ff = shapes[0].attn, shapes[0].intermediate_size
     cfg.num_attention_heads = geom.num_heads
     cfg.num_key_value_heads = geom.num_kv_heads

@@ -2,7 +2,9 @@
 
 They share module names; they differ in which biases exist and which the config
 can switch on. Qwen2 has q/k/v biases (sliced with their rows, handled by the base)
-and no switch for o_proj/down_proj biases; Mistral has no bias switches at all.
+and no switch for o_proj/down_proj biases; Mistral has no bias switches at all. Their
+output biases (bias compensation) are saved with the rcpu config (``o_proj_bias`` /
+``down_proj_bias``, see :mod:`rcpu.nonuniform`).
 """
 
 from __future__ import annotations

@@ -89,14 +89,18 @@ def test_bad_model_and_existing_output(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
 
 
-def test_refinement_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
+def test_refinement_intercept_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
     out = tmp_path / "refined"
     assert main(_prune_args(tiny_checkpoint, "--method", "ridge", "--pruning_ratio", "0.5", "--eval", "none",
                             "--refine_epochs", "2", "--refine_lr", "5e-4", "--gram_dtype", "float32",
-                            "--save_model", str(out))) == 0
+                            "--intercept", "--save_model", str(out))) == 0
     prov = json.loads((out / "rcpu_provenance.json").read_text())
     cfg = prov["config"]
     assert cfg["refine_epochs"] == 2 and cfg["refine_lr"] == 5e-4 and cfg["gram_dtype"] == "float32"
+    assert cfg["intercept"] is True
+    assert all(layer[part]["intercept"] for layer in prov["layers"] for part in ("attn", "mlp"))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["attention_bias"] and saved["mlp_bias"]  # the fitted intercepts, on a Llama
     assert "heldout_windows" in prov["calibration"]
     for layer in prov["layers"]:
         log = layer["refine"]

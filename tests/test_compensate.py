@@ -102,7 +102,7 @@ def test_ridge_shrinks_to_original_weights():
     w, x = _data()
     kept = torch.arange(0, 20, 3)
     res = comp.ridge(w, x.T @ x, kept, 1e12, relative=True)
-    torch.testing.assert_close(res.weight, w[:, kept], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(res.weight, w[:, kept], atol=1e-9, rtol=1e-9)
 
 
 def test_bias_shift_is_mean_of_dropped_outputs():
@@ -175,3 +175,81 @@ def test_rotation_reports_the_errors_reconstruction_errors_computes(scale):
     assert res.info["rel_error_uncompensated"] == pytest.approx(before, rel=1e-9)
     assert res.info["rel_error"] == pytest.approx(after, rel=1e-9)
     assert res.info["rel_error"] < res.info["rel_error_uncompensated"]
+
+
+def _stats(x: torch.Tensor) -> InputStats:
+    """Exact float64 moments of stored activations (streaming accumulation has its own tests)."""
+    return InputStats(x.shape[1], n=len(x), sum=x.sum(0), gram=x.T @ x, with_gram=True)
+
+
+def _with_intercept(kind: str, w: torch.Tensor, stats: InputStats, kept: torch.Tensor, **cfg_kw):
+    from rcpu.config import PruneConfig
+    from rcpu.pipeline import _compensate
+
+    cfg = PruneConfig(method="ridge", compensation=kind, intercept=True, **cfg_kw)
+    return _compensate(kind, w, stats, kept, cfg)
+
+
+def test_intercept_equals_least_squares_with_a_constant_feature():
+    """--intercept with ridge at lambda 0: the direct solve of Y on [X_K; 1] from stored activations."""
+    w, x = _data()
+    kept = torch.tensor([0, 1, 3, 4, 6, 9, 10, 12, 15, 16, 18, 19])
+    res = _with_intercept("ridge", w, _stats(x), kept, ridge_lambda=0.0)
+    xd = x
+    design = torch.cat([xd[:, kept], torch.ones(len(xd), 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, xd @ w.T).solution.T  # d_out x (|K| + 1)
+    torch.testing.assert_close(res.weight, sol[:, :-1], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(res.bias, sol[:, -1], atol=1e-9, rtol=1e-9)
+    y, fitted = xd @ w.T, xd[:, kept] @ res.weight.T + res.bias
+    direct = float((y - fitted).square().sum() / y.square().sum())
+    assert res.info["intercept"] and res.info["rel_error"] == pytest.approx(direct, rel=1e-9)
+    without = comp.ridge(w, _stats(x).gram, kept, 0.0, relative=False)
+    assert direct < _objective(w, xd, kept, without.weight) / float(y.square().sum())
+
+
+@pytest.mark.parametrize("kind", ["rotation", "rotation_scale"])
+def test_rotation_with_intercept_is_procrustes_on_centred_outputs(kind):
+    """Rotation plus translation: Q (and s) from the centred Y and Z, c = mean(Y) - s Q mean(Z)."""
+    w, x = _data(d_out=8, d_in=14, n=500, seed=2)
+    kept = torch.tensor([0, 1, 2, 4, 6, 7, 9, 11, 12, 13])
+    res = _with_intercept(kind, w, _stats(x), kept)
+    xd = x
+    y, z = xd @ w.T, xd[:, kept] @ w[:, kept].T
+    yc, zc = y - y.mean(0), z - z.mean(0)
+    u, _, vh = torch.linalg.svd(yc.T @ zc)
+    q = u @ vh
+    s = float(torch.trace(q.T @ (yc.T @ zc)) / zc.square().sum()) if kind == "rotation_scale" else 1.0
+    torch.testing.assert_close(res.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(res.bias, y.mean(0) - s * (z.mean(0) @ q.T), atol=1e-9, rtol=1e-9)
+    fitted = xd[:, kept] @ res.weight.T + res.bias
+    assert res.info["rel_error"] == pytest.approx(float((y - fitted).square().sum() / y.square().sum()), rel=1e-9)
+    assert res.info["rel_error_uncompensated"] == pytest.approx(
+        float((y - z).square().sum() / y.square().sum()), rel=1e-9)
+
+
+def test_reconstruction_errors_with_biases_match_direct():
+    w, x = _data(seed=4)
+    kept = torch.arange(0, 20, 2)
+    g = torch.Generator().manual_seed(5)
+    cands = [torch.randn(12, 10, generator=g, dtype=torch.float64) for _ in range(2)]
+    biases = [None, torch.randn(12, generator=g, dtype=torch.float64)]
+    got = comp.reconstruction_errors(w, x.T @ x, kept, cands, biases=biases, mean=x.mean(0), n=len(x))
+    y = x @ w.T
+    for err, b, c in zip(got, cands, biases, strict=True):
+        fitted = x[:, kept] @ b.T + (0 if c is None else c)
+        assert err == pytest.approx(float((y - fitted).square().sum() / y.square().sum()), rel=1e-10)
+    with pytest.raises(ValueError, match="mean and count"):
+        comp.reconstruction_errors(w, x.T @ x, kept, cands, biases=biases)
+
+
+def test_intercept_settings_are_validated():
+    from rcpu import RcpuError
+    from rcpu.config import PruneConfig
+
+    for kw, msg in [({"method": "flap", "intercept": True}, "bias compensation fits a bias alone"),
+                    ({"method": "wanda-sp", "intercept": True}, "not none"),
+                    ({"method": "ridge", "intercept": True, "targets": "dense"}, "--targets sequential"),
+                    ({"method": "ridge", "intercept": True, "token_weights": "inverse_rms"}, "--token_weights none")]:
+        with pytest.raises(RcpuError, match=msg):
+            PruneConfig(**kw).validate()
+    PruneConfig(method="flap-ridge", intercept=True).validate()

@@ -65,7 +65,10 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
                                                  ("llama", "ridge+refine_epochs=2", torch.bfloat16),
                                                  # output biases on families without bias switches
                                                  ("qwen2", "flap", torch.float32),
-                                                 ("mistral", "wanda-sp+compensation=bias", torch.bfloat16)])
+                                                 ("mistral", "wanda-sp+compensation=bias", torch.bfloat16),
+                                                 # fitted intercepts (output biases) with ridge and rotation
+                                                 ("qwen2", "flap-ridge+intercept=true", torch.float32),
+                                                 ("llama", "rcpu+intercept=true", torch.bfloat16)])
 def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family == "llama" else {}

@@ -114,9 +114,9 @@ def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | 
 
 def planned_biases(adapter: DecoderAdapter, cfg: PruneConfig, plans: list[LayerPlan]) -> tuple[bool, bool]:
     """Whether o_proj / down_proj will carry biases once pruned: the source's own, or bias
-    compensation of a sublayer that loses units in some layer."""
+    compensation (or a fitted intercept) of a sublayer that loses units in some layer."""
     layers = adapter.layers
-    bias = cfg.resolved_compensation == "bias"
+    bias = cfg.resolved_compensation == "bias" or cfg.intercept
     heads_go = any(plan.heads_removed(adapter.geometry(layer)) > 0 for layer, plan in zip(layers, plans, strict=True))
     channels_go = any(plan.channels_removed > 0 for plan in plans)
     src_attn, src_mlp = adapter.output_biases()

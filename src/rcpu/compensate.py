@@ -106,10 +106,15 @@ def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: tor
 
 def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
                           candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
-                          target_sq: float | None = None) -> list[float]:
+                          target_sq: float | None = None, biases: list[torch.Tensor | None] | None = None,
+                          mean: torch.Tensor | None = None, n: int | None = None) -> list[float]:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for each B in ``candidates``, from the Gram matrix
     alone; W G and ||Y||^2 are formed once for all candidates. With ``target_cross``
-    (= Y X^T) and ``target_sq`` (= ||Y||^2) the target is that Y instead of W X."""
+    (= Y X^T) and ``target_sq`` (= ||Y||^2) the target is that Y instead of W X.
+
+    ``biases`` (one per candidate, or None) adds an output bias c to B X_K; the error then
+    needs the inputs' ``mean`` and token count ``n`` as well:
+    ||E - c 1^T||^2 = ||E||^2 - 2 n c^T (W mu - B mu_K) + n ||c||^2 with E = W X - B X_K."""
     w = weight.double()
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
@@ -119,11 +124,34 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
         wg_k = target_cross.to(w.device).double()[:, kept]
         y2 = torch.tensor(float(target_sq), dtype=torch.float64, device=w.device)
     y2 = y2.clamp_min(torch.finfo(torch.float64).tiny)
+    if biases is not None and (target_cross is not None or mean is None or n is None):
+        raise ValueError("errors with biases need the inputs' mean and count, and W X as the target")
     out = []
-    for b in candidates:
+    for i, b in enumerate(candidates):
         b = b.to(w.device).double()
-        out.append(float((y2 - 2 * (wg_k * b).sum() + _quadratic(b, g, kept)) / y2))
+        err = y2 - 2 * (wg_k * b).sum() + _quadratic(b, g, kept)
+        c = biases[i] if biases is not None else None
+        if c is not None:
+            mu = mean.to(w.device).double()
+            c = c.to(w.device).double()
+            err = err + n * (c.dot(c) - 2 * c.dot(w @ mu - b @ mu[kept]))
+        out.append(float(err / y2))
     return out
+
+
+def centred_gram(gram: torch.Tensor, mean: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_t (x_t - mu)(x_t - mu)^T = G - n mu mu^T, in float64 (a new matrix): least squares
+    (or Procrustes) on it, plus the intercept of :func:`intercept`, fits B X_K + c."""
+    mu = mean.to(gram.device).double()
+    return gram.to(torch.float64, copy=True).addr_(mu, mu, alpha=-float(n))
+
+
+def intercept(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor, new_kept: torch.Tensor) -> torch.Tensor:
+    """The optimal output bias for kept columns ``new_kept`` fitted on centred inputs:
+    c = W mu - B mu_K (the mean residual), in the weight's dtype."""
+    mu = mean.to(weight.device).double()
+    kept = kept.to(weight.device)
+    return (weight.double() @ mu - new_kept.double() @ mu[kept]).to(weight.dtype)
 
 
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,

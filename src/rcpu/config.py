@@ -89,6 +89,8 @@ class PruneConfig:
     selection_block: int = 32
     targets: str | None = None
     token_weights: str | None = None
+    #: fit an output bias with the least-squares / rotation compensation (on centred statistics)
+    intercept: bool = False
     refine_epochs: int = 0
     refine_lr: float = 1e-3
     round_to: int = 1
@@ -183,6 +185,12 @@ class PruneConfig:
         if targets != "sequential" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
             raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation "
                             "(ridge, rotation, rotation_scale)")
+        if self.intercept and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
+            raise RcpuError(f"--intercept needs a least-squares or rotation compensation (ridge, rotation, "
+                            f"rotation_scale), not {self.resolved_compensation}; bias compensation fits a bias alone")
+        if self.intercept and (targets != "sequential" or self.resolved_token_weights != "none"):
+            raise RcpuError("--intercept needs --targets sequential and --token_weights none (it centres the "
+                            "statistics with the inputs' unweighted mean)")
         if not (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0):
             raise RcpuError(f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
         if self.head_unit not in HEAD_UNITS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -193,13 +193,21 @@ def hidden_state_storage(placement: str, device: torch.device, n_tokens: int, hi
 
 
 def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
-                cfg: PruneConfig) -> comp.Compensated:
+                cfg: PruneConfig, mean: torch.Tensor | None = None) -> comp.Compensated:
     """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
-    held-out calibration windows (their own Gram matrix), never on evaluation text."""
+    held-out calibration windows (their own Gram matrix), never on evaluation text. With
+    ``mean`` (the calibration inputs' mean; ``stats`` then holds the centred Gram matrix)
+    each candidate gets its intercept, and the held-out error counts it."""
     cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
                             target_cross=stats.target_cross)
+    biases = None
+    if mean is not None:
+        for c in cands:
+            c.bias = comp.intercept(weight, mean, kept, c.weight)
+        biases = [c.bias for c in cands]
     errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.target_cross,
-                                      heldout.target_sq)
+                                      heldout.target_sq, biases=biases, mean=heldout.mean if biases else None,
+                                      n=heldout.n)
     errors = dict(zip(cfg.ridge_grid, errs, strict=True))
     result = cands[min(range(len(errs)), key=errs.__getitem__)]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
@@ -209,32 +217,48 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
 
 def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig,
                 heldout: InputStats | None = None) -> comp.Compensated:
+    # --intercept: fit B X_K + c, i.e. solve on the centred Gram matrix, then c = W mu - B mu_K
+    centred = cfg.intercept and kind in comp.NEEDS_GRAM
+    fit = replace(stats, gram=comp.centred_gram(stats.gram, stats.mean, stats.n)) if centred else stats
+    before = products = None
+    if centred and kind != "ridge":  # the rotation frees the Gram matrix: its error without a bias, now
+        before = comp.reconstruction_error(weight, stats.gram, kept, weight[:, kept.to(weight.device)])
     if kind == "none":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
     elif kind == "bias":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone(),
                                   bias=comp.bias_shift(weight, stats, kept))
     elif kind == "ridge" and cfg.ridge_auto:
-        result = _ridge_auto(weight, stats, heldout, kept, cfg)
+        result = _ridge_auto(weight, fit, heldout, kept, cfg, mean=stats.mean if centred else None)
     elif kind == "ridge":
-        result = comp.ridge(weight, stats.gram, kept, float(cfg.resolved_ridge_lambda),
+        result = comp.ridge(weight, fit.gram, kept, float(cfg.resolved_ridge_lambda),
                             relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
     elif kind in ("rotation", "rotation_scale"):
-        products = comp.rotation_products(weight, stats.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
+        products = comp.rotation_products(weight, fit.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
                                           target_cross=stats.target_cross, target_sq=stats.target_sq)
         # the rotation reports its own errors and needs nothing more of the Gram matrix: free
         # it before the SVD (at 13B MLP widths it is the largest buffer of the layer)
-        stats.gram = stats.target_cross = None
+        stats.gram = stats.target_cross = fit.gram = None
         result = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
                                      proper=cfg.rotation_proper, n_tokens=stats.n)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind
+    if centred:
+        if result.bias is None:
+            result.bias = comp.intercept(weight, stats.mean, kept, result.weight)
+        result.info["intercept"] = True
     if stats.gram is not None and "rel_error" not in result.info:  # the rotation reports its own
-        before, after = comp.reconstruction_errors(weight, stats.gram, kept, [weight[:, kept.to(weight.device)],
-                                                                                result.weight],
-                                                   stats.target_cross, stats.target_sq)
+        before, after = comp.reconstruction_errors(
+            weight, stats.gram, kept, [weight[:, kept.to(weight.device)], result.weight], stats.target_cross,
+            stats.target_sq, biases=[None, result.bias] if centred else None, mean=stats.mean, n=stats.n)
         result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
+    elif centred and products is not None:
+        # the rotation's errors are relative to the centred output energy ||Y - mean||^2;
+        # restate them against ||Y||^2 = ||Y - mean||^2 + n ||W mu||^2, like every other error
+        w_mu = weight.double() @ stats.mean.to(weight.device)
+        result.info["rel_error"] *= products.y2 / (products.y2 + stats.n * float(w_mu.dot(w_mu)))
+        result.info["rel_error_uncompensated"] = before
     return result
 
 

@@ -72,3 +72,41 @@ def test_adapters_do_not_import_the_selection_maths():
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "select" not in (node.module or ""), f"{file.name} imports {node.module}"
+
+
+def test_qwen2_with_output_biases_prunes_again_streamed_like_in_memory(tmp_path):
+    """FLAP on Qwen2 (o_proj / down_proj biases in the rcpu config), then pruned again from disk:
+    the streamed skeleton builds those biases and the result equals the in-memory one."""
+    from test_streaming import _assert_same_checkpoint
+
+    from rcpu.streaming import prune_checkpoint
+
+    first, report = prune(make_model("qwen2", layers=3), PruneConfig(method="flap", pruning_ratio=0.5),
+                          windows=make_windows(16, 32), device="cpu", progress=False)
+    src = save_pruned(first, make_tokenizer(), tmp_path / "flap", report.to_dict())
+    saved = json.loads((src / "config.json").read_text())
+    assert saved["o_proj_bias"] is True and saved["down_proj_bias"] is True
+    cfg = PruneConfig(method="ridge", pruning_ratio=0.25)
+    again, report2 = prune(load_model(str(src)).model, cfg, windows=make_windows(16, 32, seed=3), device="cpu",
+                           progress=False)
+    assert all(layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias is not None
+               for layer in again.model.layers)
+    save_pruned(again, make_tokenizer(), tmp_path / "memory", report2.to_dict())
+    res = prune_checkpoint(src, cfg, tmp_path / "streamed", windows=make_windows(16, 32, seed=3), progress=False)
+    _assert_same_checkpoint(tmp_path / "memory", res.path)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(res.path)).model(X).logits, again(X).logits)
+
+
+def test_cli_streams_rcpu_checkpoints_without_remote_code(tmp_path, capsys):
+    from conftest import make_text
+
+    from rcpu.cli import main
+
+    _, src = _nonuniform_checkpoint(tmp_path)
+    (tmp_path / "text.txt").write_text(make_text())
+    assert main(["prune", "--model", str(src), "--calib", str(tmp_path / "text.txt"), "--eval", "none",
+                 "--device", "cpu", "--method", "wanda-sp", "--pruning_ratio", "0.25", "--nsamples", "8",
+                 "--seqlen", "32", "--save_model", str(tmp_path / "again"), "-q"]) == 0
+    assert "streamed from" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "rcpu_llama"

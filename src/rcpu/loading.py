@@ -339,7 +339,7 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return reader.read(reader.names())
 
 
-def _rcpu_model_class(path: Path):
+def rcpu_model_class(path: Path):
     """rcpu's own class for a checkpoint with per-layer widths (``rcpu_*`` model type), else None.
 
     Such checkpoints carry a copy of ``rcpu/remote/modeling_rcpu.py``; rcpu uses its installed copy
@@ -363,7 +363,7 @@ def _rcpu_model_class(path: Path):
 
 def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     _check_model_dir(path)
-    rcpu_class = _rcpu_model_class(path)
+    rcpu_class = rcpu_model_class(path)
     try:
         if rcpu_class is not None:  # rcpu's own per-layer-width classes (no remote code)
             config = rcpu_class.config_class.from_pretrained(str(path))
@@ -479,7 +479,8 @@ def resolve_model_dir(source: str) -> str:
 
 def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
     """The local safetensors directory or GGUF file of ``source`` when it can be pruned layer by
-    layer from disk (a built-in model, or a directory / GGUF file of a stock architecture), else None."""
+    layer from disk (a built-in model, or a directory / GGUF file of a stock architecture or of rcpu's
+    own ``rcpu_*`` types), else None."""
     key = _builtin_key(source)
     path = _convert_builtin(key) if key is not None else Path(os.path.expanduser(source))
     try:
@@ -487,6 +488,8 @@ def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         elif path.is_dir():
             _check_model_dir(path)
+            if rcpu_model_class(path) is not None:  # per-layer widths / output biases: rcpu's own classes
+                return path
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         else:
             return None

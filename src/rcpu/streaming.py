@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import PruneConfig
 from .errors import RcpuError
-from .loading import SafetensorsCheckpoint
+from .loading import SafetensorsCheckpoint, rcpu_model_class
 from .models import DecoderAdapter, get_adapter
 from .pipeline import (
     LayerResult,
@@ -112,7 +112,9 @@ def load_source_config(src: Path, trust_remote_code: bool = False):
         where = str(src.parent)
     else:
         kw, where = {}, str(src)
-    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
+    rcpu_class = None if kw else rcpu_model_class(src)
+    config = (rcpu_class.config_class.from_pretrained(where) if rcpu_class is not None  # no remote code needed
+              else AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **kw))
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **kw)
     generation = (GenerationConfig.from_pretrained(where)
                   if not kw and (src / "generation_config.json").is_file() else None)
@@ -248,8 +250,10 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     device = torch.device(device)
     config, tokenizer, generation = load_source_config(src, trust_remote_code)
     config_json = config.to_json_string()
+    rcpu_class = None if src.suffix.lower() == ".gguf" else rcpu_model_class(src)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = (rcpu_class._from_config(config, dtype=dtype) if rcpu_class is not None
+                 else AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code))
     model.eval()
     reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
               else SafetensorsCheckpoint(src, dtype))

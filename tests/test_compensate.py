@@ -253,3 +253,29 @@ def test_intercept_settings_are_validated():
         with pytest.raises(RcpuError, match=msg):
             PruneConfig(**kw).validate()
     PruneConfig(method="flap-ridge", intercept=True).validate()
+
+
+@pytest.mark.parametrize("n_calib,grid", [(30, None), (2000, None), (12, (1e-4,))])
+def test_auto_compensation_picks_the_best_heldout_candidate(n_calib, grid):
+    """compensation auto: ridge over the grid, rotation and rotation+scale, scored on held-out
+    windows; the reported errors equal direct computations and the lowest one is returned."""
+    from rcpu.config import PruneConfig
+    from rcpu.pipeline import _compensate
+
+    w, x = _data(d_out=8, d_in=24, n=n_calib + 500, seed=6)
+    calib, held = x[:n_calib], x[n_calib:]
+    kept = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11, 13, 14, 16, 17, 19, 20, 22, 23])
+    cfg = PruneConfig(method="ridge", compensation="auto", **({"ridge_grid": grid} if grid else {}))
+    res = _compensate("auto", w, _stats(calib), kept, cfg, heldout=_stats(held))
+    if grid:  # 12 tokens for 16 kept inputs: an almost unregularised least-squares fit overfits
+        assert res.info["chosen"].startswith("rotation") and "lambda" not in res.info
+    errors = res.info["heldout_errors"]
+    assert set(errors) == {f"{lam:g}" for lam in cfg.ridge_grid} | {"rotation", "rotation_scale"}
+    best = min(errors, key=errors.get)
+    assert res.info["chosen"] == (best if best.startswith("rotation") else "ridge")
+    y = held @ w.T
+    rot = comp.rotation(w, calib.T @ calib, kept, n_tokens=n_calib)
+    direct = float((y - held[:, kept] @ rot.weight.T).square().sum() / y.square().sum())
+    assert errors["rotation"] == pytest.approx(direct, rel=1e-9)
+    chosen_direct = float((y - held[:, kept] @ res.weight.T).square().sum() / y.square().sum())
+    assert chosen_direct == pytest.approx(errors[best], rel=1e-9)

@@ -68,7 +68,9 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
                                                  ("mistral", "wanda-sp+compensation=bias", torch.bfloat16),
                                                  # fitted intercepts (output biases) with ridge and rotation
                                                  ("qwen2", "flap-ridge+intercept=true", torch.float32),
-                                                 ("llama", "rcpu+intercept=true", torch.bfloat16)])
+                                                 ("llama", "rcpu+intercept=true", torch.bfloat16),
+                                                 # per sublayer the best of ridge-auto / rotation / rotation+scale
+                                                 ("mistral", "flap-ridge+compensation=auto", torch.float32)])
 def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family == "llama" else {}

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "pruning_ratio", type=float, default=d.pruning_ratio, help="fraction of heads/channels to remove")
     _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2")
     _add(p, "compensation", default=None,
-         help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale")
+         help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
+              "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)")
     _add(p, "allocation", default=None, choices=["uniform", "global", "error", "loss"],
          help="same widths in every layer (RCPU), FLAP's global allocation, global allocation by the "
               "error left after compensation, or by probed loss on held-out windows (default: the preset's)")

@@ -26,8 +26,10 @@ from .stats import InputStats
 
 logger = logging.getLogger(__name__)
 
-COMPENSATIONS = ("none", "bias", "ridge", "rotation", "rotation_scale")
-NEEDS_GRAM = {"ridge", "rotation", "rotation_scale"}
+#: "auto": per sublayer, whichever of ridge (over the lambda grid), rotation and rotation+scale
+#: reconstructs held-out calibration windows best
+COMPENSATIONS = ("none", "bias", "ridge", "rotation", "rotation_scale", "auto")
+NEEDS_GRAM = {"ridge", "rotation", "rotation_scale", "auto"}
 
 
 @dataclass

@@ -120,7 +120,9 @@ class PruneConfig:
 
     @property
     def ridge_auto(self) -> bool:
-        return self.resolved_compensation == "ridge" and self.resolved_ridge_lambda == "auto"
+        """Ridge with lambda picked on held-out windows: ridge-auto, or among compensation auto's candidates."""
+        comp = self.resolved_compensation
+        return (comp == "ridge" and self.resolved_ridge_lambda == "auto") or comp == "auto"
 
     @property
     def resolved_allocation(self) -> str:
@@ -182,12 +184,13 @@ class PruneConfig:
         if targets != "sequential" and self.resolved_statistics == "dense":
             raise RcpuError(f"--targets {targets} needs --statistics sequential "
                             "(dense statistics already fit the dense model)")
-        if targets != "sequential" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
+        if targets != "sequential" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale", "auto"):
             raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation "
                             "(ridge, rotation, rotation_scale)")
-        if self.intercept and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale"):
+        if self.intercept and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale", "auto"):
             raise RcpuError(f"--intercept needs a least-squares or rotation compensation (ridge, rotation, "
-                            f"rotation_scale), not {self.resolved_compensation}; bias compensation fits a bias alone")
+                            f"rotation_scale, auto), not {self.resolved_compensation}; bias compensation fits a "
+                            "bias alone")
         if self.intercept and (targets != "sequential" or self.resolved_token_weights != "none"):
             raise RcpuError("--intercept needs --targets sequential and --token_weights none (it centres the "
                             "statistics with the inputs' unweighted mean)")

@@ -192,14 +192,29 @@ def hidden_state_storage(placement: str, device: torch.device, n_tokens: int, hi
     return where, info
 
 
-def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
-                cfg: PruneConfig, mean: torch.Tensor | None = None) -> comp.Compensated:
-    """Ridge with lambda picked from ``cfg.ridge_grid`` by the reconstruction error on
-    held-out calibration windows (their own Gram matrix), never on evaluation text. With
-    ``mean`` (the calibration inputs' mean; ``stats`` then holds the centred Gram matrix)
-    each candidate gets its intercept, and the held-out error counts it."""
+def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
+                    cfg: PruneConfig, mean: torch.Tensor | None = None, rotations: bool = False
+                    ) -> comp.Compensated:
+    """The candidate with the lowest reconstruction error on held-out calibration windows
+    (their own Gram matrix), never on evaluation text: ridge over ``cfg.ridge_grid``
+    (ridge-auto), plus RCPU's rotation and rotation+scale with ``rotations`` (compensation
+    auto; a rank-deficient rotation is no candidate). With ``mean`` (the calibration inputs'
+    mean; ``stats`` then holds the centred Gram matrix) each candidate gets its intercept,
+    and the held-out error counts it."""
     cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
                             target_cross=stats.target_cross)
+    labels = [f"{lam:g}" for lam in cfg.ridge_grid]
+    if rotations:
+        products = comp.rotation_products(weight, stats.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
+                                          target_cross=stats.target_cross, target_sq=stats.target_sq)
+        for kind in ("rotation", "rotation_scale"):
+            rot = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
+                                      proper=cfg.rotation_proper, n_tokens=stats.n)
+            if "fallback" not in rot.info:
+                for key in ("rel_error", "rel_error_uncompensated"):  # restated below like the others'
+                    rot.info.pop(key, None)
+                cands.append(rot)
+                labels.append(kind)
     biases = None
     if mean is not None:
         for c in cands:
@@ -208,10 +223,12 @@ def _ridge_auto(weight: torch.Tensor, stats: InputStats, heldout: InputStats, ke
     errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.target_cross,
                                       heldout.target_sq, biases=biases, mean=heldout.mean if biases else None,
                                       n=heldout.n)
-    errors = dict(zip(cfg.ridge_grid, errs, strict=True))
-    result = cands[min(range(len(errs)), key=errs.__getitem__)]
+    best = min(range(len(errs)), key=errs.__getitem__)
+    result = cands[best]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
-                        "heldout_errors": {f"{k:g}": v for k, v in errors.items()}})
+                        "heldout_errors": dict(zip(labels, errs, strict=True))})
+    if rotations:
+        result.info["chosen"] = "ridge" if best < len(cfg.ridge_grid) else labels[best]
     return result
 
 
@@ -221,15 +238,16 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
     centred = cfg.intercept and kind in comp.NEEDS_GRAM
     fit = replace(stats, gram=comp.centred_gram(stats.gram, stats.mean, stats.n)) if centred else stats
     before = products = None
-    if centred and kind != "ridge":  # the rotation frees the Gram matrix: its error without a bias, now
+    if centred and kind in ("rotation", "rotation_scale"):  # it frees the Gram matrix: its error without a bias, now
         before = comp.reconstruction_error(weight, stats.gram, kept, weight[:, kept.to(weight.device)])
     if kind == "none":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
     elif kind == "bias":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone(),
                                   bias=comp.bias_shift(weight, stats, kept))
-    elif kind == "ridge" and cfg.ridge_auto:
-        result = _ridge_auto(weight, fit, heldout, kept, cfg, mean=stats.mean if centred else None)
+    elif kind in ("ridge", "auto") and cfg.ridge_auto:
+        result = _heldout_choice(weight, fit, heldout, kept, cfg, mean=stats.mean if centred else None,
+                                 rotations=kind == "auto")
     elif kind == "ridge":
         result = comp.ridge(weight, fit.gram, kept, float(cfg.resolved_ridge_lambda),
                             relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)

@@ -279,3 +279,27 @@ def test_auto_compensation_picks_the_best_heldout_candidate(n_calib, grid):
     assert errors["rotation"] == pytest.approx(direct, rel=1e-9)
     chosen_direct = float((y - held[:, kept] @ res.weight.T).square().sum() / y.square().sum())
     assert chosen_direct == pytest.approx(errors[best], rel=1e-9)
+
+
+def test_lambdas_whose_system_is_not_positive_definite_are_skipped_or_refused():
+    """An indefinite Gram matrix (float32 rounding of per-batch products with outlier channels
+    can make one): ridge-auto skips the lambdas no jitter rescues and records them; one
+    lambda, or a grid where all fail, gives a one-line error."""
+    from rcpu import RcpuError
+    from rcpu.config import PruneConfig
+    from rcpu.pipeline import _compensate
+
+    w, x = _data(d_out=6, d_in=16, n=40, seed=8)
+    stats = _stats(x[:5])  # 5 tokens for 16 inputs: G has a null space
+    mean_diag = float(stats.gram.diagonal().mean())
+    stats.gram -= 5e-3 * mean_diag * torch.eye(16, dtype=torch.float64)  # eigenvalues down to -5e-3 * mean
+    kept = torch.arange(1, 16)
+    cfg = PruneConfig(method="ridge", ridge_lambda="auto", ridge_grid=(1e-4, 1e-3, 1e-2, 0.1))
+    res = _compensate("ridge", w, stats, kept, cfg, heldout=_stats(x[5:]))
+    assert res.info["lambdas_skipped"] == ["0.0001", "0.001"]
+    assert set(res.info["heldout_errors"]) == {"0.01", "0.1"} and f"{res.info['lambda']:g}" in ("0.01", "0.1")
+    with pytest.raises(RcpuError, match="not positive definite for any lambda"):
+        _compensate("ridge", w, stats, kept, PruneConfig(method="ridge", ridge_lambda="auto", ridge_grid=(1e-4,)),
+                    heldout=_stats(x[5:]))
+    with pytest.raises(RcpuError, match="not positive definite at lambda 0.0001; use a larger --ridge_lambda"):
+        _compensate("ridge", w, stats, kept, PruneConfig(method="ridge", ridge_lambda=1e-4))

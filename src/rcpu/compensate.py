@@ -172,8 +172,14 @@ def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> t
     return (weight.double()[:, dropped] @ mean[dropped]).to(weight.dtype)
 
 
+#: diagonal jitters tried, relative to the mean diagonal of G[K, K], when a ridge system is not
+#: numerically positive definite (a singular Gram matrix at lambda 0, or the float32 rounding of
+#: the per-batch products, which with outlier channels can exceed a small lambda)
+_JITTERS = (1e-10, 1e-8, 1e-6, 1e-4)
+
+
 def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lams: list[float],
-               relative: bool = True, target_cross: torch.Tensor | None = None) -> list[Compensated]:
+               relative: bool = True, target_cross: torch.Tensor | None = None) -> list[Compensated | None]:
     """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1
     for every lam in ``lams`` (the shared products are formed once).
 
@@ -181,6 +187,10 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
     times N), so one lam works across layers, models and calibration sizes. Solved
     with a float64 Cholesky factorisation, never an explicit inverse. ``target_cross``
     (Y X^T) fits other targets Y instead: it replaces W G, so W G[:, K] -> (Y X^T)[:, K].
+
+    A system that is not numerically positive definite gets the smallest jitter of
+    ``_JITTERS`` that makes it so (recorded as ``jitter``, with a warning); where none does,
+    that lambda's entry is None (callers with one lambda raise, the held-out choice skips it).
     """
     w = weight.double()
     g = gram.to(w.device).double()
@@ -189,23 +199,31 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
     g_kk = g[kept[:, None], kept[None, :]]
     w_k = w[:, kept]
     wg_k = _gram_products(w, g, kept, False)[0] if target_cross is None else target_cross.to(w.device).double()[:, kept]
+    mean_diag = max(float(torch.diagonal(g_kk).mean()), 1e-30)
 
     def factor(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
         a = g_kk.clone()
         a.diagonal().add_(shift)
         return torch.linalg.cholesky_ex(a)
 
-    results = []
+    results: list[Compensated | None] = []
     for lam in lams:
         lam_abs = lam * scale
         jitter = 0.0
         chol, info = factor(lam_abs)
-        if int(info) != 0:  # singular: lam == 0 with fewer tokens than kept channels
-            jitter = 1e-10 * max(float(torch.diagonal(g_kk).mean()), 1e-30)
+        for rel in _JITTERS:
+            if int(info) == 0:
+                break
+            jitter = rel * mean_diag
             chol, info = factor(lam_abs + jitter)
-            logger.warning("ridge: the kept Gram matrix is singular; added jitter %.3g", jitter)
-            if int(info) != 0:
-                raise ValueError("ridge: kept Gram matrix is not positive definite; use a larger lambda")
+        if int(info) != 0:
+            logger.warning("ridge: lambda %g: the kept Gram matrix is not positive definite even with jitter %.3g",
+                           lam, jitter)
+            results.append(None)
+            continue
+        if jitter:
+            logger.warning("ridge: lambda %g: the kept Gram matrix is not numerically positive definite; "
+                           "added jitter %.3g (%.0e of its mean diagonal)", lam, jitter, jitter / mean_diag)
         new = torch.cholesky_solve((wg_k + lam_abs * w_k).T, chol).T
         results.append(Compensated(new.to(weight.dtype), info={"lambda": lam, "lambda_abs": lam_abs,
                                                                "lambda_relative": relative, "jitter": jitter}))
@@ -215,7 +233,11 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
 def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
           relative: bool = True, target_cross: torch.Tensor | None = None) -> Compensated:
     """Ridge compensation for one lam; see :func:`ridge_path`."""
-    return ridge_path(weight, gram, kept, [lam], relative, target_cross)[0]
+    result = ridge_path(weight, gram, kept, [lam], relative, target_cross)[0]
+    if result is None:
+        raise ValueError(f"ridge: the kept Gram matrix is not positive definite at lambda {lam:g}; "
+                         "use a larger --ridge_lambda")
+    return result
 
 
 def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

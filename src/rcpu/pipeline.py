@@ -201,9 +201,11 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
     auto; a rank-deficient rotation is no candidate). With ``mean`` (the calibration inputs'
     mean; ``stats`` then holds the centred Gram matrix) each candidate gets its intercept,
     and the held-out error counts it."""
-    cands = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
-                            target_cross=stats.target_cross)
-    labels = [f"{lam:g}" for lam in cfg.ridge_grid]
+    path = comp.ridge_path(weight, stats.gram, kept, list(cfg.ridge_grid), relative=cfg.ridge_lambda_relative,
+                           target_cross=stats.target_cross)
+    cands = [c for c in path if c is not None]  # a lambda whose system is not positive definite is skipped
+    labels = [f"{lam:g}" for lam, c in zip(cfg.ridge_grid, path, strict=True) if c is not None]
+    n_ridge = len(cands)
     if rotations:
         products = comp.rotation_products(weight, stats.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
                                           target_cross=stats.target_cross, target_sq=stats.target_sq)
@@ -215,6 +217,10 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
                     rot.info.pop(key, None)
                 cands.append(rot)
                 labels.append(kind)
+    if not cands:
+        raise RcpuError(f"ridge: the kept Gram matrix is not positive definite for any lambda of "
+                        f"{', '.join(f'{lam:g}' for lam in cfg.ridge_grid)}; use larger --ridge_grid values or more "
+                        "calibration tokens")
     biases = None
     if mean is not None:
         for c in cands:
@@ -227,8 +233,11 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
     result = cands[best]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
                         "heldout_errors": dict(zip(labels, errs, strict=True))})
+    skipped = [f"{lam:g}" for lam, c in zip(cfg.ridge_grid, path, strict=True) if c is None]
+    if skipped:
+        result.info["lambdas_skipped"] = skipped
     if rotations:
-        result.info["chosen"] = "ridge" if best < len(cfg.ridge_grid) else labels[best]
+        result.info["chosen"] = "ridge" if best < n_ridge else labels[best]
     return result
 
 
@@ -249,8 +258,11 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         result = _heldout_choice(weight, fit, heldout, kept, cfg, mean=stats.mean if centred else None,
                                  rotations=kind == "auto")
     elif kind == "ridge":
-        result = comp.ridge(weight, fit.gram, kept, float(cfg.resolved_ridge_lambda),
-                            relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
+        try:
+            result = comp.ridge(weight, fit.gram, kept, float(cfg.resolved_ridge_lambda),
+                                relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
+        except ValueError as exc:
+            raise RcpuError(str(exc)) from None
     elif kind in ("rotation", "rotation_scale"):
         products = comp.rotation_products(weight, fit.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
                                           target_cross=stats.target_cross, target_sq=stats.target_sq)

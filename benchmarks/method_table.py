@@ -34,7 +34,7 @@ PARTS = {
                   "flap-ridge+allocation=error+selection_block=1+selection_lambda=0.1",
                   "flap-ridge+allocation=loss", "flap-ridge+refine_epochs=2", "flap-ridge+refine_epochs=4",
                   "flap-ridge+allocation=error+refine_epochs=4", "flap-ridge+allocation=error+refine_epochs=8",
-                  "flap-ridge+intercept=true", "obs-ridge"], [0.2]),
+                  "flap-ridge+intercept=true", "flap-ridge+compensation=auto", "obs-ridge"], [0.2]),
     # layer refinement on top of flap-ridge at every ratio
     "refinement": (["flap-ridge", "flap-ridge+refine_epochs=4"], [0.1, 0.2, 0.3]),
     # other combinations of shipped score / allocation / statistics / compensation settings

@@ -2,7 +2,7 @@
 parts (flap-ridge): an ablation that adds one ingredient at a time to flap-ridge, and other
 combinations of shipped settings.
 
-    python benchmarks/method_table.py [--parts main,ablation,refinement,combinations] [--device cuda]
+    python benchmarks/method_table.py [--parts main,ablation,refinement,combinations,lowdata] [--device cuda]
 
 Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
 tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). All parts
@@ -40,6 +40,10 @@ PARTS = {
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale", "rcpu+intercept=true"], [0.2]),
+    # few calibration tokens (32 windows), where the rotation could beat least squares: does
+    # --compensation auto pick it? (its own results file: another protocol)
+    "lowdata": (["rcpu", "ridge-auto", "flap-ridge", "flap-ridge+compensation=auto", "rcpu+compensation=auto"],
+                [0.2], 32),
 }
 
 
@@ -53,13 +57,15 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in args.parts.split(","):
-        methods, ratios = PARTS[name]
+        methods, ratios, *rest = PARTS[name]
+        nsamples = rest[0] if rest else 128
+        output = args.output if nsamples == 128 else f"{args.output}_n{nsamples}"
         t0 = time.perf_counter()
-        run_compare(args.model, methods, ratios, args.output, nsamples=[128], seqlen=128, seed=0,
+        run_compare(args.model, methods, ratios, output, nsamples=[nsamples], seqlen=128, seed=0,
                     eval_seqlens=[128, 512], max_eval_tokens=args.max_eval_tokens or None, device=args.device,
                     progress=False)
         print(f"## {name} ({time.perf_counter() - t0:.0f} s)\n")
-        print((Path(args.output) / "results.md").read_text())
+        print((Path(output) / "results.md").read_text())
 
 
 if __name__ == "__main__":

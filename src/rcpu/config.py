@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .compensate import COMPENSATIONS
+from .compensate import COMPENSATIONS, NEEDS_GRAM
 from .errors import RcpuError
 from .scores import SCORES
 from .select import HEAD_UNITS
@@ -184,13 +184,12 @@ class PruneConfig:
         if targets != "sequential" and self.resolved_statistics == "dense":
             raise RcpuError(f"--targets {targets} needs --statistics sequential "
                             "(dense statistics already fit the dense model)")
-        if targets != "sequential" and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale", "auto"):
-            raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation "
-                            "(ridge, rotation, rotation_scale)")
-        if self.intercept and self.resolved_compensation not in ("ridge", "rotation", "rotation_scale", "auto"):
-            raise RcpuError(f"--intercept needs a least-squares or rotation compensation (ridge, rotation, "
-                            f"rotation_scale, auto), not {self.resolved_compensation}; bias compensation fits a "
-                            "bias alone")
+        fitted = ", ".join(c for c in COMPENSATIONS if c in NEEDS_GRAM)
+        if targets != "sequential" and self.resolved_compensation not in NEEDS_GRAM:
+            raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation ({fitted})")
+        if self.intercept and self.resolved_compensation not in NEEDS_GRAM:
+            raise RcpuError(f"--intercept needs a least-squares or rotation compensation ({fitted}), not "
+                            f"{self.resolved_compensation}; bias compensation fits a bias alone")
         if self.intercept and (targets != "sequential" or self.resolved_token_weights != "none"):
             raise RcpuError("--intercept needs --targets sequential and --token_weights none (it centres the "
                             "statistics with the inputs' unweighted mean)")

@@ -349,6 +349,11 @@ def rcpu_model_class(path: Path):
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
+    return rcpu_class_for_type(model_type, path)
+
+
+def rcpu_class_for_type(model_type, where: Path | str = "the checkpoint"):
+    """rcpu's own model class for an ``rcpu_*`` model type, else None."""
     if not (isinstance(model_type, str) and model_type.startswith("rcpu_")):
         return None
     from .nonuniform import REMOTE_CLASSES
@@ -356,7 +361,7 @@ def rcpu_model_class(path: Path):
 
     base = model_type.removeprefix("rcpu_")
     if base not in REMOTE_CLASSES:
-        raise RcpuError(f"{path} has unknown model type {model_type!r}; supported: "
+        raise RcpuError(f"{where} has unknown model type {model_type!r}; supported: "
                         f"{', '.join('rcpu_' + b for b in REMOTE_CLASSES)}")
     return getattr(modeling_rcpu, REMOTE_CLASSES[base][1])
 

@@ -75,26 +75,28 @@ def is_uniform(model: nn.Module) -> bool:
 OUTPUT_BIAS_KEYS = {"self_attn.o_proj": "o_proj_bias", "mlp.down_proj": "down_proj_bias"}
 
 
-def extra_output_biases(model: nn.Module) -> dict[str, bool]:
+def _stock_biases(model: nn.Module) -> dict[str, bool]:
+    """Which projections of a decoder layer built from ``model.config`` by the stock class have a bias."""
+    with torch.device("meta"):
+        ref = type(model.model.layers[0])(model.config, 0)
+    return {name: ref.get_submodule(name).bias is not None for name in PROJECTIONS}
+
+
+def extra_output_biases(model: nn.Module, stock: dict[str, bool] | None = None) -> dict[str, bool]:
     """``o_proj_bias`` / ``down_proj_bias`` for the rcpu config: True where some layer's
     o_proj / down_proj has a bias that the stock layer built from the config lacks
     (bias compensation on Mistral or Qwen2, whose configs have no switch for it)."""
-    layers = model.model.layers
-    with torch.device("meta"):
-        ref = type(layers[0])(model.config, 0)
-    return {key: ref.get_submodule(name).bias is None
-            and any(layer.get_submodule(name).bias is not None for layer in layers)
+    stock = stock or _stock_biases(model)
+    return {key: not stock[name] and any(layer.get_submodule(name).bias is not None for layer in model.model.layers)
             for name, key in OUTPUT_BIAS_KEYS.items()}
 
 
-def _check_bias_layout(model: nn.Module, extra: dict[str, bool]) -> None:
+def _check_bias_layout(model: nn.Module, stock: dict[str, bool], extra: dict[str, bool]) -> None:
     """The loaded model gets the biases the stock layer builds from the config (plus the
     ``extra`` output biases); refuse to write a checkpoint whose weights would not match
     them (dropped or random biases)."""
     layers = model.model.layers
-    with torch.device("meta"):
-        ref = type(layers[0])(model.config, 0)
-    expected = {name: ref.get_submodule(name).bias is not None for name in PROJECTIONS}
+    expected = dict(stock)
     for name, key in OUTPUT_BIAS_KEYS.items():
         expected[name] = expected[name] or extra.get(key, False)
     for i, layer in enumerate(layers):
@@ -119,8 +121,9 @@ def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
         raise FileNotFoundError(f"{config_path} not found; call model.save_pretrained({str(save_dir)!r}) first")
     widths = layer_widths(model)
     head_dim = _head_dim(model)
-    extra = extra_output_biases(model)
-    _check_bias_layout(model, extra)
+    stock = _stock_biases(model)
+    extra = extra_output_biases(model, stock)
+    _check_bias_layout(model, stock, extra)
 
     cfg = json.loads(config_path.read_text())
     if cfg.get("num_hidden_layers") != len(widths):

@@ -246,9 +246,7 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
     # --intercept: fit B X_K + c, i.e. solve on the centred Gram matrix, then c = W mu - B mu_K
     centred = cfg.intercept and kind in comp.NEEDS_GRAM
     fit = replace(stats, gram=comp.centred_gram(stats.gram, stats.mean, stats.n)) if centred else stats
-    before = products = None
-    if centred and kind in ("rotation", "rotation_scale"):  # it frees the Gram matrix: its error without a bias, now
-        before = comp.reconstruction_error(weight, stats.gram, kept, weight[:, kept.to(weight.device)])
+    products = None
     if kind == "none":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
     elif kind == "bias":
@@ -284,11 +282,16 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
             stats.target_sq, biases=[None, result.bias] if centred else None, mean=stats.mean, n=stats.n)
         result.info["rel_error_uncompensated"], result.info["rel_error"] = before, after
     elif centred and products is not None:
-        # the rotation's errors are relative to the centred output energy ||Y - mean||^2;
-        # restate them against ||Y||^2 = ||Y - mean||^2 + n ||W mu||^2, like every other error
-        w_mu = weight.double() @ stats.mean.to(weight.device)
-        result.info["rel_error"] *= products.y2 / (products.y2 + stats.n * float(w_mu.dot(w_mu)))
-        result.info["rel_error_uncompensated"] = before
+        # the rotation's products are of the centred Y and Z; the uncentred ones add n a a^T terms
+        # (a = W mu, b = W_K mu_K), so both errors are restated against ||Y||^2 like every other
+        # (with the fitted bias the error is the centred one; without, the plain W_K error)
+        mu = stats.mean.to(weight.device)
+        a, b = weight.double() @ mu, weight[:, kept.to(weight.device)].double() @ mu[kept.to(weight.device)]
+        n = stats.n
+        y2 = products.y2 + n * float(a.dot(a))
+        tr_m, z2 = float(torch.trace(products.m)) + n * float(a.dot(b)), products.z2 + n * float(b.dot(b))
+        result.info["rel_error"] *= products.y2 / y2
+        result.info["rel_error_uncompensated"] = (y2 - 2 * tr_m + z2) / y2
     return result
 
 

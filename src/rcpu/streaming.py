@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import PruneConfig
 from .errors import RcpuError
-from .loading import SafetensorsCheckpoint, rcpu_model_class
+from .loading import SafetensorsCheckpoint, rcpu_class_for_type, rcpu_model_class
 from .models import DecoderAdapter, get_adapter
 from .pipeline import (
     LayerResult,
@@ -250,7 +250,7 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     device = torch.device(device)
     config, tokenizer, generation = load_source_config(src, trust_remote_code)
     config_json = config.to_json_string()
-    rcpu_class = None if src.suffix.lower() == ".gguf" else rcpu_model_class(src)
+    rcpu_class = rcpu_class_for_type(config.model_type, src)  # the config is already rcpu's own class then
     with torch.device("meta"):
         model = (rcpu_class._from_config(config, dtype=dtype) if rcpu_class is not None
                  else AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code))

@@ -303,3 +303,67 @@ def test_lambdas_whose_system_is_not_positive_definite_are_skipped_or_refused():
                     heldout=_stats(x[5:]))
     with pytest.raises(RcpuError, match="not positive definite at lambda 0.0001; use a larger --ridge_lambda"):
         _compensate("ridge", w, stats, kept, PruneConfig(method="ridge", ridge_lambda=1e-4))
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_row_errors_are_direct_row_errors_and_sum_to_the_totals(intercept):
+    w, x = _data(d_out=9, d_in=20, n=300, seed=11)
+    kept = torch.tensor([0, 1, 3, 4, 6, 8, 9, 12, 13, 15, 16, 19])
+    gen = torch.Generator().manual_seed(2)
+    cands = [w[:, kept] + 0.1 * torch.randn(9, len(kept), generator=gen, dtype=torch.float64) for _ in range(3)]
+    biases = [torch.randn(9, generator=gen, dtype=torch.float64) for _ in cands] if intercept else None
+    kw = {"biases": biases, "mean": x.mean(0), "n": x.shape[0]} if intercept else {}
+    rows, y2 = comp.row_errors(w, x.T @ x, kept, cands, **kw)
+    y = x @ w.T
+    assert y2 == pytest.approx(float(y.square().sum()), rel=1e-12)
+    totals = comp.reconstruction_errors(w, x.T @ x, kept, cands, **kw)
+    for i, (b, r) in enumerate(zip(cands, rows, strict=True)):
+        fitted = x[:, kept] @ b.T + (biases[i] if intercept else 0)
+        torch.testing.assert_close(r, (y - fitted).square().sum(0), rtol=1e-10, atol=1e-9)
+        assert totals[i] == pytest.approx(float(r.sum()) / y2, rel=1e-12)
+
+
+@pytest.mark.parametrize("compensation", ["ridge", "auto"])
+def test_choice_per_row_takes_each_row_from_its_best_candidate(compensation):
+    """--choice_per_row: row i of the result is row i of the candidate with the lowest held-out
+    error for output i; the recorded error is the direct one and never above the best whole-matrix
+    candidate's."""
+    from rcpu.config import PruneConfig
+    from rcpu.pipeline import _compensate
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(560, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 24, generator=g, dtype=torch.float64)
+    x += 0.3 * torch.randn(560, 24, generator=g, dtype=torch.float64)  # correlated inputs: compensation helps
+    kept = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11, 13, 14, 16, 17, 19, 20, 22, 23])
+    dropped = torch.ones(24, dtype=torch.bool)
+    dropped[kept] = False
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    w[5:, dropped] *= 0.01  # these outputs barely use the dropped inputs: they want a larger lambda
+    calib, held = x[:40], x[40:]
+    base = {"method": "ridge", "compensation": compensation, "ridge_lambda": "auto"}
+    whole = _compensate(compensation, w, _stats(calib), kept, PruneConfig(**base).validate(), heldout=_stats(held))
+    res = _compensate(compensation, w, _stats(calib), kept, PruneConfig(**base, choice_per_row=True).validate(),
+                      heldout=_stats(held))
+    y = held @ w.T
+    row_err = (y - held[:, kept] @ res.weight.T).square().sum(0)
+    direct = float(row_err.sum() / y.square().sum())
+    assert res.info["heldout_error_per_row"] == pytest.approx(direct, rel=1e-9)
+    assert direct < min(whole.info["heldout_errors"].values())
+    assert sum(res.info["rows_chosen"].values()) == 10 and len(res.info["rows_chosen"]) >= 2
+    assert "lambda" not in res.info
+    # every row is the best of the candidates for that row
+    cfg = PruneConfig(**base).validate()
+    cands = [c.weight for c in comp.ridge_path(w, _stats(calib).gram, kept, list(cfg.ridge_grid)) if c is not None]
+    if compensation == "auto":
+        cands += [comp.rotation(w, calib.T @ calib, kept, scale=s, n_tokens=40).weight for s in (False, True)]
+    per_cand = torch.stack([(y - held[:, kept] @ b.T).square().sum(0) for b in cands])
+    torch.testing.assert_close(row_err, per_cand.min(0).values, rtol=1e-9, atol=1e-9)
+
+
+def test_choice_per_row_needs_a_heldout_choice():
+    from rcpu import RcpuError
+    from rcpu.config import PruneConfig
+
+    with pytest.raises(RcpuError, match="--choice_per_row needs a held-out choice"):
+        PruneConfig(method="rcpu", choice_per_row=True).validate()
+    PruneConfig(method="flap-ridge", choice_per_row=True).validate()

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "intercept", action="store_true",
          help="fit an output bias with the ridge / rotation compensation (least squares or Procrustes on "
               "centred statistics plus the mean residual), saved as o_proj / down_proj biases")
+    _add(p, "choice_per_row", action="store_true",
+         help="with --ridge_lambda auto or --compensation auto: choose lambda (or rotation) per output row on "
+              "the held-out windows, not one per matrix (each row of the fit is its own regression)")
     _add(p, "refine_epochs", type=int, default=d.refine_epochs,
          help="after compensation, passes of Adam over the calibration batches that pull each pruned layer's "
               "outputs towards the unpruned layer's (0 = off, the default)")
@@ -227,7 +230,7 @@ def _prune_config(args) -> PruneConfig:
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
         selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,
-        intercept=args.intercept,
+        intercept=args.intercept, choice_per_row=args.choice_per_row,
         refine_epochs=args.refine_epochs, refine_lr=args.refine_lr, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size,
     ).validate()

@@ -80,14 +80,15 @@ def _column_blocks(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, dtype: 
         yield _wg(w, g, None, cols, dtype=dtype), w[:, cols].to(dtype), pos[cols]
 
 
-def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W G)[:, K] and tr(W G W^T) = ||W X||^2 in G's dtype, one block of G's columns at a time."""
+def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_energy: bool = True,
+                   per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W G)[:, K] and tr(W G W^T) = ||W X||^2 in G's dtype, one block of G's columns at a time
+    (with ``per_row``, the diagonal of W G W^T: each output's energy)."""
     wg_k = torch.empty(w.shape[0], len(kept), dtype=g.dtype, device=g.device)
-    y2 = torch.zeros((), dtype=g.dtype, device=g.device) if with_energy else None
+    y2 = torch.zeros(w.shape[0] if per_row else (), dtype=g.dtype, device=g.device) if with_energy else None
     for part, w_cols, where in _column_blocks(w, g, kept, g.dtype):
         if with_energy:
-            y2 += _dot(part, w_cols)
+            y2 += (part * w_cols).sum(1) if per_row else _dot(part, w_cols)
         sel = where >= 0
         if bool(sel.any()):
             wg_k[:, where[sel]] = part[:, sel]
@@ -95,14 +96,16 @@ def _gram_products(w: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, with_en
 
 
 def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: torch.Tensor | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, per_row: bool = False) -> torch.Tensor:
     """tr(B G[K, K] B^T) = ||B X_K||^2 in ``dtype`` (default G's), in blocks; B's columns
-    match K, and B = ``b[:, b_cols]`` when ``b_cols`` is given (without forming that copy)."""
+    match K, and B = ``b[:, b_cols]`` when ``b_cols`` is given (without forming that copy).
+    With ``per_row``, the diagonal of B G[K, K] B^T instead (each output's energy)."""
     dtype = dtype or g.dtype
-    total = torch.zeros((), dtype=dtype, device=g.device)
+    total = torch.zeros(b.shape[0] if per_row else (), dtype=dtype, device=g.device)
     for block in _blocks(len(kept), g.device):
         b_block = b[:, block] if b_cols is None else b[:, b_cols[block]]
-        total += _dot(_wg(b, g, kept, kept[block], b_cols, dtype), b_block.to(dtype))
+        part = _wg(b, g, kept, kept[block], b_cols, dtype)
+        total += (part * b_block.to(dtype)).sum(1) if per_row else _dot(part, b_block.to(dtype))
     return total
 
 
@@ -117,28 +120,42 @@ def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.
     ``biases`` (one per candidate, or None) adds an output bias c to B X_K; the error then
     needs the inputs' ``mean`` and token count ``n`` as well:
     ||E - c 1^T||^2 = ||E||^2 - 2 n c^T (W mu - B mu_K) + n ||c||^2 with E = W X - B X_K."""
+    rows, y2 = row_errors(weight, gram, kept, candidates, target_cross, target_sq, biases, mean, n)
+    return [float(r.sum() / y2) for r in rows]
+
+
+def row_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
+               candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
+               target_sq: float | None = None, biases: list[torch.Tensor | None] | None = None,
+               mean: torch.Tensor | None = None, n: int | None = None) -> tuple[list[torch.Tensor], float]:
+    """Per output row, ||Y_i - B_i X_K||^2 for each B in ``candidates`` (float64 vectors), and
+    ||Y||_F^2; arguments as :func:`reconstruction_errors`, whose errors are the sums of these.
+    The rows of a least-squares fit are independent regressions, so each row of a
+    compensation can come from whichever candidate fits that output best."""
     w = weight.double()
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
     if target_cross is None:
-        wg_k, y2 = _gram_products(w, g, kept)
+        wg_k, y2_rows = _gram_products(w, g, kept, per_row=True)
     else:
+        # only ||Y||^2 is streamed for other targets: it is spread evenly over the rows, which
+        # leaves the totals exact and does not change which candidate fits a row best
         wg_k = target_cross.to(w.device).double()[:, kept]
-        y2 = torch.tensor(float(target_sq), dtype=torch.float64, device=w.device)
-    y2 = y2.clamp_min(torch.finfo(torch.float64).tiny)
+        y2_rows = torch.full((w.shape[0],), float(target_sq) / w.shape[0], dtype=torch.float64, device=w.device)
+    y2 = max(float(y2_rows.sum()), torch.finfo(torch.float64).tiny)
     if biases is not None and (target_cross is not None or mean is None or n is None):
         raise ValueError("errors with biases need the inputs' mean and count, and W X as the target")
     out = []
     for i, b in enumerate(candidates):
         b = b.to(w.device).double()
-        err = y2 - 2 * (wg_k * b).sum() + _quadratic(b, g, kept)
+        err = y2_rows - 2 * (wg_k * b).sum(1) + _quadratic(b, g, kept, per_row=True)
         c = biases[i] if biases is not None else None
         if c is not None:
             mu = mean.to(w.device).double()
             c = c.to(w.device).double()
-            err = err + n * (c.dot(c) - 2 * c.dot(w @ mu - b @ mu[kept]))
-        out.append(float(err / y2))
-    return out
+            err = err + n * (c * c - 2 * c * (w @ mu - b @ mu[kept]))
+        out.append(err)
+    return out, y2
 
 
 def centred_gram(gram: torch.Tensor, mean: torch.Tensor, n: int) -> torch.Tensor:

@@ -91,6 +91,8 @@ class PruneConfig:
     token_weights: str | None = None
     #: fit an output bias with the least-squares / rotation compensation (on centred statistics)
     intercept: bool = False
+    #: with a held-out choice (ridge-auto, compensation auto): choose per output row, not per matrix
+    choice_per_row: bool = False
     refine_epochs: int = 0
     refine_lr: float = 1e-3
     round_to: int = 1
@@ -211,6 +213,8 @@ class PruneConfig:
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
         if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0):  # --nholdout >= 1: below
             raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0")
+        if self.choice_per_row and not self.ridge_auto:
+            raise RcpuError("--choice_per_row needs a held-out choice: --ridge_lambda auto or --compensation auto")
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
             if getattr(self, name) < 1:
                 raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -226,19 +226,41 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
         for c in cands:
             c.bias = comp.intercept(weight, mean, kept, c.weight)
         biases = [c.bias for c in cands]
-    errs = comp.reconstruction_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.target_cross,
-                                      heldout.target_sq, biases=biases, mean=heldout.mean if biases else None,
-                                      n=heldout.n)
+    rows, y2 = comp.row_errors(weight, heldout.gram, kept, [c.weight for c in cands], heldout.target_cross,
+                               heldout.target_sq, biases=biases, mean=heldout.mean if biases else None, n=heldout.n)
+    errs = [float(r.sum()) / y2 for r in rows]
     best = min(range(len(errs)), key=errs.__getitem__)
-    result = cands[best]
+    if cfg.choice_per_row:
+        result = _rows_of(cands, labels, torch.stack(rows), y2)
+    else:
+        result = cands[best]
     result.info.update({"lambda_auto": True, "heldout_tokens": heldout.n,
                         "heldout_errors": dict(zip(labels, errs, strict=True))})
     skipped = [f"{lam:g}" for lam, c in zip(cfg.ridge_grid, path, strict=True) if c is None]
     if skipped:
         result.info["lambdas_skipped"] = skipped
-    if rotations:
+    if rotations and not cfg.choice_per_row:
         result.info["chosen"] = "ridge" if best < n_ridge else labels[best]
     return result
+
+
+def _rows_of(cands: list[comp.Compensated], labels: list[str], errors: torch.Tensor, y2: float) -> comp.Compensated:
+    """Each output row from the candidate with the lowest held-out error for that row
+    (``errors``: candidates x rows). A least-squares fit is one regression per output, so
+    rows from different candidates make a valid compensation whose held-out error is the
+    sum of the row minima, never above the best single candidate's."""
+    pick = errors.argmin(0).to(cands[0].weight.device)  # the first of equal minima: deterministic
+    weight = cands[0].weight.clone()
+    bias = cands[0].bias.clone() if cands[0].bias is not None else None
+    for j, cand in enumerate(cands[1:], start=1):
+        rows = pick == j
+        weight[rows] = cand.weight[rows]
+        if bias is not None:
+            bias[rows] = cand.bias[rows]
+    counts = torch.bincount(pick.cpu(), minlength=len(cands)).tolist()
+    info = {"per_row": True, "rows_chosen": {lab: k for lab, k in zip(labels, counts, strict=True) if k},
+            "heldout_error_per_row": float(errors.min(0).values.sum()) / y2}
+    return comp.Compensated(weight, bias=bias, info=info)
 
 
 def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig,

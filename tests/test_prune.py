@@ -207,6 +207,27 @@ def test_ridge_auto_picks_lambda_on_heldout_windows():
     assert report.config["ridge_lambda"] == "auto" and report.calibration["heldout_windows"]["n"] == 8
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_choice_per_row_runs_end_to_end_and_reloads(family, tmp_path):
+    """flap-ridge --compensation auto --choice_per_row on a tiny model: every sublayer records
+    its row choice, whose held-out error is at most the best whole-matrix candidate's, and the
+    saved model reloads with the same logits."""
+    cfg = PruneConfig(method="flap-ridge", compensation="auto", choice_per_row=True, pruning_ratio=0.5)
+    model = make_model(family)
+    _, report = prune(model, cfg, windows=make_windows(32, 32), heldout_windows=make_windows(8, 32, seed=7),
+                      device="cpu", progress=False)
+    for layer in report.layers:
+        for part in ("attn", "mlp"):  # at 50 % every sublayer of these models loses something
+            info = layer[part]
+            assert sum(info["rows_chosen"].values()) == model.config.hidden_size
+            assert info["heldout_error_per_row"] <= min(info["heldout_errors"].values()) + 1e-12
+    assert report.config["choice_per_row"] is True
+    out = save_pruned(model, make_tokenizer(), tmp_path / "out", report.to_dict())
+    x = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out), trust_remote_code=True).model(x).logits, model(x).logits)
+
+
 @pytest.mark.parametrize("method", ["rcpu", "ridge-auto"])
 def test_float32_gram_matrices_give_nearly_the_float64_result(method):
     """--gram_dtype float32 halves the Gram matrices' memory; the pruned model must choose the

@@ -146,3 +146,12 @@ def test_settings_the_architecture_cannot_save_fail_before_any_cell(tiny_checkpo
                         tmp_path / "out", calib=text, eval_source=text, nsamples=[8], seqlen=32, eval_seqlens=[32],
                         progress=False)
     assert not (tmp_path / "out" / cmp.RESULTS).exists()
+
+
+def test_a_methods_own_batch_size_overrides_the_runs(tiny_checkpoint, tmp_path):
+    """``+batch_size=2`` is a PruneConfig field like any other (with refinement it sets the
+    steps per epoch); it used to collide with the run's --batch_size."""
+    text = str(tiny_checkpoint / "text.txt")
+    res = cmp.run_compare(str(tiny_checkpoint / "model"), ["wanda-sp+batch_size=2"], [0.5], tmp_path / "c",
+                          calib=text, eval_source=text, nsamples=[8], seqlen=32, eval_seqlens=[32], progress=False)
+    assert res["cells"]["wanda-sp+batch_size=2@0.5/n8"]["config"]["batch_size"] == 2

@@ -214,8 +214,10 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
         tensors[f"windows/n{n}"] = all_windows[:n].clone()
         for method, kwargs in specs.items():
             for ratio in ratios:
-                cfg = PruneConfig(**kwargs, pruning_ratio=ratio, nsamples=n, seqlen=seqlen, seed=seed,
-                                  batch_size=batch_size)
+                # a method's own batch_size (``+batch_size=2``) overrides the run's: with layer
+                # refinement it sets the optimiser steps per epoch
+                cfg = PruneConfig(**{"batch_size": batch_size, **kwargs}, pruning_ratio=ratio, nsamples=n,
+                                  seqlen=seqlen, seed=seed)
                 heldout = None
                 if cfg.needs_heldout:
                     heldout = f"heldout/{cfg.nholdout}"

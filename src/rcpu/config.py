@@ -64,7 +64,8 @@ TOKEN_WEIGHTS = ("none", "inverse_rms")
 
 @dataclass
 class PruneConfig:
-    """Everything that decides the pruned weights (plus batch size, which does not)."""
+    """Everything that decides the pruned weights. Batch size changes only the order of
+    float sums, except with layer refinement, where it sets the optimiser steps per epoch."""
 
     method: str = "rcpu"
     pruning_ratio: float = 0.2

@@ -2,7 +2,7 @@
 parts (flap-ridge): an ablation that adds one ingredient at a time to flap-ridge, and other
 combinations of shipped settings.
 
-    python benchmarks/method_table.py [--parts main,ablation,refinement,combinations,lowdata] [--device cuda]
+    python benchmarks/method_table.py [--parts main,ablation,refinement,refine_steps,combinations,lowdata] [--device cuda]
 
 Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
 tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). All parts
@@ -34,12 +34,16 @@ PARTS = {
                   "flap-ridge+allocation=error+selection_block=1+selection_lambda=0.1",
                   "flap-ridge+allocation=loss", "flap-ridge+refine_epochs=2", "flap-ridge+refine_epochs=4",
                   "flap-ridge+allocation=error+refine_epochs=4", "flap-ridge+allocation=error+refine_epochs=8",
-                  "flap-ridge+intercept=true", "flap-ridge+compensation=auto", "obs-ridge"], [0.2]),
+                  "flap-ridge+intercept=true", "flap-ridge+compensation=auto", "flap-ridge+choice_per_row=true",
+                  "flap-ridge+compensation=auto+choice_per_row=true", "obs-ridge"], [0.2]),
     # layer refinement on top of flap-ridge at every ratio
     "refinement": (["flap-ridge", "flap-ridge+refine_epochs=4"], [0.1, 0.2, 0.3]),
+    # more optimiser steps per epoch: 2 windows per batch instead of 8
+    "refine_steps": (["flap-ridge+refine_epochs=2+batch_size=2"], [0.2]),
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
-                      "flap-ridge+compensation=rotation_scale", "rcpu+intercept=true"], [0.2]),
+                      "flap-ridge+compensation=rotation_scale", "rcpu+intercept=true", "flap-ridge+score=wanda-sp",
+                      "ridge-auto+score=wanda-sp"], [0.2]),
     # few calibration tokens (32 windows), where the rotation could beat least squares: does
     # --compensation auto pick it? (its own results file: another protocol)
     "lowdata": (["rcpu", "ridge-auto", "flap-ridge", "flap-ridge+compensation=auto", "rcpu+compensation=auto"],

@@ -367,3 +367,43 @@ def test_choice_per_row_needs_a_heldout_choice():
     with pytest.raises(RcpuError, match="--choice_per_row needs a held-out choice"):
         PruneConfig(method="rcpu", choice_per_row=True).validate()
     PruneConfig(method="flap-ridge", choice_per_row=True).validate()
+
+
+def test_score_auto_keeps_the_candidate_with_the_lowest_direct_heldout_error():
+    """--score auto's per-sublayer choice: each candidate kept set is compensated with
+    ridge-auto on the calibration statistics, and the one with the lowest held-out error,
+    computed directly on the held-out activations, wins; equal kept sets are solved once."""
+    from rcpu.config import PruneConfig
+    from rcpu.pipeline import _best_score
+
+    w, x = _data(d_out=8, d_in=24, n=700, seed=13)
+    calib, held = x[:200], x[200:]
+    choice = {"a": (torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]),),
+              "b": (torch.tensor([8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]),),
+              "c": (torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]),)}
+    cfg = PruneConfig(method="ridge-auto").validate()
+    warnings: list[str] = []
+    label, res, info = _best_score(choice, "ridge", True, w, _stats(calib), _stats(held), cfg, 0, "x", warnings)
+    y = held @ w.T
+    direct = {}
+    for name, (kept,) in choice.items():
+        path = comp.ridge_path(w, calib.T @ calib, kept, list(cfg.ridge_grid))
+        direct[name] = min(float((y - held[:, kept] @ c.weight.T).square().sum() / y.square().sum()) for c in path)
+    assert label == min(direct, key=direct.get) and info["score_chosen"] == label
+    for name in choice:
+        assert info["score_heldout_errors"][name] == pytest.approx(direct[name], rel=1e-9)
+    assert info["score_same_selection"] == {"c": "a"}
+    kept = choice[label][0]
+    assert float((y - held[:, kept] @ res.weight.T).square().sum() / y.square().sum()) == pytest.approx(direct[label],
+                                                                                                        rel=1e-9)
+
+
+def test_score_auto_is_validated():
+    from rcpu import RcpuError
+    from rcpu.config import PruneConfig
+
+    with pytest.raises(RcpuError, match="--score auto .* needs --ridge_lambda auto or --compensation auto"):
+        PruneConfig(method="rcpu", score="auto").validate()
+    with pytest.raises(RcpuError, match="cannot be combined with --selection greedy"):
+        PruneConfig(method="flap-ridge", score="auto", selection="greedy").validate()
+    assert PruneConfig(method="flap-ridge", score="auto").validate().allocation_score == "fluctuation"

@@ -228,6 +228,26 @@ def test_choice_per_row_runs_end_to_end_and_reloads(family, tmp_path):
         assert torch.equal(load_model(str(out), trust_remote_code=True).model(x).logits, model(x).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_score_auto_runs_end_to_end_and_reloads(family, tmp_path):
+    """--score auto: every pruned sublayer records the held-out error of each candidate
+    score and keeps the lowest; the saved model reloads with the same logits."""
+    cfg = PruneConfig(method="ridge-auto", score="auto", pruning_ratio=0.5)
+    model = make_model(family)
+    _, report = prune(model, cfg, windows=make_windows(32, 32), heldout_windows=make_windows(8, 32, seed=7),
+                      device="cpu", progress=False)
+    for layer in report.layers:
+        for part in ("attn", "mlp"):
+            errors = layer[part]["score_heldout_errors"]
+            assert set(errors) == {"fluctuation", "wanda-sp", "rcpu"}
+            assert errors[layer[part]["score_chosen"]] == min(errors.values())
+    assert report.config["score"] == "auto"
+    out = save_pruned(model, make_tokenizer(), tmp_path / "out", report.to_dict())
+    x = make_windows(2, 16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out)).model(x).logits, model(x).logits)
+
+
 @pytest.mark.parametrize("method", ["rcpu", "ridge-auto"])
 def test_float32_gram_matrices_give_nearly_the_float64_result(method):
     """--gram_dtype float32 halves the Gram matrices' memory; the pruned model must choose the

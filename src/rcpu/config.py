@@ -40,6 +40,8 @@ PRESETS: dict[str, dict[str, str | float]] = {
 DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential",
             "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention",
             "token_weights": "none"}
+#: the scores ``--score auto`` chooses among, per sublayer, by held-out error after compensation
+SCORE_CANDIDATES = ("fluctuation", "wanda-sp", "rcpu")
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 #: "global": FLAP's standardised scores; "error": error left after compensation (rcpu.obs);
@@ -114,6 +116,12 @@ class PruneConfig:
         return self._resolve("score")
 
     @property
+    def allocation_score(self) -> str:
+        """The score that global allocation standardises: with ``--score auto``, FLAP's."""
+        score = self.resolved_score
+        return "fluctuation" if score == "auto" else score
+
+    @property
     def resolved_compensation(self) -> str:
         return self._resolve("compensation")
 
@@ -168,8 +176,13 @@ class PruneConfig:
                             "or give both --score and --compensation")
         if not (isinstance(self.pruning_ratio, (int, float)) and 0 <= self.pruning_ratio < 1):
             raise RcpuError(f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        if self.resolved_score not in SCORES:
-            raise RcpuError(f"unknown score {self.resolved_score!r}; choose from {', '.join(SCORES)}")
+        if self.resolved_score not in (*SCORES, "auto"):
+            raise RcpuError(f"unknown score {self.resolved_score!r}; choose from {', '.join(SCORES)}, auto")
+        if self.resolved_score == "auto" and not self.ridge_auto:
+            raise RcpuError("--score auto compares the candidate scores by held-out error after compensation: "
+                            "it needs --ridge_lambda auto or --compensation auto")
+        if self.resolved_score == "auto" and self.resolved_selection != "score":
+            raise RcpuError("--score auto chooses among scores; it cannot be combined with --selection greedy")
         if self.resolved_compensation not in COMPENSATIONS:
             raise RcpuError(f"unknown compensation {self.resolved_compensation!r}; "
                             f"choose from {', '.join(COMPENSATIONS)}")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import compensate as comp
 from . import obs, refine
-from .config import PruneConfig
+from .config import SCORE_CANDIDATES, PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter
 from .nested import map_tensors
@@ -331,6 +331,46 @@ def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
     return result
 
 
+def _heldout_error(res: comp.Compensated, weight: torch.Tensor, kept: torch.Tensor, heldout: InputStats) -> float:
+    """The held-out error of a compensation: the one its held-out choice recorded, else
+    (an uncompensated sublayer) the direct one."""
+    if "heldout_error_per_row" in res.info:
+        return res.info["heldout_error_per_row"]
+    if "heldout_errors" in res.info:
+        return min(res.info["heldout_errors"].values())
+    return comp.reconstruction_errors(weight, heldout.gram, kept, [res.weight], heldout.target_cross,
+                                      heldout.target_sq)[0]
+
+
+def _best_score(choice: dict[str, tuple], kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
+                heldout: InputStats, cfg: PruneConfig, index: int, name: str, warnings: list[str]
+                ) -> tuple[str, comp.Compensated, dict]:
+    """--score auto: compensate the kept set of every candidate score (``choice``: score ->
+    (kept input columns, ...)) and keep the one with the lowest held-out error. Candidates
+    that keep the same columns are compensated once. The run's warnings get only the
+    chosen candidate's."""
+    errors: dict[str, float] = {}
+    results: dict[str, tuple[comp.Compensated, list[str]]] = {}
+    same: dict[str, str] = {}
+    for score, (kept, *_) in choice.items():
+        twin = next((s for s in results if torch.equal(choice[s][0], kept)), None)
+        if twin is not None:
+            same[score] = twin
+            errors[score] = errors[twin]
+            continue
+        notes: list[str] = []
+        res = _sublayer(kind, enabled, weight, stats, kept, cfg, index, name, notes, heldout)
+        results[score] = (res, notes)
+        errors[score] = _heldout_error(res, weight, kept, heldout)
+    best = min(results, key=errors.__getitem__)  # the first of equal errors, in SCORE_CANDIDATES order
+    res, notes = results[best]
+    warnings.extend(notes)
+    info = {"score_chosen": best, "score_heldout_errors": errors}
+    if same:
+        info["score_same_selection"] = same
+    return best, res, info
+
+
 def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
@@ -439,15 +479,27 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
     def prune_heads() -> tuple[torch.Tensor, torch.Tensor, dict]:
         info: dict = {"stats": st_attn.summary()}
+        res = None
         if greedy and plan.heads_removed(geom) > 0:
             heads, kv, sel_info = _greedy_heads(o_proj.weight, st_attn, geom, plan, cfg)
             info.update(sel_info)
+        elif cfg.resolved_score == "auto" and plan.heads_removed(geom) > 0:
+            choice = {}
+            for score in SCORE_CANDIDATES:
+                sel = select_heads(group_scores(channel_scores(score, o_proj.weight, st_attn), geom.head_dim), geom,
+                                   plan)
+                choice[score] = (head_channels(sel[0], geom.head_dim), sel)
+            label, res, auto_info = _best_score(choice, kind, cfg.compensate_attn, o_proj.weight, st_attn, ho_attn,
+                                                cfg, index, "o_proj", warnings)
+            heads, kv = choice[label][1]
+            info.update(auto_info)
         else:
             scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
             heads, kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
         if len(heads) < geom.num_heads:
-            res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn, head_channels(heads, geom.head_dim),
-                            cfg, index, "o_proj", warnings, ho_attn)
+            if res is None:
+                res = _sublayer(kind, cfg.compensate_attn, o_proj.weight, st_attn,
+                                head_channels(heads, geom.head_dim), cfg, index, "o_proj", warnings, ho_attn)
             adapter.prune_attention(layer, heads, kv, res.weight)
             if res.bias is not None:
                 adapter.add_output_bias(o_proj, res.bias)
@@ -456,17 +508,26 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
     def prune_channels(st_mlp: InputStats, ho_mlp: InputStats | None) -> tuple[torch.Tensor, dict]:
         info: dict = {"stats": st_mlp.summary()}
+        res = None
         if greedy and plan.channels_removed > 0:
             res_sel = _greedy(down_proj.weight, st_mlp, torch.arange(down_proj.in_features)[:, None], cfg,
                               n_remove=plan.channels_removed, block=cfg.selection_block)
             channels = res_sel.kept
             info.update({"selection": "greedy", "selection_error": res_sel.error})
+        elif cfg.resolved_score == "auto" and plan.channels_removed > 0:
+            choice = {score: (select_channels(channel_scores(score, down_proj.weight, st_mlp), plan.channels_removed),)
+                      for score in SCORE_CANDIDATES}
+            label, res, auto_info = _best_score(choice, kind, cfg.compensate_mlp, down_proj.weight, st_mlp, ho_mlp,
+                                                cfg, index, "down_proj", warnings)
+            channels = choice[label][0]
+            info.update(auto_info)
         else:
             scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
             channels = select_channels(scores, plan.channels_removed)
         if len(channels) < down_proj.in_features:
-            res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, channels, cfg, index,
-                            "down_proj", warnings, ho_mlp)
+            if res is None:
+                res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, channels, cfg, index,
+                                "down_proj", warnings, ho_mlp)
             adapter.prune_mlp(layer, channels, res.weight)
             if res.bias is not None:
                 adapter.add_output_bias(down_proj, res.bias)
@@ -567,9 +628,9 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
             unit_scores.append(tuple(s.cpu() for s in _error_unit_scores(adapter, layer, col.stats, head_unit,
                                                                           cfg, norm)))
         else:
-            attn = standardize(channel_scores(cfg.resolved_score, o_proj.weight, col.stats["attn"]))
+            attn = standardize(channel_scores(cfg.allocation_score, o_proj.weight, col.stats["attn"]))
             heads = attn.reshape(geom.num_heads, geom.head_dim).mean(1)
-            mlp = standardize(channel_scores(cfg.resolved_score, down_proj.weight, col.stats["mlp"]))
+            mlp = standardize(channel_scores(cfg.allocation_score, down_proj.weight, col.stats["mlp"]))
             unit_scores.append((head_unit_scores(heads, geom, head_unit).cpu(), mlp.cpu()))
         del col
         shapes.append(adapter.layer_shape(layer))

@@ -82,7 +82,7 @@ def _probe_attention(adapter: DecoderAdapter, layer: nn.Module, stats: InputStat
     plan = LayerPlan(head_unit, heads_removed_per_group=1) if head_unit == "query" else LayerPlan(head_unit,
                                                                                                   groups_removed=1)
     o_proj = adapter.attn_out(layer)
-    scores = channel_scores(cfg.resolved_score, o_proj.weight, stats)
+    scores = channel_scores(cfg.allocation_score, o_proj.weight, stats)
     kept_heads, kept_kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
     kept_ch = head_channels(kept_heads, geom.head_dim)
     res = compensate(o_proj.weight, stats, kept_ch, heldout)
@@ -96,7 +96,7 @@ def _probe_attention(adapter: DecoderAdapter, layer: nn.Module, stats: InputStat
 def _probe_mlp(adapter: DecoderAdapter, layer: nn.Module, stats: InputStats, heldout: InputStats | None,
                cfg: PruneConfig, n_remove: int, compensate) -> nn.Module:
     down = adapter.mlp_out(layer)
-    kept = select_channels(channel_scores(cfg.resolved_score, down.weight, stats), n_remove)
+    kept = select_channels(channel_scores(cfg.allocation_score, down.weight, stats), n_remove)
     res = compensate(down.weight, stats, kept, heldout)
     probe = copy.deepcopy(layer)
     adapter.prune_mlp(probe, kept, res.weight)

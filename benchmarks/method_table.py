@@ -38,8 +38,8 @@ PARTS = {
                   "flap-ridge+compensation=auto+choice_per_row=true", "obs-ridge"], [0.2]),
     # layer refinement on top of flap-ridge at every ratio
     "refinement": (["flap-ridge", "flap-ridge+refine_epochs=4"], [0.1, 0.2, 0.3]),
-    # more optimiser steps per epoch: 2 windows per batch instead of 8
-    "refine_steps": (["flap-ridge+refine_epochs=2+batch_size=2"], [0.2]),
+    # more optimiser steps per epoch: 2 or 1 windows per batch instead of 8
+    "refine_steps": (["flap-ridge+refine_epochs=2+batch_size=2", "flap-ridge+refine_epochs=1+batch_size=1"], [0.2]),
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale", "rcpu+intercept=true", "flap-ridge+score=wanda-sp",

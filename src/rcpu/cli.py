@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = PruneConfig()
     _add(p, "method", default=d.method, help=f"preset: {', '.join(PRESETS)} (default {d.method})")
     _add(p, "pruning_ratio", type=float, default=d.pruning_ratio, help="fraction of heads/channels to remove")
-    _add(p, "score", default=None, help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2, or auto (per "
-              "sublayer, whichever of fluctuation / wanda-sp / rcpu leaves the lowest held-out error after "
-              "compensation; needs a held-out choice, e.g. --ridge_lambda auto)")
+    _add(p, "score", default=None,
+         help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2, or auto (per sublayer, "
+              "whichever of fluctuation / wanda-sp / rcpu leaves the lowest held-out error after compensation; "
+              "needs a held-out choice, e.g. --ridge_lambda auto)")
     _add(p, "compensation", default=None,
          help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
               "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)")

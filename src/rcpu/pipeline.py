@@ -493,8 +493,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                                                 cfg, index, "o_proj", warnings)
             heads, kv = choice[label][1]
             info.update(auto_info)
-        else:
-            scores = channel_scores(cfg.resolved_score, o_proj.weight, st_attn)
+        else:  # (--score auto with nothing to remove: any score keeps everything)
+            scores = channel_scores(cfg.allocation_score, o_proj.weight, st_attn)
             heads, kv = select_heads(group_scores(scores, geom.head_dim), geom, plan)
         if len(heads) < geom.num_heads:
             if res is None:
@@ -522,7 +522,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             channels = choice[label][0]
             info.update(auto_info)
         else:
-            scores = channel_scores(cfg.resolved_score, down_proj.weight, st_mlp)
+            scores = channel_scores(cfg.allocation_score, down_proj.weight, st_mlp)
             channels = select_channels(scores, plan.channels_removed)
         if len(channels) < down_proj.in_features:
             if res is None:

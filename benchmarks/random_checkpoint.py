@@ -2,8 +2,8 @@
 
 The weights are generated and written one decoder layer at a time (one safetensors shard
 per layer plus an index), so a checkpoint larger than RAM can be made on a small machine.
-The tokenizer is the built-in SmolLM2 one (the vocabulary is set to match), so the
-checkpoint runs with rcpu's built-in calibration and evaluation text.
+The tokenizer is the built-in SmolLM2 one unless ``--tokenizer`` names another (the vocabulary
+is set to match), so the checkpoint runs with rcpu's built-in calibration and evaluation text.
 
     python benchmarks/random_checkpoint.py --shape mistral-7b --layers 12 --dtype bfloat16 --out /tmp/m7b
 """
@@ -101,10 +101,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", default=None,
+                    help="directory holding the tokenizer to ship (default: the built-in SmolLM2's)")
     args = ap.parse_args()
-    from rcpu.loading import resolve_model_dir
+    if args.tokenizer is None:
+        from rcpu.loading import resolve_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
+        args.tokenizer = resolve_model_dir("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = make_config(args.shape, args.layers, len(tokenizer))
     out = write_checkpoint(config, Path(args.out), getattr(torch, args.dtype), tokenizer, args.seed)
     print(f"wrote {out}")

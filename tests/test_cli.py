@@ -89,6 +89,20 @@ def test_bad_model_and_existing_output(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
 
 
+def test_bad_model_fails_before_calibration_text_is_fetched(tmp_path, monkeypatch, capsys):
+    """A wrong --model must not first download the built-in text (offline, that hid the real error)."""
+    from rcpu import data
+
+    def fetched(*a, **k):
+        raise AssertionError("calibration text touched before the model path was checked")
+
+    monkeypatch.setattr(data, "describe_source", fetched)
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    for model, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "weights.bin", "not a .gguf")):
+        assert main(["prune", "--model", str(model), "-q"]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_refinement_intercept_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
     out = tmp_path / "refined"
     assert main(_prune_args(tiny_checkpoint, "--method", "ridge", "--pruning_ratio", "0.5", "--eval", "none",

@@ -505,6 +505,22 @@ def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
     return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None
 
 
+def check_model_source(source: str) -> None:
+    """Fail fast on a model argument that can never load (a path that does not exist, a file that is
+    not .gguf), before a command downloads calibration text or computes anything."""
+    source = os.fspath(source)
+    if _builtin_key(source) is not None:
+        return
+    expanded = Path(os.path.expanduser(source))
+    if expanded.is_file() and expanded.suffix.lower() != ".gguf":
+        raise RcpuError(
+            f"model path {source} is a file but not a .gguf file; pass the directory that holds "
+            f"config.json ({expanded.parent}) or a .gguf file"
+        )
+    if not expanded.exists() and _looks_like_path(source):
+        raise RcpuError(f"model path {source} does not exist; check the path (or use a built-in name such as smollm2-135m)")
+
+
 def load_model(
     source: str,
     *,
@@ -525,6 +541,7 @@ def load_model(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise RcpuError(f"unsupported dtype {dtype!r}; use a floating dtype such as torch.float32 or torch.bfloat16")
 
+    check_model_source(source)
     key = _builtin_key(source)
     expanded = Path(os.path.expanduser(source))
     if key is not None:
@@ -535,15 +552,8 @@ def load_model(
         model, tokenizer = _load_dir(expanded, dtype, trust_remote_code)
         kind, resolved = "dir", str(expanded)
     elif expanded.is_file():
-        if expanded.suffix.lower() != ".gguf":
-            raise RcpuError(
-                f"model path {source} is a file but not a .gguf file; pass the directory that holds "
-                f"config.json ({expanded.parent}) or a .gguf file"
-            )
         model, tokenizer = _load_gguf(expanded, dtype, trust_remote_code)
         kind, resolved = "gguf", str(expanded)
-    elif _looks_like_path(source):
-        raise RcpuError(f"model path {source} does not exist; check the path (or use a built-in name such as smollm2-135m)")
     else:
         model, tokenizer, snapshot = _load_hub(source, dtype, trust_remote_code)
         kind, resolved = "hub", str(snapshot)

@@ -71,7 +71,7 @@ step speed_b16 python benchmarks/speed.py --model "$work/rcpu20" --baseline "$wo
     --dtype bfloat16 --batch_size 16 --prompt_len 512 --new_tokens 32 --quiet --output "$out/speed_b16.json"
 rm -rf "$work/dense" "$work/rcpu20"
 
-step test_suite bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tail -n 40 | tee '$out/test_all.log'"
+step test_suite bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee '$out/test_all.log'"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "failed steps: ${failed[*]}"

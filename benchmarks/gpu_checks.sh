@@ -4,7 +4,7 @@
 #   2. a randomly initialised 7B-shaped checkpoint (bf16, one shard per layer), pruned by rcpu at
 #      20 % on the GPU in bfloat16, streamed layer by layer, with its time and memory record;
 #   3. the speed of that pruned model against the dense one on the GPU (batch 1 decode-bound,
-#      batch 16 with long prompts);
+#      batch 16 with long prompts), and of the same prune with --round_to 64;
 #   4. the whole test suite with the GPU visible (the CLI then defaults to CUDA).
 # A failing step does not stop the later ones; the exit status says whether all passed.
 #
@@ -13,7 +13,9 @@
 # Environment: SHAPE (random_checkpoint.py shape, default llama-7b), LAYERS (default 8),
 # TOKENIZER (tokenizer directory; default the built-in SmolLM2's), DEVICE (default cuda),
 # NSAMPLES (calibration windows of 128 tokens, default 128), PYTEST_ARGS (extra arguments for
-# the whole-suite run, e.g. '-m "not slow" -n 8' where the built-in model cannot be downloaded).
+# the whole-suite run, e.g. '-m "not slow"' where the built-in model cannot be downloaded; with
+# pytest-xdist's -n 14 on one H100, two rcpu compare tests ran past a 150 s timeout, so the
+# default is one process).
 # Needs the package and its test extras (pip install -e ".[test]").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +71,14 @@ step speed_b1 python benchmarks/speed.py --model "$work/rcpu20" --baseline "$wor
     --dtype bfloat16 --batch_size 1 --prompt_len 128 --new_tokens 64 --quiet --output "$out/speed_b1.json"
 step speed_b16 python benchmarks/speed.py --model "$work/rcpu20" --baseline "$work/dense" --device "$device" \
     --dtype bfloat16 --batch_size 16 --prompt_len 512 --new_tokens 32 --quiet --output "$out/speed_b16.json"
-rm -rf "$work/dense" "$work/rcpu20"
+# the same with the kept MLP width rounded to a multiple of 64 (8807 -> 8832 for the 7B shape)
+step prune_round64 bash -o pipefail -c "python -m rcpu.cli prune --model '$work/dense' --method rcpu \
+    --pruning_ratio 0.2 --round_to 64 --dtype bfloat16 --device '$device' --nsamples '$nsamples' --seqlen 128 \
+    --eval none --save_model '$work/rcpu20r64' 2>&1 | tail -n 12 | tee '$out/prune_round64.log'"
+step speed_b16_round64 python benchmarks/speed.py --model "$work/rcpu20r64" --baseline "$work/dense" \
+    --device "$device" --dtype bfloat16 --batch_size 16 --prompt_len 512 --new_tokens 32 --quiet \
+    --output "$out/speed_b16_round64.json"
+rm -rf "$work/dense" "$work/rcpu20" "$work/rcpu20r64"
 
 step test_suite bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee '$out/test_all.log'"
 

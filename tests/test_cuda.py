@@ -56,27 +56,45 @@ def _checkpoint(root, family="llama", layers=3):
     return src
 
 
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().cpu().double() - b.detach().cpu().double()).norm().item()
+
+
 @pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge-auto"), ("llama", "flap"), ("mistral", "wanda-sp"),
                                            ("llama", "flap-ridge"), ("qwen2", "rcpu-scaled")])
 def test_float32_on_accelerator_matches_cpu(family, method):
-    """Same units kept and the same weights (to float32 rounding) as on the CPU."""
+    """Same units kept, and float32 on the accelerator as close to the exact (float64) result
+    as float32 on the CPU is.
+
+    The compensated matrices cannot be compared element by element: the least-squares and
+    Procrustes solves amplify float32 rounding along directions the calibration data barely
+    excites. On an H100, o_proj differed from the CPU's by up to 0.6 % of its largest entry; on
+    the CPU, float32 differs from float64 by 0.1-5 % there while the logits agree to 1e-4 of
+    their scale. So each weight and the logits are measured against a float64 run on the CPU.
+    """
     cfg = PruneConfig(**parse_method(method), pruning_ratio=0.5)
     windows = make_windows()
     heldout = make_windows(8, 32, seed=7) if cfg.needs_heldout else None
     runs = {}
-    for device in ("cpu", ACCEL):
-        model = make_model(family, layers=2).to(device)
-        runs[device] = prune(model, cfg, windows=windows, heldout_windows=heldout, device=device, progress=False)
-    (cpu_model, cpu_report), (acc_model, acc_report) = runs["cpu"], runs[ACCEL]
-    assert _kept(acc_report) == _kept(cpu_report)
+    for name, device, dtype in (("exact", "cpu", torch.float64), ("cpu", "cpu", torch.float32),
+                                ("acc", ACCEL, torch.float32)):
+        model = make_model(family, layers=2).to(device=device, dtype=dtype)
+        runs[name] = prune(model, cfg, windows=windows, heldout_windows=heldout, device=device, progress=False)
+    (exact, exact_report), (cpu, cpu_report), (acc, acc_report) = runs["exact"], runs["cpu"], runs["acc"]
+    assert _kept(acc_report) == _kept(cpu_report) == _kept(exact_report)
     assert acc_report.params == cpu_report.params
-    assert next(acc_model.parameters()).device.type == torch.device(ACCEL).type
-    acc_state = acc_model.state_dict()
-    for name, value in cpu_model.state_dict().items():
-        torch.testing.assert_close(acc_state[name].cpu(), value, rtol=1e-4, atol=1e-5, msg=name)
+    assert next(acc.parameters()).device.type == torch.device(ACCEL).type
+    cpu_state, acc_state = cpu.state_dict(), acc.state_dict()
     x = make_windows(2, 16, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(acc_model(x.to(ACCEL)).logits.cpu(), cpu_model(x).logits, rtol=1e-3, atol=1e-4)
+        outputs = {name: m(x.to(next(m.parameters()).device)).logits for name, m in (("exact", exact), ("cpu", cpu),
+                                                                                   ("acc", acc))}
+    pairs = [(name, value, cpu_state[name], acc_state[name]) for name, value in exact.state_dict().items()]
+    pairs.append(("logits", outputs["exact"], outputs["cpu"], outputs["acc"]))
+    for name, ref, on_cpu, on_acc in pairs:
+        bound = 4 * _distance(on_cpu, ref) + 1e-5 * ref.double().norm().item()
+        assert _distance(on_acc, ref) <= bound, (
+            f"{name}: accelerator {_distance(on_acc, ref):.3g} from float64, CPU float32 {_distance(on_cpu, ref):.3g}")
 
 
 def test_bfloat16_streamed_on_accelerator(tmp_path, monkeypatch):

@@ -177,3 +177,16 @@ def test_cli_refuses_unsaveable_setting_with_exit_2(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rcpu")]
     assert rc == 2 and len(err) == 1 and err[0].startswith("rcpu: error: the pruned model cannot be saved")
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_unfriendly_widths_are_pointed_out_and_round_to_avoids_them():
+    notes = {}
+    for round_to in (1, 64):
+        cfg = PruneConfig(method="wanda-sp", pruning_ratio=0.2, nsamples=2, seqlen=16, batch_size=2,
+                          round_to=round_to)
+        _, report = prune(_real_width_model("llama-7b"), cfg, windows=make_windows(2, 16), device="cpu",
+                          progress=False)
+        notes[round_to] = (report.params["intermediate_after"], [n for n in report.summary_lines() if "--round_to" in n])
+    (width, note), (rounded, no_note) = notes[1], notes[64]
+    assert width == 8807 and len(note) == 1 and "8807 not a multiple of 64" in note[0]
+    assert rounded % 64 == 0 and abs(rounded - width) <= 32 and not no_note

@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+from rcpu.pipeline import _forced_units
 from rcpu.select import (
     AttentionGeometry,
     LayerShape,
+    allocate_global,
+    head_unit_scores,
     plan_uniform,
     select_channels,
     select_heads,
@@ -63,3 +66,31 @@ def test_round_to_multiple():
     assert (1536 - plan.channels_removed) % 128 == 0
     assert any("rounded" in n for n in plan.notes)
     assert plan_uniform(SMOL, 0.2, round_to=1).channels_removed == plan_uniform(SMOL, 0.2).channels_removed
+
+
+def test_global_mlp_allocation_keeps_uniform_heads_and_removes_the_weakest_channels_overall():
+    """allocation="global_mlp": every layer loses the uniform plan's heads, and the MLP channels
+    removed are exactly the lowest standardised scores over all layers, as many as the budget
+    left by those heads needs (a direct computation)."""
+    gen = torch.Generator().manual_seed(0)
+    qwen = LayerShape(AttentionGeometry(num_heads=12, num_kv_heads=2, head_dim=128, hidden_size=1536), 8960)
+    shapes = [qwen] * 4
+    uniform = plan_uniform(qwen, 0.2, "query")
+    assert uniform.heads_removed_per_group == 1  # 2 of 12 heads per layer
+    heads = [head_unit_scores(torch.randn(12, generator=gen), qwen.attn, "query") for _ in shapes]
+    mlp = [torch.randn(qwen.intermediate_size, generator=gen) + 0.3 * i for i in range(len(shapes))]
+    forced = [(_forced_units(h, uniform.heads_removed_per_group), m) for h, m in zip(heads, mlp, strict=True)]
+    plans = allocate_global(forced, shapes, 0.2, "query")
+    assert all(p.heads_removed_per_group == 1 for p in plans)
+    assert len({p.channels_removed for p in plans}) > 1  # the widths differ by layer
+    # direct: the budget left after the heads, filled with the globally weakest channels
+    total = sum(s.attn_params + s.mlp_params for s in shapes)
+    head_params = sum(p.heads_removed(s.attn) * s.params_per_query_head for p, s in zip(plans, shapes, strict=True))
+    n_channels = sum(p.channels_removed for p in plans)
+    removed = sum(p.params_removed(s) for p, s in zip(plans, shapes, strict=True))
+    assert abs(removed - 0.2 * total) <= qwen.params_per_channel  # one channel of slack at the threshold
+    assert head_params + n_channels * qwen.params_per_channel == removed
+    flat = torch.cat(mlp)
+    owner = torch.cat([torch.full((len(m),), i) for i, m in enumerate(mlp)])
+    weakest = owner[torch.argsort(flat, stable=True)[:n_channels]]
+    assert [int((weakest == i).sum()) for i in range(len(shapes))] == [p.channels_removed for p in plans]

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from .config import PRESETS, PruneConfig, parse_dtype
+from .config import ALLOCATIONS, PRESETS, PruneConfig, parse_dtype
 from .errors import RcpuError
 
 logger = logging.getLogger("rcpu")
@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "compensation", default=None,
          help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
               "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)")
-    _add(p, "allocation", default=None, choices=["uniform", "global", "error", "loss"],
-         help="same widths in every layer (RCPU), FLAP's global allocation, global allocation by the "
-              "error left after compensation, or by probed loss on held-out windows (default: the preset's)")
+    _add(p, "allocation", default=None, choices=list(ALLOCATIONS),
+         help="same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
+              "(global_mlp: every layer loses the uniform plan's heads), global allocation by the error left "
+              "after compensation, or by probed loss on held-out windows (default: the preset's)")
     _add(p, "statistics", default=None, choices=["sequential", "dense"],
          help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")
     _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,

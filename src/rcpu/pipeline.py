@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -601,12 +602,14 @@ def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[st
 @torch.no_grad()
 def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
                  cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True,
-                 store: LayerStore | None = None) -> list[LayerPlan]:
+                 store: LayerStore | None = None, uniform: LayerPlan | None = None) -> list[LayerPlan]:
     """Global allocation: one pass over the dense model scores every unit of every layer,
     then :func:`allocate_global` decides how many units each layer keeps. Only per-layer
     score vectors are kept.
 
-    "global" is FLAP's: the importance score, standardised per layer and module. "error"
+    "global" is FLAP's: the importance score, standardised per layer and module.
+    "global_mlp" removes as many heads from every layer as the ``uniform`` plan does and
+    allocates only the MLP channels by FLAP's standardised score. "error"
     is ours: the error left after least-squares compensation when units are removed
     greedily, per parameter and relative to the residual stream's energy at that layer,
     so layers and modules are compared on one scale that knows the compensation.
@@ -636,7 +639,20 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         shapes.append(adapter.layer_shape(layer))
         layer.to(home)
         store.unload(i, layer)
+    if cfg.resolved_allocation == "global_mlp":
+        if uniform is None:
+            raise ValueError("allocation='global_mlp' needs the uniform plan")
+        fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
+        unit_scores = [(_forced_units(attn, fixed), mlp) for attn, mlp in unit_scores]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
+
+
+def _forced_units(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
+    """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
+    (the weakest, as they are sorted ascending) and keep the others, whatever the threshold."""
+    forced = torch.full_like(unit_scores, math.inf)
+    forced[:n_removed] = -math.inf
+    return forced
 
 
 def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
@@ -663,7 +679,7 @@ def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[to
 
         return loss_plans(model, adapter, batches, heldout, heldout_ids, cfg, uniform.head_unit, device,
                           compensate, progress)
-    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress, store)
+    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress, store, uniform)
 
 
 def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plans: list[LayerPlan],

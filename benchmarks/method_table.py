@@ -43,7 +43,7 @@ PARTS = {
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale", "rcpu+intercept=true", "flap-ridge+score=wanda-sp",
-                      "ridge-auto+score=wanda-sp", "ridge-auto+score=fluctuation"], [0.2]),
+                      "ridge-auto+score=wanda-sp", "ridge-auto+score=fluctuation", "flap-ridge+allocation=global_mlp"], [0.2]),
     # few calibration tokens (32 windows), where the rotation could beat least squares: does
     # --compensation auto pick it? (its own results file: another protocol)
     "lowdata": (["rcpu", "ridge-auto", "flap-ridge", "flap-ridge+compensation=auto", "rcpu+compensation=auto"],

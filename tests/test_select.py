@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from rcpu.pipeline import _forced_units
 from rcpu.select import (
     AttentionGeometry,
     LayerShape,
     allocate_global,
+    forced_unit_scores,
     head_unit_scores,
     plan_uniform,
     select_channels,
@@ -79,7 +79,7 @@ def test_global_mlp_allocation_keeps_uniform_heads_and_removes_the_weakest_chann
     assert uniform.heads_removed_per_group == 1  # 2 of 12 heads per layer
     heads = [head_unit_scores(torch.randn(12, generator=gen), qwen.attn, "query") for _ in shapes]
     mlp = [torch.randn(qwen.intermediate_size, generator=gen) + 0.3 * i for i in range(len(shapes))]
-    forced = [(_forced_units(h, uniform.heads_removed_per_group), m) for h, m in zip(heads, mlp, strict=True)]
+    forced = [(forced_unit_scores(h, uniform.heads_removed_per_group), m) for h, m in zip(heads, mlp, strict=True)]
     plans = allocate_global(forced, shapes, 0.2, "query")
     assert all(p.heads_removed_per_group == 1 for p in plans)
     assert len({p.channels_removed for p in plans}) > 1  # the widths differ by layer

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -39,6 +38,7 @@ from .scores import channel_scores, group_scores
 from .select import (
     LayerPlan,
     allocate_global,
+    forced_unit_scores,
     head_channels,
     head_unit_scores,
     max_channels_removed,
@@ -643,16 +643,8 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         if uniform is None:
             raise ValueError("allocation='global_mlp' needs the uniform plan")
         fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
-        unit_scores = [(_forced_units(attn, fixed), mlp) for attn, mlp in unit_scores]
+        unit_scores = [(forced_unit_scores(attn, fixed), mlp) for attn, mlp in unit_scores]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
-
-
-def _forced_units(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
-    """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
-    (the weakest, as they are sorted ascending) and keep the others, whatever the threshold."""
-    forced = torch.full_like(unit_scores, math.inf)
-    forced[:n_removed] = -math.inf
-    return forced
 
 
 def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],

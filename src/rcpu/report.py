@@ -71,7 +71,8 @@ class PruneReport:
         7B-shaped model pruned to 8807 channels prefilled at 0.37x the dense model's speed."""
         widths = self.params.get("intermediate_after")
         widths = widths if isinstance(widths, list) else [widths]
-        odd = sorted({w for w in widths if isinstance(w, int) and w % GPU_WIDTH_MULTIPLE})
+        before = self.params.get("intermediate_before")  # a width the model came with is not ours to flag
+        odd = sorted({w for w in widths if isinstance(w, int) and w % GPU_WIDTH_MULTIPLE and w != before})
         if not odd:
             return None
         return (f"kept MLP width{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd[:3]))}"

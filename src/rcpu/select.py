@@ -163,6 +163,15 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
     return per_group.sort(dim=1).values.mean(0)
 
 
+def forced_unit_scores(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
+    """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
+    (the weakest: :func:`head_unit_scores` sorts them ascending) and keep the others,
+    whatever the global threshold (``allocation="global_mlp"``)."""
+    forced = torch.full_like(unit_scores, math.inf)
+    forced[:n_removed] = -math.inf
+    return forced
+
+
 def max_channels_removed(d_ff: int, ratio: float) -> int:
     """The most MLP channels the error and loss allocations may take from one layer:
     3x the global ratio, and never the last channel."""

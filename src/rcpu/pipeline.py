@@ -601,11 +601,12 @@ def _error_unit_scores(adapter: DecoderAdapter, layer: nn.Module, stats: dict[st
 
 @torch.no_grad()
 def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[torch.Tensor, dict]],
-                 cfg: PruneConfig, head_unit: str, device: torch.device, progress: bool = True,
-                 store: LayerStore | None = None, uniform: LayerPlan | None = None) -> list[LayerPlan]:
+                 cfg: PruneConfig, uniform: LayerPlan, device: torch.device, progress: bool = True,
+                 store: LayerStore | None = None) -> list[LayerPlan]:
     """Global allocation: one pass over the dense model scores every unit of every layer,
     then :func:`allocate_global` decides how many units each layer keeps. Only per-layer
-    score vectors are kept.
+    score vectors are kept. ``uniform`` is the uniform plan: its head unit, and its head
+    counts for "global_mlp".
 
     "global" is FLAP's: the importance score, standardised per layer and module.
     "global_mlp" removes as many heads from every layer as the ``uniform`` plan does and
@@ -615,6 +616,7 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
     so layers and modules are compared on one scale that knows the compensation.
     """
     by_error = cfg.resolved_allocation == "error"
+    head_unit = uniform.head_unit
     unit_scores, shapes = [], []
     bar = tqdm(range(len(adapter.layers)), desc="scoring (allocation)", unit="layer", disable=not progress)
     store = store or LayerStore(adapter)
@@ -640,8 +642,6 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         layer.to(home)
         store.unload(i, layer)
     if cfg.resolved_allocation == "global_mlp":
-        if uniform is None:
-            raise ValueError("allocation='global_mlp' needs the uniform plan")
         fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
         unit_scores = [(forced_unit_scores(attn, fixed), mlp) for attn, mlp in unit_scores]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
@@ -671,7 +671,7 @@ def make_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[to
 
         return loss_plans(model, adapter, batches, heldout, heldout_ids, cfg, uniform.head_unit, device,
                           compensate, progress)
-    return global_plans(model, adapter, batches, cfg, uniform.head_unit, device, progress, store, uniform)
+    return global_plans(model, adapter, batches, cfg, uniform, device, progress, store)
 
 
 def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, plans: list[LayerPlan],

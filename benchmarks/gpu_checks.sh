@@ -15,7 +15,9 @@
 # NSAMPLES (calibration windows of 128 tokens, default 128), PYTEST_ARGS (extra arguments for
 # the whole-suite run, e.g. '-m "not slow"' where the built-in model cannot be downloaded; with
 # pytest-xdist's -n 14 on one H100, two rcpu compare tests ran past a 150 s timeout, so the
-# default is one process).
+# default is one process), SUITE_THREADS (torch threads per test process; set it to the cores over
+# the xdist workers, since every process otherwise takes all cores), SKIP (space-separated step
+# names to leave out, e.g. "speed_b1").
 # Needs the package and its test extras (pip install -e ".[test]").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,10 @@ failed=()
 step() {  # step NAME COMMAND...: run, time and record one step
     local name="$1" t0=$SECONDS rc
     shift
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then
+        echo "== $name: skipped (SKIP)"
+        return
+    fi
     echo "== $name"
     "$@"
     rc=$?
@@ -80,7 +86,7 @@ step speed_b16_round64 python benchmarks/speed.py --model "$work/rcpu20r64" --ba
     --output "$out/speed_b16_round64.json"
 rm -rf "$work/dense" "$work/rcpu20" "$work/rcpu20r64"
 
-step test_suite bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee '$out/test_all.log'"
+step test_suite env ${SUITE_THREADS:+OMP_NUM_THREADS=$SUITE_THREADS} bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee '$out/test_all.log'"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "failed steps: ${failed[*]}"

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
               "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)")
     _add(p, "allocation", default=None, choices=list(ALLOCATIONS),
          help="same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
-              "(global_mlp: every layer loses the uniform plan's heads), global allocation by the error left "
+              "(global_mlp: every layer loses the uniform plan's heads), FLAP's ranking within heads and within "
+              "channels, each losing the ratio of its own parameters (global_split), global allocation by the error left "
               "after compensation, or by probed loss on held-out windows (default: the preset's)")
     _add(p, "statistics", default=None, choices=["sequential", "dense"],
          help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")

@@ -38,6 +38,7 @@ from .scores import channel_scores, group_scores
 from .select import (
     LayerPlan,
     allocate_global,
+    allocate_heads_split,
     forced_unit_scores,
     head_channels,
     head_unit_scores,
@@ -610,7 +611,9 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
 
     "global" is FLAP's: the importance score, standardised per layer and module.
     "global_mlp" removes as many heads from every layer as the ``uniform`` plan does and
-    allocates only the MLP channels by FLAP's standardised score. "error"
+    allocates only the MLP channels by FLAP's standardised score. "global_split" ranks heads
+    among heads and channels among channels, each losing ``ratio`` of its own parameters
+    (:func:`allocate_heads_split`; the channels absorb the rounding to whole heads). "error"
     is ours: the error left after least-squares compensation when units are removed
     greedily, per parameter and relative to the residual stream's energy at that layer,
     so layers and modules are compared on one scale that knows the compensation.
@@ -644,6 +647,9 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
     if cfg.resolved_allocation == "global_mlp":
         fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
         unit_scores = [(forced_unit_scores(attn, fixed), mlp) for attn, mlp in unit_scores]
+    elif cfg.resolved_allocation == "global_split":
+        removed = allocate_heads_split([attn for attn, _ in unit_scores], shapes, cfg.pruning_ratio, head_unit)
+        unit_scores = [(forced_unit_scores(attn, n), mlp) for (attn, mlp), n in zip(unit_scores, removed, strict=True)]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
 
 

@@ -166,10 +166,38 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
 def forced_unit_scores(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
     """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
     (the weakest: :func:`head_unit_scores` sorts them ascending) and keep the others,
-    whatever the global threshold (``allocation="global_mlp"``)."""
+    whatever the global threshold (``allocation="global_mlp"`` / ``"global_split"``)."""
     forced = torch.full_like(unit_scores, math.inf)
     forced[:n_removed] = -math.inf
     return forced
+
+
+def allocate_heads_split(attn_scores: list[torch.Tensor], shapes: list[LayerShape], ratio: float,
+                         head_unit: str) -> list[int]:
+    """Attention units to remove per layer when heads get their own share of the budget
+    (``allocation="global_split"``): ``ratio`` of the removable attention parameters (all
+    units' weights: under GQA a query unit leaves the shared k/v), filled with the globally
+    weakest units of :func:`head_unit_scores` (the nearest whole number of units; every
+    layer keeps one). FLAP's one ranking across modules weighs a head's mean standardised
+    score against a channel's, two numbers on no common scale; at a 20 % ratio it removed
+    29 % of Qwen2.5-1.5B's query heads and 19 % of SmolLM2's. Fixing the split keeps FLAP's
+    choice of *where* heads go without letting it decide *how many*."""
+    flat = torch.cat([s.double() for s in attn_scores])
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(attn_scores)])
+    weight = torch.cat([torch.full((len(s),), float(sh.params_per_head_unit(head_unit)), dtype=torch.float64)
+                        for s, sh in zip(attn_scores, shapes, strict=True)])
+    budget = ratio * float(weight.sum())
+    removed = [0] * len(attn_scores)
+    spent = 0.0
+    for j in torch.argsort(flat, stable=True).tolist():  # weakest first
+        i = int(owner[j])
+        if removed[i] + 1 >= len(attn_scores[i]):
+            continue
+        if spent + float(weight[j]) / 2 > budget:  # nearest whole unit: stop past half of one
+            break
+        removed[i] += 1
+        spent += float(weight[j])
+    return removed
 
 
 def max_channels_removed(d_ff: int, ratio: float) -> int:

@@ -2,7 +2,7 @@
 parts (flap-ridge): an ablation that adds one ingredient at a time to flap-ridge, and other
 combinations of shipped settings.
 
-    python benchmarks/method_table.py [--parts main,ablation,refinement,refine_steps,combinations,global_mlp,lowdata] [--device cuda]
+    python benchmarks/method_table.py [--parts main,ablation,refinement,refine_steps,combinations,global_mlp,global_split,lowdata] [--device cuda]
 
 Same protocol as benchmarks/table1.py (SmolLM2-135M, 128 calibration windows x 128
 tokens, seed 0, first 16,384 held-out tokens, 128- and 512-token windows). All parts
@@ -46,6 +46,8 @@ PARTS = {
                       "ridge-auto+score=wanda-sp", "ridge-auto+score=fluctuation"], [0.2]),
     # FLAP's allocation for the MLP channels only (uniform head counts), at every ratio
     "global_mlp": (["flap-ridge+allocation=global_mlp"], [0.1, 0.2, 0.3]),
+    # FLAP's ranking within heads and within channels, each losing the ratio of its own parameters
+    "global_split": (["flap-ridge+allocation=global_split"], [0.1, 0.2, 0.3]),
     # few calibration tokens (32 windows), where the rotation could beat least squares: does
     # --compensation auto pick it? (its own results file: another protocol)
     "lowdata": (["rcpu", "ridge-auto", "flap-ridge", "flap-ridge+compensation=auto", "rcpu+compensation=auto"],

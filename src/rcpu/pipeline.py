@@ -33,7 +33,7 @@ from .config import SCORE_CANDIDATES, PruneConfig
 from .errors import RcpuError
 from .models import DecoderAdapter
 from .nested import map_tensors
-from .report import LayerMemory
+from .report import LayerMemory, release_free_memory
 from .scores import channel_scores, group_scores
 from .select import (
     LayerPlan,
@@ -291,6 +291,7 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         # the rotation reports its own errors and needs nothing more of the Gram matrix: free
         # it before the SVD (at 13B MLP widths it is the largest buffer of the layer)
         stats.gram = stats.target_cross = fit.gram = None
+        release_free_memory()
         result = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
                                      proper=cfg.rotation_proper, n_tokens=stats.n)
     else:  # validated earlier

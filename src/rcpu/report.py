@@ -83,6 +83,18 @@ class PruneReport:
                 f"served on GPUs")
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it otherwise, so the resident size
+    creeps up layer after layer, and a large workspace allocated after a large buffer was
+    freed (the SVD after the Gram matrix) lands on top of it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as fh:

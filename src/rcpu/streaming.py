@@ -43,7 +43,7 @@ from .pipeline import (
     make_plans,
     run_sequential,
 )
-from .report import PeakMemory, PruneReport, count_params, versions
+from .report import PeakMemory, PruneReport, count_params, release_free_memory, versions
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +141,6 @@ def _atomic_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _release_free_memory() -> None:
-    """Hand the heap memory freed with the last layer back to the OS (glibc keeps it otherwise,
-    and the resident size would creep up layer after layer)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def shard_name(k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
@@ -181,7 +170,7 @@ class StreamingStore(LayerStore):
         _atomic_save(tensors, self.work / shard_name(index, self.n_shards))
         del tensors
         layer.to("meta")
-        _release_free_memory()
+        release_free_memory()
         hidden = {f"calib.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(batches)}
         if heldout is not None:
             hidden.update({f"heldout.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(heldout)})

@@ -47,7 +47,8 @@ PARTS = {
     # FLAP's allocation for the MLP channels only (uniform head counts), at every ratio
     "global_mlp": (["flap-ridge+allocation=global_mlp"], [0.1, 0.2, 0.3]),
     # FLAP's ranking within heads and within channels, each losing the ratio of its own parameters
-    "global_split": (["flap-ridge+allocation=global_split"], [0.1, 0.2, 0.3]),
+    # (global_even: every layer losing floor(ratio x head units) or one more)
+    "global_split": (["flap-ridge+allocation=global_split", "flap-ridge+allocation=global_even"], [0.1, 0.2, 0.3]),
     # few calibration tokens (32 windows), where the rotation could beat least squares: does
     # --compensation auto pick it? (its own results file: another protocol)
     "lowdata": (["rcpu", "ridge-auto", "flap-ridge", "flap-ridge+compensation=auto", "rcpu+compensation=auto"],

@@ -108,17 +108,19 @@ print(sum(p.numel() for p in m.parameters()))
 
 @pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge"), ("mistral", "rcpu-scaled"),
                                            ("llama", "bias"), ("llama", "flap"), ("qwen2", "global"),
-                                           ("mistral", "global_mlp"), ("qwen2", "global_split")])
+                                           ("mistral", "global_mlp"), ("qwen2", "global_split"),
+                                           ("llama", "global_even")])
 def test_save_reload_identical_logits(tmp_path, family, method):
     cfg = {"bias": PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5),
            "global": PruneConfig(method="rcpu", allocation="global", pruning_ratio=0.5),
            "global_mlp": PruneConfig(method="flap-ridge", allocation="global_mlp", pruning_ratio=0.5),
-           "global_split": PruneConfig(method="flap-ridge", allocation="global_split", pruning_ratio=0.5)}.get(
+           "global_split": PruneConfig(method="flap-ridge", allocation="global_split", pruning_ratio=0.5),
+           "global_even": PruneConfig(method="flap-ridge", allocation="global_even", pruning_ratio=0.5)}.get(
         method, PruneConfig(method=method, pruning_ratio=0.5))
     heldout = make_windows(8, 32, seed=7) if cfg.needs_heldout else None
     pruned, report = prune(make_model(family), cfg, windows=make_windows(), heldout_windows=heldout, device="cpu",
                            progress=False)
-    nonuniform = method in ("flap", "global", "global_mlp", "global_split")
+    nonuniform = method in ("flap", "global", "global_mlp", "global_split", "global_even")
     assert report.params["uniform"] != nonuniform  # per-layer widths differ under global allocation
     out = save_pruned(pruned, None, tmp_path / "out", report.to_dict())
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dir left behind

@@ -43,6 +43,25 @@ def test_split_allocation_removes_the_ratio_of_heads_weakest_first_and_never_emp
     assert sum(allocate_heads_split(group_units, shapes, 0.3, "group")) == round(0.3 * 2 * len(shapes))
 
 
+def test_even_split_takes_floor_or_one_more_unit_per_layer_and_the_extra_ones_by_score():
+    """allocation="global_even": every layer loses floor(ratio x units) or one more, the total
+    is the nearest whole number of units, and the layers that lose one more are those whose
+    next unit is weakest (a direct computation)."""
+    gen = torch.Generator().manual_seed(2)
+    qwen = LayerShape(AttentionGeometry(num_heads=12, num_kv_heads=2, head_dim=128, hidden_size=1536), 8960)
+    shapes = [qwen] * 9
+    raw = [torch.randn(12, generator=gen) + 2.0 * (i % 3) for i in range(len(shapes))]
+    units = [head_unit_scores(r, qwen.attn, "query") for r in raw]  # 6 units a layer, 1.2 at 20 %
+    removed = allocate_heads_split(units, shapes, 0.2, "query", even=True)
+    assert sum(removed) == round(0.2 * 6 * len(shapes)) == 11
+    assert set(removed) == {1, 2}
+    second = torch.stack([u[1] for u in units])  # each layer's next unit after the floor's one
+    extra = torch.argsort(second, stable=True)[:sum(removed) - len(shapes)]
+    assert sorted(extra.tolist()) == [i for i, r in enumerate(removed) if r == 2]
+    # uneven without it: the same scores put 3 or more units into some layers
+    assert max(allocate_heads_split(units, shapes, 0.2, "query")) > 2
+
+
 def test_topk_stable_breaks_ties_by_index():
     s = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 0.0])
     assert topk_stable(s, 2).tolist() == [1, 2]

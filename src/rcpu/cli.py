@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "allocation", default=None, choices=list(ALLOCATIONS),
          help="same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
               "(global_mlp: every layer loses the uniform plan's heads), FLAP's ranking within heads and within "
-              "channels, each losing the ratio of its own parameters (global_split), global allocation by the error left "
+              "channels, each losing the ratio of its own parameters (global_split; global_even: with the heads "
+              "spread as evenly as whole units allow), global allocation by the error left "
               "after compensation, or by probed loss on held-out windows (default: the preset's)")
     _add(p, "statistics", default=None, choices=["sequential", "dense"],
          help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")

@@ -46,9 +46,10 @@ SCORE_CANDIDATES = ("fluctuation", "wanda-sp", "rcpu")
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 #: "global": FLAP's standardised scores; "global_mlp": the same for MLP channels only, with the
 #: uniform plan's heads; "global_split": FLAP's ranking within heads and within MLP channels,
-#: each losing the ratio of its own parameters; "error": error left after compensation (rcpu.obs);
+#: each losing the ratio of its own parameters; "global_even": the same with every layer losing
+#: floor(ratio x its head units) or one more; "error": error left after compensation (rcpu.obs);
 #: "loss": probed next-token loss on held-out calibration windows (rcpu.sensitivity)
-ALLOCATIONS = ("uniform", "global", "global_mlp", "global_split", "error", "loss")
+ALLOCATIONS = ("uniform", "global", "global_mlp", "global_split", "global_even", "error", "loss")
 STATISTICS = ("sequential", "dense")
 #: "score": top-k of the importance score; "greedy": remove the unit with the smallest
 #: error left after least-squares compensation, one at a time (see rcpu.obs)

@@ -614,7 +614,8 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
     "global_mlp" removes as many heads from every layer as the ``uniform`` plan does and
     allocates only the MLP channels by FLAP's standardised score. "global_split" ranks heads
     among heads and channels among channels, each losing ``ratio`` of its own parameters
-    (:func:`allocate_heads_split`; the channels absorb the rounding to whole heads). "error"
+    (:func:`allocate_heads_split`; the channels absorb the rounding to whole heads);
+    "global_even" also spreads the heads as evenly as whole units allow. "error"
     is ours: the error left after least-squares compensation when units are removed
     greedily, per parameter and relative to the residual stream's energy at that layer,
     so layers and modules are compared on one scale that knows the compensation.
@@ -648,8 +649,9 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
     if cfg.resolved_allocation == "global_mlp":
         fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
         unit_scores = [(forced_unit_scores(attn, fixed), mlp) for attn, mlp in unit_scores]
-    elif cfg.resolved_allocation == "global_split":
-        removed = allocate_heads_split([attn for attn, _ in unit_scores], shapes, cfg.pruning_ratio, head_unit)
+    elif cfg.resolved_allocation in ("global_split", "global_even"):
+        removed = allocate_heads_split([attn for attn, _ in unit_scores], shapes, cfg.pruning_ratio, head_unit,
+                                       even=cfg.resolved_allocation == "global_even")
         unit_scores = [(forced_unit_scores(attn, n), mlp) for (attn, mlp), n in zip(unit_scores, removed, strict=True)]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
 

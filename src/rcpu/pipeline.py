@@ -646,12 +646,14 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
         shapes.append(adapter.layer_shape(layer))
         layer.to(home)
         store.unload(i, layer)
+    removed = None  # head units to remove per layer, where the allocation fixes them
     if cfg.resolved_allocation == "global_mlp":
         fixed = uniform.groups_removed if head_unit == "group" else uniform.heads_removed_per_group
-        unit_scores = [(forced_unit_scores(attn, fixed), mlp) for attn, mlp in unit_scores]
+        removed = [fixed] * len(unit_scores)
     elif cfg.resolved_allocation in ("global_split", "global_even"):
         removed = allocate_heads_split([attn for attn, _ in unit_scores], shapes, cfg.pruning_ratio, head_unit,
                                        even=cfg.resolved_allocation == "global_even")
+    if removed is not None:
         unit_scores = [(forced_unit_scores(attn, n), mlp) for (attn, mlp), n in zip(unit_scores, removed, strict=True)]
     return allocate_global(unit_scores, shapes, cfg.pruning_ratio, head_unit, cfg.round_to)
 

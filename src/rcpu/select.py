@@ -166,7 +166,8 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
 def forced_unit_scores(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
     """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
     (the weakest: :func:`head_unit_scores` sorts them ascending) and keep the others,
-    whatever the global threshold (``allocation="global_mlp"`` / ``"global_split"``)."""
+    whatever the global threshold (the allocations that fix head counts: ``global_mlp``,
+    ``global_split``, ``global_even``)."""
     forced = torch.full_like(unit_scores, math.inf)
     forced[:n_removed] = -math.inf
     return forced
@@ -189,27 +190,26 @@ def allocate_heads_split(attn_scores: list[torch.Tensor], shapes: list[LayerShap
     split 8 or 10 and 34.71, against 24.17 with 2 of 12 heads taken from every layer
     (``global_mlp``). The few layers FLAP's score sends the extra heads to (0 and 1 among
     them) are the ones that cannot spare them."""
-    flat = torch.cat([s.double() for s in attn_scores])
-    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(attn_scores)])
-    position = torch.cat([torch.arange(len(s)) for s in attn_scores])  # rank within its layer
-    weight = torch.cat([torch.full((len(s),), float(sh.params_per_head_unit(head_unit)), dtype=torch.float64)
-                        for s, sh in zip(attn_scores, shapes, strict=True)])
-    budget = ratio * float(weight.sum())
+    unit_w = [float(sh.params_per_head_unit(head_unit)) for sh in shapes]
+    budget = ratio * sum(len(s) * w for s, w in zip(attn_scores, unit_w, strict=True))
     cap = [len(s) - 1 for s in attn_scores]  # every layer keeps one unit
     floor = [0] * len(attn_scores)
     if even:
         floor = [min(math.floor(ratio * len(s)), c) for s, c in zip(attn_scores, cap, strict=True)]
         cap = [min(f + 1, c) for f, c in zip(floor, cap, strict=True)]
     removed = list(floor)
-    spent = sum(f * float(sh.params_per_head_unit(head_unit)) for f, sh in zip(floor, shapes, strict=True))
+    spent = sum(f * w for f, w in zip(floor, unit_w, strict=True))
+    flat = torch.cat([s.double() for s in attn_scores])
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(attn_scores)])
+    position = torch.cat([torch.arange(len(s)) for s in attn_scores])  # rank within its layer
     for j in torch.argsort(flat, stable=True).tolist():  # weakest first
         i = int(owner[j])
         if int(position[j]) < floor[i] or removed[i] >= cap[i]:
             continue
-        if spent + float(weight[j]) / 2 > budget:  # nearest whole unit: stop past half of one
+        if spent + unit_w[i] / 2 > budget:  # nearest whole unit: stop past half of one
             break
         removed[i] += 1
-        spent += float(weight[j])
+        spent += unit_w[i]
     return removed
 
 

@@ -83,6 +83,31 @@ def test_rank_deficient_calibration_warns_and_falls_back():
     assert report.layers[0]["attn"]["fallback"] == "none"
 
 
+def test_starved_rotation_skips_the_gram_and_equals_plain_slicing(monkeypatch):
+    """With fewer tokens than min(d_out, |K|) the rotation's fallback is known up front: no
+    Gram matrix, products or SVD, and the same model as slicing without compensation."""
+    windows = make_windows(1, 12)  # 12 tokens < |K| = 16 (o_proj) and 32 (down_proj), d_out 32
+    plain, _ = prune(make_model(hidden=32, heads=4, kv_heads=2, intermediate=64),
+                     PruneConfig(method="rcpu", compensation="none", pruning_ratio=0.5), windows=windows,
+                     device="cpu", progress=False)
+    import rcpu.compensate as comp
+    import rcpu.stats as stats
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("a starved rotation must not form the Gram matrix or its products")
+    monkeypatch.setattr(comp, "rotation_products", forbidden)
+    monkeypatch.setattr(stats, "_accumulate", forbidden)
+    pruned, report = prune(make_model(hidden=32, heads=4, kv_heads=2, intermediate=64),
+                           PruneConfig(method="rcpu", pruning_ratio=0.5), windows=windows, device="cpu",
+                           progress=False)
+    for layer in report.layers:
+        for sub in ("attn", "mlp"):
+            assert layer[sub]["fallback"] == "none" and "(12 calibration tokens <" in layer[sub]["reason"]
+    assert len(report.warnings) == 2 * len(report.layers)
+    for (na, pa), (nb, pb) in zip(plain.state_dict().items(), pruned.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+
+
 def test_params_reported():
     model = make_model()
     n0 = sum(p.numel() for p in model.parameters())

@@ -30,6 +30,24 @@ logger = logging.getLogger(__name__)
 #: reconstructs held-out calibration windows best
 COMPENSATIONS = ("none", "bias", "ridge", "rotation", "rotation_scale", "auto")
 NEEDS_GRAM = {"ridge", "rotation", "rotation_scale", "auto"}
+ROTATIONS = ("rotation", "rotation_scale")
+
+
+def rotation_tokens_needed(d_out: int, n_kept: int) -> int:
+    """Fewest calibration tokens for which RCPU's rotation is determined by the data: Q W_K
+    is pinned down only on range(Z), whose dimension is at most the token count, and it must
+    reach min(d_out, |K|) (the rank of W_K for real weights). Known before any statistic is
+    collected, so a run with fewer tokens skips the Gram matrix, its products and the SVD."""
+    return min(d_out, n_kept)
+
+
+def starved_rotation(weight: torch.Tensor, kept: torch.Tensor, n_tokens: int) -> Compensated:
+    """The documented fallback of a rotation with fewer than :func:`rotation_tokens_needed`
+    calibration tokens: W_K kept as it is, and the reason recorded."""
+    needed = rotation_tokens_needed(weight.shape[0], len(kept))
+    info = {"fallback": "none", "rank_needed": needed,
+            "reason": f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)"}
+    return Compensated(weight[:, kept.to(weight.device)].clone(), info=info)
 
 
 @dataclass
@@ -328,6 +346,8 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
     if rank < needed:
         needed = min(needed, int(torch.linalg.matrix_rank(weight[:, kept].to(dtype))))
     info: dict = {"rank": rank, "rank_needed": needed, "rel_error_uncompensated": rel_error(float(torch.trace(m)), 1.0)}
+    if n_tokens is not None and n_tokens < rotation_tokens_needed(d_out, len(kept)):
+        needed = rotation_tokens_needed(d_out, len(kept))  # (the pipeline stops before the products)
     if (n_tokens is not None and n_tokens < needed) or rank < needed:
         info["fallback"] = "none"
         info["rel_error"] = info["rel_error_uncompensated"]

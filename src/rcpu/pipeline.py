@@ -269,9 +269,14 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
                 heldout: InputStats | None = None) -> comp.Compensated:
     # --intercept: fit B X_K + c, i.e. solve on the centred Gram matrix, then c = W mu - B mu_K
     centred = cfg.intercept and kind in comp.NEEDS_GRAM
-    fit = replace(stats, gram=comp.centred_gram(stats.gram, stats.mean, stats.n)) if centred else stats
+    starved = kind in comp.ROTATIONS and stats.n < comp.rotation_tokens_needed(weight.shape[0], len(kept))
+    fit = stats
+    if centred and not starved:
+        fit = replace(stats, gram=comp.centred_gram(stats.gram, stats.mean, stats.n))
     products = None
-    if kind == "none":
+    if starved:  # the rotation would fall back anyway: no products, no SVD
+        result = comp.starved_rotation(weight, kept, stats.n)
+    elif kind == "none":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone())
     elif kind == "bias":
         result = comp.Compensated(weight[:, kept.to(weight.device)].clone(),
@@ -444,11 +449,25 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     t0 = time.perf_counter()
     kind = cfg.resolved_compensation
     greedy = cfg.resolved_selection == "greedy"
-    gram_attn = (kind in comp.NEEDS_GRAM and cfg.compensate_attn) or greedy
-    gram_mlp = (kind in comp.NEEDS_GRAM and cfg.compensate_mlp) or greedy
+    geom = adapter.geometry(layer)
+    o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
+    n_tokens = sum(h.shape[:-1].numel() for h, _ in batches)
+
+    def needs_gram(enabled: bool, d_out: int, n_kept: int) -> bool:
+        if greedy:
+            return True
+        if kind not in comp.NEEDS_GRAM or not enabled:
+            return False
+        # a rotation with too few tokens falls back without touching the Gram matrix (--score
+        # auto still compares its candidates through it)
+        return not (kind in comp.ROTATIONS and n_tokens < comp.rotation_tokens_needed(d_out, n_kept)
+                    and cfg.resolved_score != "auto")
+
+    gram_attn = needs_gram(cfg.compensate_attn, o_proj.out_features,
+                           (geom.num_heads - plan.heads_removed(geom)) * geom.head_dim)
+    gram_mlp = needs_gram(cfg.compensate_mlp, down_proj.out_features, down_proj.in_features - plan.channels_removed)
     dense_stats = cfg.resolved_statistics == "dense"
     gram_dtype = getattr(torch, cfg.gram_dtype)
-    o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
     recapture = cfg.resolved_mlp_stats == "after_attention"
     mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
@@ -477,8 +496,6 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods,
                                                           resid_first, weights_first, gram_dtype)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
-
-    geom = adapter.geometry(layer)
 
     def prune_heads() -> tuple[torch.Tensor, torch.Tensor, dict]:
         info: dict = {"stats": st_attn.summary()}

@@ -9,11 +9,16 @@ Parts (each stored in the JSON as it finishes; finished parts are skipped when r
 - ``13b-wanda``: a randomly initialised Llama-2-13B-shaped checkpoint (40 layers, bf16, one shard
   per layer, about 26 GB; larger than this machine's RAM), written shard by shard without ever
   holding it; wanda-sp over the full depth, streamed, with 8 x 128 calibration tokens.
-- ``13b-rcpu``: rcpu (Gram matrices, SVD) on the first 3 layers of the same shapes, with the
-  time per layer, the compensation (solve / SVD) share of it, and the extrapolation to 40 layers.
-- ``13b-rcpu-gram32``: the same with ``--gram_dtype float32`` (Gram matrices kept in float32).
+- ``13b-rcpu``: rcpu on the first 3 layers of the same shapes, with the time per layer, the
+  compensation (solve / SVD) share of it, and the extrapolation to 40 layers. With 8 x 128
+  tokens, fewer than the rotation needs (min(d_out, |K|) = 4096 and 5120), every sublayer
+  takes the documented fallback, which is known before any Gram matrix is collected.
+- ``13b-rcpu-rotation``: the same with 48 x 128 = 6144 calibration tokens, so that the
+  rotation runs in every sublayer (Gram matrices, products, 5120^2 SVDs).
+- ``13b-rcpu-gram32``: that with ``--gram_dtype float32`` (Gram matrices kept in float32).
 
-    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-gram32] [--work DIR]
+    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-rotation,13b-rcpu-gram32]
+                                   [--work DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "streaming" / "results.json"
-PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-gram32")
+PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-rotation", "13b-rcpu-gram32")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> dict:
@@ -133,10 +138,10 @@ def _dir_gb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9, 2)
 
 
-def part_13b(work: Path, method: str, layers: int, *extra: str) -> dict:
+def part_13b(work: Path, method: str, layers: int, *extra: str, nsamples: int = 8) -> dict:
     src = _make_13b(work, layers)
     out = work / f"13b-{method}-out"
-    r = _run(_prune_cmd(str(src), out, "--method", method, "--pruning_ratio", "0.2", "--nsamples", "8",
+    r = _run(_prune_cmd(str(src), out, "--method", method, "--pruning_ratio", "0.2", "--nsamples", str(nsamples),
                         "--seqlen", "128", "--dtype", "bfloat16", *extra))
     prov = _prov(out)
     secs = [x["seconds"] for x in prov["layers"]]
@@ -148,7 +153,8 @@ def part_13b(work: Path, method: str, layers: int, *extra: str) -> dict:
            "compensate_share": round(sum(comp) / sum(secs), 3) if sum(secs) else 0,
            "per_layer_peak_rss_mib": [x["memory"].get("peak_rss_mib") for x in prov["layers"]],
            "memory": prov["memory"], "params": {k: prov["params"][k] for k in ("total_before", "total_after")},
-           "settings": f"{method}, ratio 0.2, 8 x 128 calibration tokens, bfloat16, CPU, --eval none"
+           "fallbacks": sum(sub in x and "fallback" in x[sub] for x in prov["layers"] for sub in ("attn", "mlp")),
+           "settings": f"{method}, ratio 0.2, {nsamples} x 128 calibration tokens, bfloat16, CPU, --eval none"
                        + "".join(f" {x}" for x in extra)}
     if layers < 40:
         res["extrapolated_40_layers_s"] = round(res["per_layer_s_mean"] * 40, 0)
@@ -182,8 +188,10 @@ def main() -> None:
             results[part] = part_13b(work, "wanda-sp", 40)
         elif part == "13b-rcpu":
             results[part] = part_13b(work, "rcpu", 3)
+        elif part == "13b-rcpu-rotation":
+            results[part] = part_13b(work, "rcpu", 3, nsamples=48)
         elif part == "13b-rcpu-gram32":
-            results[part] = part_13b(work, "rcpu", 3, "--gram_dtype", "float32")
+            results[part] = part_13b(work, "rcpu", 3, "--gram_dtype", "float32", nsamples=48)
         else:
             raise SystemExit(f"unknown part {part}; choose from {', '.join(PARTS)}")
         tmp = OUT.with_name(OUT.name + ".partial")

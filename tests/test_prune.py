@@ -108,6 +108,26 @@ def test_starved_rotation_skips_the_gram_and_equals_plain_slicing(monkeypatch):
         assert na == nb and torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("method", ["rcpu", "ridge-auto"])
+def test_split_statistics_passes_change_nothing(monkeypatch, method):
+    """The attention's statistics collected in their own pass (stopped at o_proj) after the MLP
+    is pruned are those of the shared pass: the same weights, bit for bit."""
+    import rcpu.pipeline as pipeline
+
+    calls = []
+    real = pipeline._split_passes
+    monkeypatch.setattr(pipeline, "_split_passes", lambda *a: calls.append(real(*a)) or calls[-1])
+    windows, heldout = make_windows(8, 16), make_windows(4, 16, seed=2)
+    split, _ = prune(make_model(), PruneConfig(method=method, pruning_ratio=0.3), windows=windows,
+                     heldout_windows=heldout, device="cpu", progress=False)
+    assert calls and all(calls)
+    monkeypatch.setattr(pipeline, "_split_passes", lambda *a: False)
+    shared, _ = prune(make_model(), PruneConfig(method=method, pruning_ratio=0.3), windows=windows,
+                      heldout_windows=heldout, device="cpu", progress=False)
+    for (na, pa), (nb, pb) in zip(split.state_dict().items(), shared.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+
+
 def test_params_reported():
     model = make_model()
     n0 = sum(p.numel() for p in model.parameters())

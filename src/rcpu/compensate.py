@@ -60,7 +60,7 @@ class Compensated:
 
 
 #: rows / columns of G per block in the blocked products below (bounds their temporaries)
-_CHUNK = 1024
+_CHUNK = 512
 
 
 def _blocks(n: int, device: torch.device) -> list[torch.Tensor]:

@@ -331,6 +331,7 @@ def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats,
     t0 = time.perf_counter()
     result = _compensate(kind if enabled else "none", weight, stats, kept, cfg, heldout)
     result.info["compensate_s"] = round(time.perf_counter() - t0, 4)  # solve / SVD (+ error checks)
+    release_free_memory()  # the solve's / SVD's workspace, before the next large buffer
     if "fallback" in result.info:
         msg = (f"layer {layer_index} {name}: {result.info['reason']}; kept the weights uncompensated. "
                f"Use more calibration tokens (--nsamples x --seqlen >= {weight.shape[0]}) or --compensation ridge")
@@ -379,30 +380,60 @@ def _best_score(choice: dict[str, tuple], kind: str, enabled: bool, weight: torc
     return best, res, info
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass whose remaining work is not needed."""
+
+
+def _raise_stop(*_args) -> None:
+    raise _Stop
+
+
 def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
              dense_modules: dict[str, nn.Linear] | None = None,
              residuals: dict[str, tuple[nn.Module, nn.Module]] | None = None,
-             token_weights: dict[str, nn.Module] | None = None, gram_dtype: torch.dtype = torch.float64
-             ) -> tuple[dict[str, InputStats], list, list | None]:
+             token_weights: dict[str, nn.Module] | None = None, gram_dtype: torch.dtype = torch.float64,
+             stop_after: nn.Module | None = None) -> tuple[dict[str, InputStats], list, list | None]:
     """Stream input statistics of ``modules`` over ``batches``. With a dense copy of the
     layer and its own inputs, every batch goes through the dense copy first and its
     sublayer outputs become the targets of this model's inputs (``residuals``: plus the
     residual-stream error before each sublayer); the dense copy's outputs are returned
-    as the next layer's dense inputs. ``token_weights``: see :class:`StatsCollector`."""
+    as the next layer's dense inputs. ``token_weights``: see :class:`StatsCollector`.
+    ``stop_after``: end each forward pass once this module has run (statistics of the
+    modules before it only; no outputs)."""
     paired = dense_layer is not None
+    if stop_after is not None and (paired or keep_outputs):
+        raise ValueError("a forward pass stopped early has no outputs to keep or pair")
     with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None,
                         token_weights, gram_dtype) as col:
-        outs, dense_outs = [], [] if paired else None
-        for i, (h, kw) in enumerate(batches):
-            if paired:
-                hd, kwd = dense_batches[i]
-                dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
-            out = _forward(layer, h, kw)
-            if keep_outputs:
-                outs.append((out, kw))
+        stop = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
+        try:
+            outs, dense_outs = [], [] if paired else None
+            for i, (h, kw) in enumerate(batches):
+                if paired:
+                    hd, kwd = dense_batches[i]
+                    dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
+                try:
+                    out = _forward(layer, h, kw)
+                except _Stop:
+                    continue
+                if keep_outputs:
+                    outs.append((out, kw))
+        finally:
+            if stop is not None:
+                stop.remove()
     return col.stats, outs, dense_outs
+
+
+def _split_passes(gram_attn: bool, gram_mlp: bool, paired: bool, dense_stats: bool) -> bool:
+    """Whether the attention's statistics get a pass of their own after the MLP is pruned.
+    They are the same either way (the MLP comes after the attention in the layer), but one
+    shared pass holds both sublayers' Gram matrices while the MLP's is used, and the
+    attention's is dead weight there (200 MiB at 13B widths, beside down_proj's 1.46 GiB).
+    The extra pass stops at o_proj. Not with a dense twin or dense statistics, whose
+    single pass also yields the dense outputs."""
+    return gram_attn and gram_mlp and not paired and not dense_stats
 
 
 def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: PruneConfig, **kw) -> obs.GreedyResult:
@@ -470,7 +501,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     gram_dtype = getattr(torch, cfg.gram_dtype)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
     recapture = cfg.resolved_mlp_stats == "after_attention"
-    mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
+    split = not recapture and _split_passes(gram_attn, gram_mlp, dense is not None, dense_stats)
+    mods = {"attn": o_proj} if recapture else {"mlp": down_proj} if split else {"attn": o_proj, "mlp": down_proj}
     twin = twin_mods = resid = None
     if dense is not None:  # an unpruned copy of this layer runs the dense model alongside
         twin = copy.deepcopy(layer)
@@ -489,10 +521,11 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     stats, dense_outputs, dense_next = _collect(layer, mods, {"attn": gram_attn, "mlp": gram_mlp}, batches,
                                                 dense_stats, twin, dense and dense["calib"], twin_mods, resid_first,
                                                 weights_first, gram_dtype)
-    st_attn, st_mlp = stats["attn"], stats.get("mlp")
+    st_attn, st_mlp = stats.get("attn"), stats.get("mlp")
     ho_attn = ho_mlp = heldout_dense = dense_next_ho = None
     if heldout is not None and (cfg.ridge_auto or dense_stats):  # dense statistics: the dense held-out outputs
-        stats_ho, heldout_dense, dense_next_ho = _collect(layer, mods, {"attn": True, "mlp": True}, heldout,
+        held_mods = {"attn": o_proj} if recapture else {"attn": o_proj, "mlp": down_proj}
+        stats_ho, heldout_dense, dense_next_ho = _collect(layer, held_mods, {"attn": True, "mlp": True}, heldout,
                                                           dense_stats, twin, dense and dense["heldout"], twin_mods,
                                                           resid_first, weights_first, gram_dtype)
         ho_attn, ho_mlp = stats_ho["attn"], stats_ho.get("mlp")
@@ -568,10 +601,18 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             ho_mlp = stats["mlp"]
         kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
     else:
-        # Both sublayers' statistics come from the same pass, so neither choice depends on
-        # the other: the MLP goes first, and a rotation frees its Gram matrix (at MLP widths
-        # the largest buffer of the layer) before the attention's SVD needs its workspace.
+        # Both sublayers' statistics are those of the unpruned layer, so neither choice
+        # depends on the other: the MLP goes first, and a rotation frees its Gram matrix (at
+        # MLP widths the largest buffer of the layer) before the attention's SVD needs its
+        # workspace. Split passes: the attention's statistics are collected only now.
         kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
+        if split:
+            st_mlp = None
+            release_free_memory()
+            stats, _, _ = _collect(layer, {"attn": o_proj}, {"attn": gram_attn}, batches, False,
+                                   token_weights=weights and {"attn": weights["attn"]}, gram_dtype=gram_dtype,
+                                   stop_after=o_proj)
+            st_attn = stats["attn"]
         kept_heads, kept_kv, attn_info = prune_heads()
     del st_mlp, twin
     refine_info: dict = {}

@@ -407,3 +407,34 @@ def test_score_auto_is_validated():
     with pytest.raises(RcpuError, match="cannot be combined with --selection greedy"):
         PruneConfig(method="flap-ridge", score="auto", selection="greedy").validate()
     assert PruneConfig(method="flap-ridge", score="auto").validate().allocation_score == "fluctuation"
+
+
+def test_direct_products_equal_the_gram_route():
+    """M = Y Z^T, ||Y||^2 and ||Z||^2 streamed from the inputs in batches equal those formed
+    from the Gram matrix (float32 inputs and weights, as in a model)."""
+    w, x = _data(d_out=24, d_in=1100, n=900)  # wider than one block of columns
+    w32, x32 = w.float(), x.float()
+    kept = torch.sort(torch.randperm(1100, generator=torch.Generator().manual_seed(1))[:800]).values
+    via_gram = comp.rotation_products(w32, x32.double().T @ x32.double(), kept)
+    acc = comp.DirectProducts(w32, kept)
+    for batch in x32.split(300):
+        acc.update(batch.reshape(6, 50, 1100))  # (..., d_in) like a layer's activations
+    direct = acc.products()
+    assert acc.n == 900
+    torch.testing.assert_close(direct.m, via_gram.m, rtol=1e-5, atol=1e-5 * float(via_gram.m.abs().max()))
+    assert direct.y2 == pytest.approx(via_gram.y2, rel=1e-6) and direct.z2 == pytest.approx(via_gram.z2, rel=1e-6)
+    for scale in (False, True):
+        a = comp.rotation_solve(w32, kept, direct, scale=scale, n_tokens=900)
+        b = comp.rotation_solve(w32, kept, via_gram, scale=scale, n_tokens=900)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+        assert a.info["rel_error"] == pytest.approx(b.info["rel_error"], rel=1e-5)
+
+
+def test_direct_products_cost_model():
+    """The second pass wins for a Llama-2-13B MLP with a few thousand tokens, not with 128 x 128,
+    and loses for SmolLM2-135M with 128 x 128 (whose tables were made by the Gram route)."""
+    p13 = 4 * 5120**2 + 3 * 5120 * 13824
+    assert comp.direct_products_cheaper(6144, p13, 13824, 5120, 11060)
+    assert not comp.direct_products_cheaper(128 * 128, p13, 13824, 5120, 11060)
+    p135 = 576 * (576 + 2 * 192 + 576) + 3 * 576 * 1536
+    assert not comp.direct_products_cheaper(128 * 128, p135, 1536, 576, 1229)

@@ -128,6 +128,32 @@ def test_split_statistics_passes_change_nothing(monkeypatch, method):
         assert na == nb and torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("method", ["rcpu", "rcpu-scaled"])
+def test_direct_rotation_products_match_the_gram_route(method):
+    """--rotation_products direct (a second pass, no MLP Gram matrix) prunes the same model
+    as the Gram route up to float32 rounding, and says so in the per-layer record. (One layer:
+    a tiny random model's next-layer SVDs can turn rounding-level input changes into 1e-4.)"""
+    windows = make_windows(8, 16)
+    models = {}
+    for route in ("gram", "direct"):
+        models[route], report = prune(make_model(layers=1), PruneConfig(method=method, pruning_ratio=0.3,
+                                                                        rotation_products=route),
+                                      windows=windows, device="cpu", progress=False)
+        for layer in report.layers:
+            assert (layer["mlp"].get("products") == "direct") == (route == "direct")
+            assert "fallback" not in layer["mlp"] and "products" not in layer["attn"]
+    for (na, pa), (nb, pb) in zip(models["gram"].state_dict().items(), models["direct"].state_dict().items(),
+                                  strict=True):
+        assert na == nb
+        if "down_proj" in na:  # the attention's statistics and solve are the same in both routes
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+            assert not torch.equal(pa, pb)  # (it really took the other route)
+        else:
+            assert torch.equal(pa, pb), na
+    with pytest.raises(RcpuError, match="direct needs --compensation rotation"):
+        PruneConfig(method="ridge-auto", rotation_products="direct").validate()
+
+
 def test_params_reported():
     model = make_model()
     n0 = sum(p.numel() for p in model.parameters())

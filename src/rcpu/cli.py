@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "gram_dtype", default=d.gram_dtype, choices=["float64", "float32"],
          help="precision the Gram matrices are kept in (float32 halves a layer's largest buffer: d_ff^2 "
               "x 4 bytes instead of 8; solves still run in float64)")
+    _add(p, "rotation_products", default=d.rotation_products, choices=["auto", "gram", "direct"],
+         help="how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
+              "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
+              "whichever costs fewer multiply-adds")
     _add(p, "rotation_proper", action="store_true", help="restrict Q to rotations, det(Q) = +1 (SO(d))")
     _add(p, "head_unit", default=d.head_unit, choices=["auto", "query", "group"],
          help="GQA: remove query heads evenly from every KV group, or whole KV groups")
@@ -233,6 +237,7 @@ def _prune_config(args) -> PruneConfig:
         compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
         ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype, gram_dtype=args.gram_dtype,
+        rotation_products=args.rotation_products,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
         selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stats import InputStats
+from .stats import InputStats, _accumulate
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,67 @@ def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tens
         y2 = float(target_sq) if target_sq is not None else float("nan")
     z2 = float(_quadratic(weight, g, kept, b_cols=kept, dtype=dtype))
     return RotationProducts(m, max(y2, torch.finfo(dtype).tiny), z2)
+
+
+def _times_wt(x: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W[:, cols]^T in float32 (x: float32 rows of W's inputs, or of the ``cols`` inputs),
+    W converted one block of columns at a time (no float32 copy of W)."""
+    n_cols = weight.shape[1] if cols is None else len(cols)
+    out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for block in _blocks(n_cols, x.device):
+        w_block = weight[:, block] if cols is None else weight[:, cols[block]]
+        out.addmm_(x[:, block], w_block.to(torch.float32).T)
+    return out
+
+
+class DirectProducts:
+    """:class:`RotationProducts` streamed from a sublayer's inputs once the kept set K is known:
+    each batch X gives Y = W X and Z = W_K X_K (float32), and M += Y Z^T (float32 products
+    added into a float64 total, like the Gram matrix), ||Y||^2, ||Z||^2. It needs a second
+    pass over the calibration batches but never a d_in x d_in Gram matrix, and costs
+    N (d_in + |K| + d_out) d_out per token instead of N d_in^2 plus the Gram products
+    (about d_out |K| (d_in + d_out + |K|)): the cheaper route for wide MLPs and few tokens
+    (a 13B down_proj's Gram matrix is 1.46 GiB in float64)."""
+
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor, dtype: torch.dtype = torch.float64):
+        self.weight, self.kept = weight, kept.to(weight.device)
+        self.m = torch.zeros(weight.shape[0], weight.shape[0], dtype=dtype, device=weight.device)
+        self.y2 = self.z2 = 0.0
+        self.n = 0
+        self.seconds = 0.0  # the pass's wall time, set by its caller
+
+    def update(self, x: torch.Tensor) -> None:
+        x32 = x.detach().reshape(-1, self.weight.shape[1]).to(device=self.weight.device, dtype=torch.float32)
+        y = _times_wt(x32, self.weight)
+        z = torch.zeros_like(y)
+        for block in _blocks(len(self.kept), x32.device):
+            cols = self.kept[block]
+            z.addmm_(x32[:, cols], self.weight[:, cols].to(torch.float32).T)
+        _accumulate(self.m, y, z)
+        for out in (y, z):
+            out64 = out.reshape(-1).double()
+            if out is y:
+                self.y2 += float(out64.dot(out64))
+            else:
+                self.z2 += float(out64.dot(out64))
+        self.n += x32.shape[0]
+
+    def products(self) -> RotationProducts:
+        return RotationProducts(self.m, max(self.y2, torch.finfo(self.m.dtype).tiny), self.z2)
+
+
+def direct_products_cheaper(n_tokens: int, layer_params: int, d_in: int, d_out: int, n_kept: int,
+                            products_dtype: torch.dtype = torch.float64) -> bool:
+    """Whether :class:`DirectProducts` (one more forward pass of the layer, then float32
+    per-token products) costs fewer multiply-adds than the Gram route (the float32-accumulated
+    Gram matrix, then W G W_K^T and W_K G_KK W_K^T in ``products_dtype``, whose float64
+    multiply-adds count twice: half the float32 rate on CPUs, less on most GPUs). Both give
+    the same M up to float32 rounding. For a Llama-2-13B MLP the second pass wins below
+    about 12k calibration tokens."""
+    direct = n_tokens * (layer_params + d_out * (d_in + n_kept + d_out))
+    weight = 2 if products_dtype == torch.float64 else 1
+    gram = n_tokens * d_in**2 + weight * d_out * n_kept * (d_in + d_out + n_kept)
+    return direct < gram
 
 
 def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationProducts, *, scale: bool = False,

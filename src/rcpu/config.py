@@ -63,6 +63,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 MLP_STATS = ("before_attention", "after_attention")
+#: how a rotation gets M = Y Z^T: from the Gram matrix, streamed from a second pass over the
+#: inputs (no d_in^2 Gram matrix), or whichever costs fewer multiply-adds (MLP only)
+ROTATION_PRODUCTS = ("auto", "gram", "direct")
 #: per-token weights of the least-squares statistics: none, or 1 / rms(residual stream)^2
 TOKEN_WEIGHTS = ("none", "inverse_rms")
 
@@ -86,6 +89,7 @@ class PruneConfig:
     ridge_lambda_relative: bool = True
     rotation_dtype: str = "float64"
     gram_dtype: str = "float64"
+    rotation_products: str = "auto"
     rotation_proper: bool = False
     head_unit: str = "auto"
     rebalance: bool = True
@@ -173,6 +177,21 @@ class PruneConfig:
     def resolved_token_weights(self) -> str:
         return self._resolve("token_weights")
 
+    @property
+    def direct_products_blocker(self) -> str | None:
+        """Why the MLP's rotation products cannot be streamed from a second pass (None: they can).
+        That pass sees the plain inputs of the unpruned layer's down_proj, nothing else."""
+        needs = [(self.resolved_compensation in ("rotation", "rotation_scale"), "--compensation rotation or rotation_scale"),
+                 (self.resolved_selection == "score" and self.resolved_score != "auto",
+                  "--selection score with a fixed --score"),
+                 (not self.intercept, "no --intercept"),
+                 (self.resolved_targets == "sequential", "--targets sequential"),
+                 (self.resolved_statistics == "sequential", "--statistics sequential"),
+                 (self.resolved_token_weights == "none", "--token_weights none"),
+                 (self.resolved_mlp_stats == "before_attention", "--mlp_stats before_attention")]
+        missing = [what for ok, what in needs if not ok]
+        return f"needs {', '.join(missing)}" if missing else None
+
     def validate(self) -> PruneConfig:
         if self.method not in PRESETS and not (self.score and self.compensation):
             raise RcpuError(f"unknown method {self.method!r}; choose from {', '.join(PRESETS)} "
@@ -225,6 +244,11 @@ class PruneConfig:
             raise RcpuError(f"--gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
         if self.rotation_dtype not in ("float32", "float64"):
             raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
+        if self.rotation_products not in ROTATION_PRODUCTS:
+            raise RcpuError(f"--rotation_products must be one of {', '.join(ROTATION_PRODUCTS)}, "
+                            f"got {self.rotation_products!r}")
+        if self.rotation_products == "direct" and self.direct_products_blocker:
+            raise RcpuError(f"--rotation_products direct {self.direct_products_blocker}")
         lam = self.resolved_ridge_lambda
         if lam != "auto" and (isinstance(lam, str) or lam < 0):
             raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")

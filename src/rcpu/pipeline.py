@@ -266,7 +266,7 @@ def _rows_of(cands: list[comp.Compensated], labels: list[str], errors: torch.Ten
 
 
 def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor, cfg: PruneConfig,
-                heldout: InputStats | None = None) -> comp.Compensated:
+                heldout: InputStats | None = None, direct: comp.DirectProducts | None = None) -> comp.Compensated:
     # --intercept: fit B X_K + c, i.e. solve on the centred Gram matrix, then c = W mu - B mu_K
     centred = cfg.intercept and kind in comp.NEEDS_GRAM
     starved = kind in comp.ROTATIONS and stats.n < comp.rotation_tokens_needed(weight.shape[0], len(kept))
@@ -291,8 +291,11 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         except ValueError as exc:
             raise RcpuError(str(exc)) from None
     elif kind in ("rotation", "rotation_scale"):
-        products = comp.rotation_products(weight, fit.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
-                                          target_cross=stats.target_cross, target_sq=stats.target_sq)
+        if direct is not None:  # streamed in a pass of their own (no Gram matrix)
+            products = direct.products()
+        else:
+            products = comp.rotation_products(weight, fit.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
+                                              target_cross=stats.target_cross, target_sq=stats.target_sq)
         # the rotation reports its own errors and needs nothing more of the Gram matrix: free
         # it before the SVD (at 13B MLP widths it is the largest buffer of the layer)
         stats.gram = stats.target_cross = fit.gram = None
@@ -325,11 +328,35 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
     return result
 
 
+def _direct_products(layer: nn.Module, module: nn.Linear, kept: torch.Tensor,
+                     batches: list[tuple[torch.Tensor, dict]], cfg: PruneConfig) -> comp.DirectProducts:
+    """The rotation's products of ``module`` streamed from its inputs in one more pass of the
+    (not yet pruned) layer, stopped at ``module``."""
+    t0 = time.perf_counter()
+    acc = comp.DirectProducts(module.weight, kept, dtype=getattr(torch, cfg.rotation_dtype))
+    handle = module.register_forward_pre_hook(lambda _m, args: acc.update(args[0]))
+    stop = module.register_forward_hook(_raise_stop)
+    try:
+        for h, kw in batches:
+            try:
+                _forward(layer, h, kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        stop.remove()
+    acc.seconds = time.perf_counter() - t0
+    return acc
+
+
 def _sublayer(kind: str, enabled: bool, weight: torch.Tensor, stats: InputStats, kept: torch.Tensor,
               cfg: PruneConfig, layer_index: int, name: str, warnings: list[str],
-              heldout: InputStats | None = None) -> comp.Compensated:
+              heldout: InputStats | None = None, products: comp.DirectProducts | None = None) -> comp.Compensated:
     t0 = time.perf_counter()
-    result = _compensate(kind if enabled else "none", weight, stats, kept, cfg, heldout)
+    result = _compensate(kind if enabled else "none", weight, stats, kept, cfg, heldout, products)
+    if products is not None:
+        result.info["products"] = "direct"
+        result.info["products_pass_s"] = round(products.seconds, 4)
     result.info["compensate_s"] = round(time.perf_counter() - t0, 4)  # solve / SVD (+ error checks)
     release_free_memory()  # the solve's / SVD's workspace, before the next large buffer
     if "fallback" in result.info:
@@ -496,7 +523,15 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
 
     gram_attn = needs_gram(cfg.compensate_attn, o_proj.out_features,
                            (geom.num_heads - plan.heads_removed(geom)) * geom.head_dim)
-    gram_mlp = needs_gram(cfg.compensate_mlp, down_proj.out_features, down_proj.in_features - plan.channels_removed)
+    n_kept_mlp = down_proj.in_features - plan.channels_removed
+    # the MLP's rotation products streamed from a second pass instead of a d_ff^2 Gram matrix
+    direct_mlp = (kind in comp.ROTATIONS and cfg.compensate_mlp and plan.channels_removed > 0
+                  and n_tokens >= comp.rotation_tokens_needed(down_proj.out_features, n_kept_mlp)
+                  and cfg.rotation_products != "gram" and cfg.direct_products_blocker is None
+                  and (cfg.rotation_products == "direct" or comp.direct_products_cheaper(
+                      n_tokens, sum(p.numel() for p in layer.parameters()), down_proj.in_features,
+                      down_proj.out_features, n_kept_mlp, getattr(torch, cfg.rotation_dtype))))
+    gram_mlp = needs_gram(cfg.compensate_mlp, down_proj.out_features, n_kept_mlp) and not direct_mlp
     dense_stats = cfg.resolved_statistics == "dense"
     gram_dtype = getattr(torch, cfg.gram_dtype)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
@@ -579,8 +614,9 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
             channels = select_channels(scores, plan.channels_removed)
         if len(channels) < down_proj.in_features:
             if res is None:
+                products = _direct_products(layer, down_proj, channels, batches, cfg) if direct_mlp else None
                 res = _sublayer(kind, cfg.compensate_mlp, down_proj.weight, st_mlp, channels, cfg, index,
-                                "down_proj", warnings, ho_mlp)
+                                "down_proj", warnings, ho_mlp, products=products)
             adapter.prune_mlp(layer, channels, res.weight)
             if res.bias is not None:
                 adapter.add_output_bias(down_proj, res.bias)

@@ -14,11 +14,12 @@ Parts (each stored in the JSON as it finishes; finished parts are skipped when r
   tokens, fewer than the rotation needs (min(d_out, |K|) = 4096 and 5120), every sublayer
   takes the documented fallback, which is known before any Gram matrix is collected.
 - ``13b-rcpu-rotation``: the same with 48 x 128 = 6144 calibration tokens, so that the
-  rotation runs in every sublayer (Gram matrices, products, 5120^2 SVDs).
-- ``13b-rcpu-gram32``: that with ``--gram_dtype float32`` (Gram matrices kept in float32).
+  rotation runs in every sublayer (5120^2 SVDs). With that few tokens the MLP's products are
+  streamed from a second pass (``--rotation_products auto`` picks it as the cheaper route).
+- ``13b-rcpu-rotation-gram``: that with ``--rotation_products gram`` (down_proj's 13824^2
+  Gram matrix, 1.46 GiB in float64), and ``13b-rcpu-rotation-gram32`` with it in float32.
 
-    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-rotation,13b-rcpu-gram32]
-                                   [--work DIR]
+    python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-rotation,...] [--work DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "streaming" / "results.json"
-PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-rotation", "13b-rcpu-gram32")
+PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-rotation", "13b-rcpu-rotation-gram",
+         "13b-rcpu-rotation-gram32")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> dict:
@@ -190,8 +192,11 @@ def main() -> None:
             results[part] = part_13b(work, "rcpu", 3)
         elif part == "13b-rcpu-rotation":
             results[part] = part_13b(work, "rcpu", 3, nsamples=48)
-        elif part == "13b-rcpu-gram32":
-            results[part] = part_13b(work, "rcpu", 3, "--gram_dtype", "float32", nsamples=48)
+        elif part == "13b-rcpu-rotation-gram":
+            results[part] = part_13b(work, "rcpu", 3, "--rotation_products", "gram", nsamples=48)
+        elif part == "13b-rcpu-rotation-gram32":
+            results[part] = part_13b(work, "rcpu", 3, "--rotation_products", "gram", "--gram_dtype", "float32",
+                                     nsamples=48)
         else:
             raise SystemExit(f"unknown part {part}; choose from {', '.join(PARTS)}")
         tmp = OUT.with_name(OUT.name + ".partial")

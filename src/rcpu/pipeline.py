@@ -453,14 +453,15 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
     return col.stats, outs, dense_outs
 
 
-def _split_passes(gram_attn: bool, gram_mlp: bool, paired: bool, dense_stats: bool) -> bool:
+def _split_passes(gram_attn: bool, big_mlp: bool, paired: bool, dense_stats: bool) -> bool:
     """Whether the attention's statistics get a pass of their own after the MLP is pruned.
     They are the same either way (the MLP comes after the attention in the layer), but one
-    shared pass holds both sublayers' Gram matrices while the MLP's is used, and the
-    attention's is dead weight there (200 MiB at 13B widths, beside down_proj's 1.46 GiB).
+    shared pass holds the attention's Gram matrix through the MLP's compensation (``big_mlp``:
+    a Gram matrix or streamed rotation products and an SVD), where it is dead weight (200 MiB
+    at 13B widths, beside down_proj's 1.46 GiB Gram matrix or a 1.2 GiB SVD workspace).
     The extra pass stops at o_proj. Not with a dense twin or dense statistics, whose
     single pass also yields the dense outputs."""
-    return gram_attn and gram_mlp and not paired and not dense_stats
+    return gram_attn and big_mlp and not paired and not dense_stats
 
 
 def _greedy(weight: torch.Tensor, stats: InputStats, units: torch.Tensor, cfg: PruneConfig, **kw) -> obs.GreedyResult:
@@ -536,7 +537,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     gram_dtype = getattr(torch, cfg.gram_dtype)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics
     recapture = cfg.resolved_mlp_stats == "after_attention"
-    split = not recapture and _split_passes(gram_attn, gram_mlp, dense is not None, dense_stats)
+    split = not recapture and _split_passes(gram_attn, gram_mlp or direct_mlp, dense is not None, dense_stats)
     mods = {"attn": o_proj} if recapture else {"mlp": down_proj} if split else {"attn": o_proj, "mlp": down_proj}
     twin = twin_mods = resid = None
     if dense is not None:  # an unpruned copy of this layer runs the dense model alongside

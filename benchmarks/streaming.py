@@ -154,6 +154,11 @@ def part_13b(work: Path, method: str, layers: int, *extra: str, nsamples: int = 
            "per_layer_s": [round(s, 2) for s in secs], "per_layer_s_mean": round(sum(secs) / len(secs), 2),
            "compensate_share": round(sum(comp) / sum(secs), 3) if sum(secs) else 0,
            "per_layer_peak_rss_mib": [x["memory"].get("peak_rss_mib") for x in prov["layers"]],
+           # solve / SVD (with the Gram route, the products too) per sublayer; the MLP's
+           # products pass when they are streamed
+           "attn_compensate_s": [x["attn"].get("compensate_s") for x in prov["layers"]],
+           "mlp_compensate_s": [x["mlp"].get("compensate_s") for x in prov["layers"]],
+           "mlp_products_pass_s": [x["mlp"].get("products_pass_s") for x in prov["layers"]],
            "memory": prov["memory"], "params": {k: prov["params"][k] for k in ("total_before", "total_after")},
            "fallbacks": sum(sub in x and "fallback" in x[sub] for x in prov["layers"] for sub in ("attn", "mlp")),
            "settings": f"{method}, ratio 0.2, {nsamples} x 128 calibration tokens, bfloat16, CPU, --eval none"

@@ -512,7 +512,9 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
     n_tokens = sum(h.shape[:-1].numel() for h, _ in batches)
 
-    def needs_gram(enabled: bool, d_out: int, n_kept: int) -> bool:
+    def needs_gram(enabled: bool, d_in: int, d_out: int, n_kept: int) -> bool:
+        if n_kept == d_in:  # nothing removed, nothing to select or compensate
+            return False
         if greedy:
             return True
         if kind not in comp.NEEDS_GRAM or not enabled:
@@ -522,7 +524,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         return not (kind in comp.ROTATIONS and n_tokens < comp.rotation_tokens_needed(d_out, n_kept)
                     and cfg.resolved_score != "auto")
 
-    gram_attn = needs_gram(cfg.compensate_attn, o_proj.out_features,
+    gram_attn = needs_gram(cfg.compensate_attn, o_proj.in_features, o_proj.out_features,
                            (geom.num_heads - plan.heads_removed(geom)) * geom.head_dim)
     n_kept_mlp = down_proj.in_features - plan.channels_removed
     # the MLP's rotation products streamed from a second pass instead of a d_ff^2 Gram matrix
@@ -532,7 +534,8 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
                   and (cfg.rotation_products == "direct" or comp.direct_products_cheaper(
                       n_tokens, sum(p.numel() for p in layer.parameters()), down_proj.in_features,
                       down_proj.out_features, n_kept_mlp, getattr(torch, cfg.rotation_dtype))))
-    gram_mlp = needs_gram(cfg.compensate_mlp, down_proj.out_features, n_kept_mlp) and not direct_mlp
+    gram_mlp = (needs_gram(cfg.compensate_mlp, down_proj.in_features, down_proj.out_features, n_kept_mlp)
+                and not direct_mlp)
     dense_stats = cfg.resolved_statistics == "dense"
     gram_dtype = getattr(torch, cfg.gram_dtype)
     # MLP statistics re-captured after attention pruning need no first-pass MLP statistics

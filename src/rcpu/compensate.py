@@ -325,14 +325,19 @@ def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tens
 
 
 def _times_wt(x: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W[:, cols]^T in float32 (x: float32 rows of W's inputs, or of the ``cols`` inputs),
-    W converted one block of columns at a time (no float32 copy of W)."""
+    """x @ W^T (or x[:, cols] @ W[:, cols]^T) in float32 for float32 rows x of W's inputs,
+    W converted and x's columns gathered one block at a time (no float32 copy of W)."""
     n_cols = weight.shape[1] if cols is None else len(cols)
     out = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for block in _blocks(n_cols, x.device):
-        w_block = weight[:, block] if cols is None else weight[:, cols[block]]
-        out.addmm_(x[:, block], w_block.to(torch.float32).T)
+        idx = block if cols is None else cols[block]
+        out.addmm_(x[:, idx], weight[:, idx].to(torch.float32).T)
     return out
+
+
+def _squared_norm(t: torch.Tensor) -> float:
+    v = t.reshape(-1).double()
+    return float(v.dot(v))
 
 
 class DirectProducts:
@@ -353,18 +358,10 @@ class DirectProducts:
 
     def update(self, x: torch.Tensor) -> None:
         x32 = x.detach().reshape(-1, self.weight.shape[1]).to(device=self.weight.device, dtype=torch.float32)
-        y = _times_wt(x32, self.weight)
-        z = torch.zeros_like(y)
-        for block in _blocks(len(self.kept), x32.device):
-            cols = self.kept[block]
-            z.addmm_(x32[:, cols], self.weight[:, cols].to(torch.float32).T)
+        y, z = _times_wt(x32, self.weight), _times_wt(x32, self.weight, self.kept)
         _accumulate(self.m, y, z)
-        for out in (y, z):
-            out64 = out.reshape(-1).double()
-            if out is y:
-                self.y2 += float(out64.dot(out64))
-            else:
-                self.z2 += float(out64.dot(out64))
+        self.y2 += _squared_norm(y)
+        self.z2 += _squared_norm(z)
         self.n += x32.shape[0]
 
     def products(self) -> RotationProducts:
@@ -403,12 +400,10 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
     rank = int((s > s[0] * rank_rtol).sum()) if s[0] > 0 else 0
     # Q W_K is determined by the data only on range(Z); it equals range(W_K) (rank
     # min(d_out, |K|) generically) unless the calibration tokens do not span it.
-    needed = min(d_out, len(kept))
-    if rank < needed:
+    needed = rotation_tokens_needed(d_out, len(kept))
+    if rank < needed and (n_tokens is None or n_tokens >= needed):  # degenerate weights need less
         needed = min(needed, int(torch.linalg.matrix_rank(weight[:, kept].to(dtype))))
     info: dict = {"rank": rank, "rank_needed": needed, "rel_error_uncompensated": rel_error(float(torch.trace(m)), 1.0)}
-    if n_tokens is not None and n_tokens < rotation_tokens_needed(d_out, len(kept)):
-        needed = rotation_tokens_needed(d_out, len(kept))  # (the pipeline stops before the products)
     if (n_tokens is not None and n_tokens < needed) or rank < needed:
         info["fallback"] = "none"
         info["rel_error"] = info["rel_error_uncompensated"]

@@ -10,6 +10,8 @@ needed is a function of W and G, so no activation is stored:
 With other targets Y (the dense model's outputs W X_d on its own inputs X_d, plus
 possibly the residual-stream error), the same formulas hold with W G replaced by the
 streamed target cross-product Y X^T (``target_cross``) and ||Y||^2 streamed as a number.
+The rotation needs only M = Y Z^T, ||Y||^2 and ||Z||^2 once K is known, which
+:class:`DirectProducts` streams from a second pass instead (no d_in x d_in Gram matrix).
 
 All solves run in float64 (configurable for the rotation) and return new weights
 in the input's dtype. The functions know nothing about transformers.

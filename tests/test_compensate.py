@@ -438,3 +438,24 @@ def test_direct_products_cost_model():
     assert not comp.direct_products_cheaper(128 * 128, p13, 13824, 5120, 11060)
     p135 = 576 * (576 + 2 * 192 + 576) + 3 * 576 * 1536
     assert not comp.direct_products_cheaper(128 * 128, p135, 1536, 576, 1229)
+
+
+def test_proximal_procrustes_moves_from_the_rotation_to_plain_slicing():
+    """polar(M + mu I): mu = 0 is RCPU's rotation, a huge mu keeps W_K (Q = I); in between Q
+    stays orthogonal and the calibration error lies between the two, rising with mu."""
+    w, x = _data()
+    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11, 13, 14, 15, 17, 19])
+    products = comp.rotation_products(w, x.T @ x, kept)
+    errs = []
+    for prox in (0.0, 0.3, 3.0, 1e9):
+        res = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0], proximal=prox)
+        q = res.weight @ torch.linalg.pinv(w[:, kept])
+        torch.testing.assert_close(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-8, rtol=0)
+        assert res.info["rel_error"] == pytest.approx(_objective(w, x, kept, res.weight)
+                                                      / float((x @ w.T).square().sum()), rel=1e-9)
+        errs.append(res.info["rel_error"])
+    rcpu = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0])
+    assert errs[0] == rcpu.info["rel_error"]
+    assert errs[0] < errs[1] < errs[2] < errs[3]
+    plain = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0], proximal=1e9)
+    torch.testing.assert_close(plain.weight, w[:, kept], atol=1e-7, rtol=0)

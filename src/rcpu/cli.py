@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
               "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
               "whichever costs fewer multiply-adds")
+    _add(p, "rotation_proximal", type=float, default=d.rotation_proximal,
+         help="proximal Procrustes: Q = polar(M + mu I), mu = this x M's mean singular value, which pulls the "
+              "rotation towards the identity (0: RCPU's rotation)")
     _add(p, "rotation_proper", action="store_true", help="restrict Q to rotations, det(Q) = +1 (SO(d))")
     _add(p, "head_unit", default=d.head_unit, choices=["auto", "query", "group"],
          help="GQA: remove query heads evenly from every KV group, or whole KV groups")
@@ -237,7 +240,7 @@ def _prune_config(args) -> PruneConfig:
         compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
         ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
         ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype, gram_dtype=args.gram_dtype,
-        rotation_products=args.rotation_products,
+        rotation_products=args.rotation_products, rotation_proximal=args.rotation_proximal,
         rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
         mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
         selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,

@@ -385,9 +385,13 @@ def direct_products_cheaper(n_tokens: int, layer_params: int, d_in: int, d_out: 
 
 
 def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationProducts, *, scale: bool = False,
-                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None
-                   ) -> Compensated:
-    """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`."""
+                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None,
+                   proximal: float = 0.0) -> Compensated:
+    """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`.
+
+    ``proximal`` > 0: proximal Procrustes, argmin ||Y - Q Z||^2 + mu ||Q - I||^2 = polar(M + mu I)
+    with mu = ``proximal`` x the mean singular value of M, which pulls the rotation towards the
+    identity (plain slicing) where the calibration data say little."""
     m, y2, z2 = products.m, products.y2, products.z2
     dtype = m.dtype
     d_out = weight.shape[0]
@@ -413,6 +417,10 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
         info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
                           f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
         return Compensated(weight[:, kept].clone(), info=info)
+    if proximal > 0:
+        mu = proximal * float(s.mean())
+        q, _ = procrustes(m + mu * torch.eye(d_out, dtype=dtype, device=m.device), proper=proper)
+        info["proximal_mu"] = mu
     tr_qm = float(torch.trace(q.T @ m))
     s_star = tr_qm / z2 if scale else 1.0
     if scale:

@@ -90,6 +90,8 @@ class PruneConfig:
     rotation_dtype: str = "float64"
     gram_dtype: str = "float64"
     rotation_products: str = "auto"
+    #: proximal Procrustes: pull Q towards I by this multiple of M's mean singular value (0: RCPU)
+    rotation_proximal: float = 0.0
     rotation_proper: bool = False
     head_unit: str = "auto"
     rebalance: bool = True
@@ -244,6 +246,8 @@ class PruneConfig:
             raise RcpuError(f"--gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
         if self.rotation_dtype not in ("float32", "float64"):
             raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
+        if not (isinstance(self.rotation_proximal, (int, float)) and self.rotation_proximal >= 0):
+            raise RcpuError(f"--rotation_proximal must be a number >= 0, got {self.rotation_proximal!r}")
         if self.rotation_products not in ROTATION_PRODUCTS:
             raise RcpuError(f"--rotation_products must be one of {', '.join(ROTATION_PRODUCTS)}, "
                             f"got {self.rotation_products!r}")

@@ -213,7 +213,8 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
                                           target_cross=stats.target_cross, target_sq=stats.target_sq)
         for kind in ("rotation", "rotation_scale"):
             rot = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
-                                      proper=cfg.rotation_proper, n_tokens=stats.n)
+                                      proper=cfg.rotation_proper, n_tokens=stats.n,
+                                      proximal=cfg.rotation_proximal)
             if "fallback" not in rot.info:
                 for key in ("rel_error", "rel_error_uncompensated"):  # restated below like the others'
                     rot.info.pop(key, None)
@@ -301,7 +302,8 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
         stats.gram = stats.target_cross = fit.gram = None
         release_free_memory()
         result = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
-                                     proper=cfg.rotation_proper, n_tokens=stats.n)
+                                     proper=cfg.rotation_proper, n_tokens=stats.n,
+                                     proximal=cfg.rotation_proximal)
     else:  # validated earlier
         raise ValueError(kind)
     result.info["method"] = kind

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .compensate import COMPENSATIONS, NEEDS_GRAM
+from .compensate import COMPENSATIONS, NEEDS_GRAM, ROTATIONS
 from .errors import RcpuError
 from .scores import SCORES
 from .select import HEAD_UNITS
@@ -183,7 +183,7 @@ class PruneConfig:
     def direct_products_blocker(self) -> str | None:
         """Why the MLP's rotation products cannot be streamed from a second pass (None: they can).
         That pass sees the plain inputs of the unpruned layer's down_proj, nothing else."""
-        needs = [(self.resolved_compensation in ("rotation", "rotation_scale"), "--compensation rotation or rotation_scale"),
+        needs = [(self.resolved_compensation in ROTATIONS, "--compensation rotation or rotation_scale"),
                  (self.resolved_selection == "score" and self.resolved_score != "auto",
                   "--selection score with a fixed --score"),
                  (not self.intercept, "no --intercept"),

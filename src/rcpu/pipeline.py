@@ -211,7 +211,7 @@ def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats
     if rotations:
         products = comp.rotation_products(weight, stats.gram, kept, dtype=getattr(torch, cfg.rotation_dtype),
                                           target_cross=stats.target_cross, target_sq=stats.target_sq)
-        for kind in ("rotation", "rotation_scale"):
+        for kind in comp.ROTATIONS:
             rot = comp.rotation_solve(weight, kept, products, scale=kind == "rotation_scale",
                                       proper=cfg.rotation_proper, n_tokens=stats.n,
                                       proximal=cfg.rotation_proximal)
@@ -291,7 +291,7 @@ def _compensate(kind: str, weight: torch.Tensor, stats: InputStats, kept: torch.
                                 relative=cfg.ridge_lambda_relative, target_cross=stats.target_cross)
         except ValueError as exc:
             raise RcpuError(str(exc)) from None
-    elif kind in ("rotation", "rotation_scale"):
+    elif kind in comp.ROTATIONS:
         if direct is not None:  # streamed in a pass of their own (no Gram matrix)
             products = direct.products()
         else:
@@ -337,16 +337,10 @@ def _direct_products(layer: nn.Module, module: nn.Linear, kept: torch.Tensor,
     t0 = time.perf_counter()
     acc = comp.DirectProducts(module.weight, kept, dtype=getattr(torch, cfg.rotation_dtype))
     handle = module.register_forward_pre_hook(lambda _m, args: acc.update(args[0]))
-    stop = module.register_forward_hook(_raise_stop)
     try:
-        for h, kw in batches:
-            try:
-                _forward(layer, h, kw)
-            except _Stop:
-                pass
+        _run_until(layer, batches, module)
     finally:
         handle.remove()
-        stop.remove()
     acc.seconds = time.perf_counter() - t0
     return acc
 
@@ -417,6 +411,19 @@ def _raise_stop(*_args) -> None:
     raise _Stop
 
 
+def _run_until(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], module: nn.Module) -> None:
+    """Run every batch through ``layer`` only as far as ``module`` (for hooks on the way)."""
+    stop = module.register_forward_hook(_raise_stop)
+    try:
+        for h, kw in batches:
+            try:
+                _forward(layer, h, kw)
+            except _Stop:
+                pass
+    finally:
+        stop.remove()
+
+
 def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
@@ -436,22 +443,17 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
         raise ValueError("a forward pass stopped early has no outputs to keep or pair")
     with StatsCollector(modules, grams, dense_modules if paired else None, residuals if paired else None,
                         token_weights, gram_dtype) as col:
-        stop = stop_after.register_forward_hook(_raise_stop) if stop_after is not None else None
-        try:
-            outs, dense_outs = [], [] if paired else None
-            for i, (h, kw) in enumerate(batches):
-                if paired:
-                    hd, kwd = dense_batches[i]
-                    dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
-                try:
-                    out = _forward(layer, h, kw)
-                except _Stop:
-                    continue
-                if keep_outputs:
-                    outs.append((out, kw))
-        finally:
-            if stop is not None:
-                stop.remove()
+        outs, dense_outs = [], [] if paired else None
+        if stop_after is not None:
+            _run_until(layer, batches, stop_after)
+            return col.stats, outs, dense_outs
+        for i, (h, kw) in enumerate(batches):
+            if paired:
+                hd, kwd = dense_batches[i]
+                dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
+            out = _forward(layer, h, kw)
+            if keep_outputs:
+                outs.append((out, kw))
     return col.stats, outs, dense_outs
 
 
@@ -649,8 +651,7 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
         # workspace. Split passes: the attention's statistics are collected only now.
         kept_channels, mlp_info = prune_channels(st_mlp, ho_mlp)
         if split:
-            st_mlp = None
-            release_free_memory()
+            stats = st_mlp = None  # (a ridge's MLP Gram matrix is freed only here)
             stats, _, _ = _collect(layer, {"attn": o_proj}, {"attn": gram_attn}, batches, False,
                                    token_weights=weights and {"attn": weights["attn"]}, gram_dtype=gram_dtype,
                                    stop_after=o_proj)

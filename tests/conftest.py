@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -45,6 +47,13 @@ def make_windows(n: int = 24, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=["llama", "mistral", "qwen2"])
 def family(request) -> str:
     return request.param
+
+
+def same_threads_env(threads: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess whose tensors are compared bit for bit with another
+    process's: the same torch thread count (this process's unless ``threads`` is given), since
+    BLAS kernels split their sums differently over another number of threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads or torch.get_num_threads()), **extra}
 
 
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]

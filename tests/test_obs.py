@@ -3,13 +3,12 @@ direct computations on small random matrices, and the method end to end on tiny 
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import make_model, make_windows
+from conftest import make_model, make_windows, same_threads_env
 from test_prune import _RELOAD
 
 from rcpu import RcpuError, obs, sensitivity
@@ -223,7 +222,7 @@ def test_obs_ridge_end_to_end_and_reload(tmp_path, family):
     remote = str(int(not report.params["uniform"]))
     subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), remote],
                    capture_output=True, text=True, check=True,
-                   env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+                   env=same_threads_env(HF_MODULES_CACHE=str(tmp_path / "modules")))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
     prov = json.loads((out / PROVENANCE).read_text())

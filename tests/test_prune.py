@@ -2,13 +2,12 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer, make_windows
+from conftest import make_model, make_tokenizer, make_windows, same_threads_env
 
 from rcpu import RcpuError
 from rcpu.api import prune
@@ -199,7 +198,7 @@ def test_save_reload_identical_logits(tmp_path, family, method):
     torch.save(x, tmp_path / "x.pt")
     proc = subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"),
                            str(int(nonuniform))], capture_output=True, text=True, check=True,
-                          env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+                          env=same_threads_env(HF_MODULES_CACHE=str(tmp_path / "modules")))
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
     assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in pruned.parameters())

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import VOCAB, make_model, make_windows
+from conftest import VOCAB, make_model, make_windows, same_threads_env
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rcpu import RcpuError
@@ -102,7 +102,7 @@ def test_real_widths_save_and_reload(tmp_path, name):
         ckpts.append(str(out))
         del pruned, model
     subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), *ckpts], check=True,
-                   capture_output=True, text=True)
+                   capture_output=True, text=True, env=same_threads_env())
     for ckpt in ckpts:
         loaded = json.loads(open(f"{ckpt}/loaded.json").read())
         assert loaded["dtype"] == "torch.bfloat16"

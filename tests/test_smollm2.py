@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import same_threads_env
 
 from rcpu import PruneConfig, RcpuError, prune, save_pruned
 from rcpu.data import calibration_windows, load_text, tokenize
@@ -73,7 +74,7 @@ def test_real_model_prune_compensate_save(smol, tmp_path):
             "torch.save(m(x).logits, sys.argv[3]); print(sum(p.numel() for p in m.parameters())); "
             "assert 'rcpu' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=same_threads_env())
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
     assert int(proc.stdout.split()[-1]) == report.params["total_after"] < report.params["total_before"]

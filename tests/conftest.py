@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -75,6 +76,16 @@ def make_text(n_words: int = 6000, seed: int = 0) -> str:
     steps = torch.randint(-3, 4, (n_words,), generator=g).cumsum(0) % len(WORDS)
     words = [WORDS[int(i)] for i in steps]
     return "\n\n".join(" ".join(words[i:i + 50]) for i in range(0, n_words, 50))
+
+
+@pytest.fixture
+def scratch_dir(tmp_path):
+    """A folder under ``tmp_path`` for large files (saved checkpoints at real widths), deleted when
+    the test ends, passed or failed: pytest keeps the temp folders of the last three runs."""
+    path = tmp_path / "scratch"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

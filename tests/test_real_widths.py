@@ -71,10 +71,10 @@ def _real_width_model(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_real_widths_save_and_reload(tmp_path, name):
+def test_real_widths_save_and_reload(scratch_dir, name):
     model_type, widths = SHAPES[name]
     x = make_windows(1, 12, seed=3)
-    torch.save(x, tmp_path / "x.pt")
+    torch.save(x, scratch_dir / "x.pt")
     expected, ckpts = {}, []
     for ratio in RATIOS:
         cfg = PruneConfig(method="wanda-sp", pruning_ratio=ratio, nsamples=2, seqlen=16, batch_size=2)
@@ -82,7 +82,7 @@ def test_real_widths_save_and_reload(tmp_path, name):
         pruned, report = prune(model, cfg, windows=make_windows(2, 16), device="cpu", progress=False)
         heads = report.params["heads_after"]
         hidden = widths["hidden_size"]
-        out = save_pruned(pruned, None, tmp_path / f"r{ratio}", report.to_dict())
+        out = save_pruned(pruned, None, scratch_dir / f"r{ratio}", report.to_dict())
         saved = json.loads((out / "config.json").read_text())
         umask = os.umask(0)
         os.umask(umask)
@@ -101,7 +101,7 @@ def test_real_widths_save_and_reload(tmp_path, name):
             expected[str(out)] = pruned(x).logits
         ckpts.append(str(out))
         del pruned, model
-    subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "x.pt"), *ckpts], check=True,
+    subprocess.run([sys.executable, "-c", RELOAD, str(scratch_dir / "x.pt"), *ckpts], check=True,
                    capture_output=True, text=True, env=same_threads_env())
     for ckpt in ckpts:
         loaded = json.loads(open(f"{ckpt}/loaded.json").read())

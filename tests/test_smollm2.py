@@ -43,7 +43,7 @@ def _hidden(model, ids):
         return model.model(ids.reshape(-1, 64)).last_hidden_state
 
 
-def test_real_model_prune_compensate_save(smol, tmp_path):
+def test_real_model_prune_compensate_save(smol, scratch_dir):
     """A truncated model has meaningless perplexity, so compare what compensation is
     for: the pruned stack's output against the dense stack's on held-out text."""
     model, tok, calib, evaluation = smol
@@ -66,15 +66,15 @@ def test_real_model_prune_compensate_save(smol, tmp_path):
     assert perplexity(results["rotation"][0], evaluation, 64, progress=False).n_tokens == 64 * 63
 
     pruned, report = results["rotation"]
-    out = save_pruned(pruned, tok, tmp_path / "smol", report.to_dict())
+    out = save_pruned(pruned, tok, scratch_dir / "smol", report.to_dict())
     x = evaluation[:128].reshape(2, 64)
-    torch.save(x, tmp_path / "x.pt")
+    torch.save(x, scratch_dir / "x.pt")
     code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
             "m = A.from_pretrained(sys.argv[1]).eval(); x = torch.load(sys.argv[2]); "
             "torch.save(m(x).logits, sys.argv[3]); print(sum(p.numel() for p in m.parameters())); "
             "assert 'rcpu' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+    proc = subprocess.run([sys.executable, "-c", code, str(out), str(scratch_dir / "x.pt"), str(scratch_dir / "y.pt")],
                           capture_output=True, text=True, check=True, env=same_threads_env())
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), pruned(x).logits, atol=0, rtol=0)
+        torch.testing.assert_close(torch.load(scratch_dir / "y.pt"), pruned(x).logits, atol=0, rtol=0)
     assert int(proc.stdout.split()[-1]) == report.params["total_after"] < report.params["total_before"]

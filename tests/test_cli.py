@@ -103,6 +103,26 @@ def test_bad_model_fails_before_calibration_text_is_fetched(tmp_path, monkeypatc
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name,content", [("empty.txt", ""), ("blank.txt", " \n\n\t\n"),
+                                          ("empty.jsonl", '{"text": ""}\n\n{"text": "  "}\n')])
+def test_empty_calib_file_fails_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch, capsys, name, content):
+    from rcpu import loading
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the calibration file was checked")
+
+    monkeypatch.setattr(loading, "load_model", loaded)
+    monkeypatch.setattr(loading, "streamable_dir", loaded)
+    empty = tmp_path / name
+    empty.write_text(content)
+    for save in ([], ["--save_model", str(tmp_path / "out")]):  # in memory and streamed
+        rc = main(["prune", "--model", str(tiny_checkpoint / "model"), "--calib", str(empty),
+                   "--eval", str(tiny_checkpoint / "text.txt"), "--device", "cpu", "-q", *save])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rcpu: error:")]
+        assert rc == 2 and len(err) == 1 and f"text source {empty} is empty" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_refinement_intercept_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
     out = tmp_path / "refined"
     assert main(_prune_args(tiny_checkpoint, "--method", "ridge", "--pruning_ratio", "0.5", "--eval", "none",

@@ -49,12 +49,12 @@ def test_jsonl_missing_field_and_bad_json(tmp_path):
 def test_empty_file_is_an_error(tmp_path, content):
     path = tmp_path / "empty.txt"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(RcpuError, match="empty"):
-        data.load_text(str(path), "calib")
     jsonl = tmp_path / "empty.jsonl"
-    jsonl.write_text('{"text": ""}\n', encoding="utf-8")
-    with pytest.raises(RcpuError, match="empty"):
-        data.load_text(str(jsonl), "calib")
+    jsonl.write_text('{"text": ""}\n' + content, encoding="utf-8")
+    for source in (path, jsonl):  # describe_source: the check commands make before loading a model
+        for read in (data.load_text, data.describe_source):
+            with pytest.raises(RcpuError, match=f"text source {source} is empty"):
+                read(str(source), "calib")
 
 
 def test_missing_file_unknown_source_bad_split(tmp_path):

@@ -192,14 +192,24 @@ def load_text(source: str, split: str) -> str:
         text = (_ensure_wiki_sample() / f"{split}.txt").read_text(encoding="utf-8")
     elif kind == WIKITEXT2:
         text = _load_wikitext2(split)
-    elif kind == "txt":
-        text = _read_txt(path)
     else:
-        text = _read_jsonl(path, field or "text")
+        return _read_local(source, kind, path, field)
+    _check_not_empty(source, text, kind, field)
+    return text
+
+
+def _read_local(source: str, kind: str, path: Path, field: str | None) -> str:
+    """The text of a local .txt / .jsonl file; an RcpuError when it is not UTF-8, not valid
+    JSON lines, or empty."""
+    text = _read_txt(path) if kind == "txt" else _read_jsonl(path, field or "text")
+    _check_not_empty(source, text, kind, field)
+    return text
+
+
+def _check_not_empty(source: str, text: str, kind: str, field: str | None) -> None:
     if not text.strip():
         where = f" (field {field or 'text'!r})" if kind == "jsonl" else ""
         raise RcpuError(f"text source {source} is empty{where}; give a file with text in it")
-    return text
 
 
 def _file_sha256(path: Path) -> str:
@@ -217,6 +227,9 @@ def describe_source(source: str, split: str) -> dict:
     ``chars`` (this part), ``member`` (the wheel member) and ``sha256_bz2``; wikitext2 adds the
     dataset, config, Hugging Face split and joiner; files add ``path`` (absolute), ``sha256``
     and, for .jsonl, ``field``. It never contains a ``source`` key, so callers may add one.
+
+    A local file is read, so that an empty one (or one :func:`load_text` would refuse) is
+    reported here, before a command loads a model, with the same error.
     """
     _check_split(split)
     kind, path, field = _parse_source(source)
@@ -240,6 +253,7 @@ def describe_source(source: str, split: str) -> dict:
             "hf_split": "train" if split == "calib" else "test",
             "joiner": " " if split == "calib" else "\n\n",
         }
+    _read_local(source, kind, path, field)
     desc = {"name": path.name, "split": split, "path": str(path), "sha256": _file_sha256(path)}
     if kind == "jsonl":
         desc["field"] = field or "text"

@@ -1,4 +1,4 @@
-"""Command line: ``rcpu prune``, ``eval``, ``compare``, ``bench`` and ``export``. Thin: parse, call the API, print.
+"""Command line: ``rcpu prune``, ``recover``, ``eval``, ``compare``, ``bench`` and ``export``. Thin: parse, call the API, print.
 
 Flag spellings follow the SparseGPT/Wanda/FLAP/RCPU lineage (``--pruning_ratio``,
 ``--nsamples``, ``--save_model``...); the dashed forms are accepted too.
@@ -141,6 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "save_gguf", default=None, help="also write the pruned model as a GGUF file (llama.cpp, Ollama)")
     _add(p, "gguf_quant", default="q8_0", choices=GGUF_QUANT_NAMES, help="tensor type for --save_gguf (default q8_0)")
 
+    _add(p, "recover_tokens", type=int, default=None,
+         help="then recover the pruned model by distilling the dense one into it for this many tokens "
+              "(rcpu recover's defaults; needs --save_model for a streamed run)")
+
+    r = sub.add_parser("recover", help="distil the dense model into a pruned one (recovery training)")
+    _common(r)
+    r.set_defaults(model=None)
+    _add(r, "teacher", default=None, help="the dense model (default: the source in the pruned model's provenance)")
+    _add(r, "teacher_dtype", default=None,
+         help="dtype of the frozen teacher (default bfloat16 on CUDA, else --dtype)")
+    _add(r, "data", default="builtin",
+         help="training text: builtin (its calibration part), wikitext2 (train), or a .txt/.jsonl file")
+    _add(r, "eval", default="builtin", help="perplexity text before/after (builtin, wikitext2, file, or none)")
+    _add(r, "eval_seqlen", type=int, nargs="+", default=[128], help="perplexity window length(s)")
+    _add(r, "autocast", default="none", choices=["none", "bfloat16", "float16"],
+         help="run both models' forward passes under torch.autocast in this dtype")
+    _add_recover_fields(r)
+    _add(r, "save_model", default=None, help="write the recovered checkpoint to this directory")
+    _add(r, "overwrite", action="store_true", help="replace an existing --save_model directory")
+    _add(r, "resume", action="store_true", help="continue an interrupted run into the same --save_model")
+    _add(r, "report", default=None, help="also write the recovery record as JSON to this file")
+
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
     _add(e, "ppl", default="builtin", help="evaluation text: builtin, wikitext2, a .txt/.jsonl file, or none")
@@ -195,12 +217,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_recover_fields(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RecoverConfig` field, with its default and help from the dataclass."""
+    import dataclasses
+
+    from .recover.config import PARAMETERS, RecoverConfig
+
+    for f in dataclasses.fields(RecoverConfig):
+        if f.name == "chunk_elements":
+            continue
+        default = f.default
+        kw: dict = {"default": default, "help": f.metadata.get("help", "") + f" (default {default})"}
+        if isinstance(default, bool):
+            kw = {"action": argparse.BooleanOptionalAction, "default": default, "help": f.metadata.get("help", "")}
+        elif isinstance(default, tuple):
+            kw["default"] = ",".join(default)
+            kw["help"] = f.metadata.get("help", "")
+        elif isinstance(default, (int, float)):
+            kw["type"] = type(default)
+        if f.name == "parameters":
+            kw["choices"] = list(PARAMETERS)
+        _add(parser, f.name, **kw)
+
+
+def _recover_config(args):
+    import dataclasses
+
+    from .recover.config import RecoverConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig) if hasattr(args, f.name)}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = tuple(x.strip() for x in values["lora_targets"].split(",") if x.strip())
+    return RecoverConfig(**values).validate()
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
                         if quiet else "%(message)s", stream=sys.stderr)
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _eval_ids(tokenizer, source: str):
@@ -284,6 +342,8 @@ def cmd_prune(args) -> int:
     check_model_source(args.model)
     dtype = parse_dtype(args.dtype)
     device = resolve_device(args.device)
+    if args.recover_tokens is not None:
+        _recover_config_for_prune(args)  # a bad budget fails now, not after pruning
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite)
     elif args.resume:
@@ -331,11 +391,15 @@ def cmd_prune(args) -> int:
     if eval_ids is not None:
         model.to(device)
         pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+    provenance = report.to_dict()
+    if pruned is not None:
+        provenance["evaluation"] = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
+    if args.recover_tokens:
+        model = _recover_after_prune(args, model, tok, dtype, device, provenance)
+        report.recovery = provenance["recovery"]
     if args.save_model:
         model.to("cpu")
-        if pruned is not None:
-            report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
-        out = save_pruned(model, tok, args.save_model, report.to_dict(), overwrite=args.overwrite)
+        out = save_pruned(model, tok, args.save_model, provenance, overwrite=args.overwrite)
         print(f"saved to {out}")
     if args.save_gguf:
         _save_gguf(args, model, tok, report)
@@ -363,10 +427,12 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
         dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
         print(f"dense : {dense.format()}")
         del model
-    res = prune_checkpoint(path, cfg, args.save_model, windows=windows, heldout_windows=heldout,
+    target = _pruned_dir_for(args.save_model) if args.recover_tokens else args.save_model
+    res = prune_checkpoint(path, cfg, target, windows=windows, heldout_windows=heldout,
                            calib_info={"source": args.calib, **calib_info}, dtype=dtype, device=device,
-                           resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                           progress=not args.quiet, hidden_states=args.hidden_states,
+                           resume=args.resume, overwrite=args.overwrite or bool(args.recover_tokens),
+                           trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+                           hidden_states=args.hidden_states,
                            max_hidden_gib=args.max_hidden_gib, announce=print)
     report = res.report
     report.model["source"] = args.model
@@ -384,11 +450,110 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
         tmp = res.path / (PROVENANCE + ".partial")
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str))
         tmp.replace(res.path / PROVENANCE)
+    if args.recover_tokens:  # the pruned checkpoint is the student; the result goes to --save_model
+        from .recover import recover_checkpoint
+
+        _, record, final = recover_checkpoint(
+            str(res.path), args.save_model, _recover_config_for_prune(args), _recover_inputs(args, [args.eval_seqlen]),
+            teacher=args.model, device=device, dtype=dtype, overwrite=args.overwrite, resume=args.resume,
+            trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+            provenance=json.loads((res.path / PROVENANCE).read_text()))
+        _print_recovery(args, record, final)
+        report.recovery = record.to_dict()
+        import shutil
+
+        shutil.rmtree(res.path, ignore_errors=True)
+        res.path = final
     if args.save_gguf:  # from the written checkpoint: this loads the pruned model
         pruned_model = load_model(str(res.path), dtype=dtype, trust_remote_code=True).model
         _save_gguf(args, pruned_model, tok, report)
         del pruned_model
     _finish_prune(args, report, dense, pruned, t_start)
+    return 0
+
+
+def _recover_inputs(args, eval_seqlens):
+    from .recover import RecoverInputs
+
+    autocast = None if getattr(args, "autocast", "none") == "none" else parse_dtype(args.autocast)
+    return RecoverInputs(data=getattr(args, "data", args.calib if hasattr(args, "calib") else "builtin"),
+                         eval=args.eval, eval_seqlens=tuple(eval_seqlens),
+                         max_eval_tokens=16384 if args.max_eval_tokens is None else (args.max_eval_tokens or None),
+                         autocast=autocast)
+
+
+def _print_recovery(args, record, path) -> None:
+    from .recover import summary_lines
+
+    for line in summary_lines(record):
+        print(line)
+    if path is not None:
+        print(f"saved to {path}")
+    if getattr(args, "report", None):
+        with open(args.report, "w") as fh:
+            json.dump(record.to_dict(), fh, indent=2, default=str)
+
+
+def _recover_config_for_prune(args):
+    from .recover import RecoverConfig
+
+    return RecoverConfig(tokens=args.recover_tokens, seed=args.seed).validate()
+
+
+def _pruned_dir_for(save_model: str):
+    """Where a streamed ``prune --recover_tokens`` run writes the unrecovered pruned checkpoint."""
+    from pathlib import Path
+
+    out = Path(save_model).expanduser().resolve()
+    return out.parent / f".{out.name}.rcpu-pruned"
+
+
+def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
+    """``prune --recover_tokens`` on an in-memory model: distil the dense model (reloaded) into it."""
+    from .loading import load_model
+    from .recover import recover_model, work_dir_for
+
+    cfg = _recover_config_for_prune(args)
+    inputs = _recover_inputs(args, [args.eval_seqlen])
+    tdtype = torch_bf16_on_cuda(device, dtype)
+    teacher = load_model(args.model, dtype=tdtype, device="cpu", trust_remote_code=args.trust_remote_code).model
+    info = {"source": args.model, "dtype": str(tdtype).removeprefix("torch.")}
+    work = work_dir_for(args.save_model) if args.save_model else None
+    model, record = recover_model(model, tok, teacher, info, cfg, inputs, device=device, work_dir=work,
+                                  resume=args.resume, progress=not args.quiet)
+    del teacher
+    _print_recovery(args, record, None)
+    provenance["recovery"] = record.to_dict()
+    if work is not None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return model
+
+
+def torch_bf16_on_cuda(device, dtype):
+    """The teacher's dtype: bfloat16 on GPUs (it only runs forward), else the student's."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else dtype
+
+
+def cmd_recover(args) -> int:
+    from .api import resolve_device
+    from .recover import recover_checkpoint
+
+    if not args.model:
+        raise RcpuError("rcpu recover needs --model: the pruned checkpoint to recover")
+    cfg = _recover_config(args)
+    device = resolve_device(args.device)
+    if any(s < 2 for s in args.eval_seqlen):
+        raise RcpuError("--eval_seqlen values must be >= 2")
+    _, record, path = recover_checkpoint(
+        args.model, args.save_model, cfg, _recover_inputs(args, args.eval_seqlen), teacher=args.teacher,
+        device=device, dtype=parse_dtype(args.dtype),
+        teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
+        resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    _print_recovery(args, record, path)
     return 0
 
 
@@ -504,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.quiet)
     try:
-        commands = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
+        commands = {"prune": cmd_prune, "recover": cmd_recover, "eval": cmd_eval, "compare": cmd_compare, "bench": cmd_bench,
                     "export": cmd_export}
         return commands[args.command](args)
     except RcpuError as exc:

@@ -46,6 +46,7 @@ class PruneReport:
     warnings: list[str] = field(default_factory=list)
     evaluation: dict = field(default_factory=dict)
     gguf: dict = field(default_factory=dict)  #: the GGUF export of this run, if any
+    recovery: dict = field(default_factory=dict)  #: the recovery training after pruning, if any (rcpu.recover)
     versions: dict = field(default_factory=versions)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,242 @@
+"""``rcpu recover``: check every input, load student and teacher, distil, measure, write the checkpoint.
+
+Everything that can be wrong with the inputs (budget, text sources, the output directory, a
+missing teacher) is checked before a model is loaded; a teacher with another vocabulary and
+training text too short for one window are refused before any training step. The result is
+written through :func:`rcpu.export.save_pruned`, so it has the pruned model's format (a stock
+checkpoint for uniform widths, rcpu's per-layer classes otherwise) and appears at
+``--save_model`` only when complete. Checkpoints live in ``.<name>.rcpu-recover`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data
+from ..errors import RcpuError
+from ..report import count_params, versions
+from .config import RecoverConfig, RecoverRecord
+from .train import dist_context, heldout_metrics, train
+from .windows import TrainingWindows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreparedData", "RecoverInputs", "prepare_data", "recover_model", "recover_checkpoint", "teacher_for", "work_dir_for"]
+
+WORK_SUFFIX = ".rcpu-recover"
+
+
+@dataclass
+class RecoverInputs:
+    """Where the training and evaluation text come from and how the result is measured."""
+
+    data: str = "builtin"
+    eval: str = "builtin"
+    eval_seqlens: tuple[int, ...] = (128,)
+    max_eval_tokens: int | None = 16384
+    autocast: torch.dtype | None = None
+
+
+def work_dir_for(out: str | Path) -> Path:
+    out = Path(out).expanduser().resolve()
+    return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def teacher_for(provenance: dict | None, teacher: str | None, where: str) -> str:
+    """The teacher to use: ``--teacher``, else the source model in the student's provenance."""
+    if teacher:
+        return teacher
+    source = ((provenance or {}).get("model") or {}).get("source")
+    if not source:
+        raise RcpuError(f"{where} has no rcpu_provenance.json naming the model it was pruned from; "
+                        "pass --teacher with the dense model")
+    return str(source)
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_texts(inputs: RecoverInputs) -> tuple[str, str | None, dict]:
+    """Load the training and evaluation text, refusing the same text for both."""
+    train_text = data.load_text(inputs.data, "calib")
+    eval_text = None if inputs.eval == "none" else data.load_text(inputs.eval, "eval")
+    if eval_text is not None and _text_hash(train_text) == _text_hash(eval_text):
+        raise RcpuError(f"--data {inputs.data} is the evaluation text (--eval {inputs.eval}); train on other text, "
+                        "e.g. --data builtin (its calibration part) with --eval builtin (its held-out part)")
+    info = {"source": inputs.data, **data.describe_source(inputs.data, "calib"), "text_sha256": _text_hash(train_text)}
+    return train_text, eval_text, info
+
+
+def check_vocabulary(student: nn.Module, student_tok, teacher: nn.Module, teacher_tok) -> None:
+    s_rows = student.get_output_embeddings().weight.shape[0]
+    t_rows = teacher.get_output_embeddings().weight.shape[0]
+    if s_rows != t_rows or student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise RcpuError(f"the teacher's vocabulary ({len(teacher_tok):,} tokens, head {t_rows:,}) is not the student's "
+                        f"({len(student_tok):,}, head {s_rows:,}); distil from the model the student was pruned from")
+
+
+def _perplexities(model, ids, inputs: RecoverInputs, device, label: str) -> list[dict]:
+    from ..evaluate import perplexity
+
+    if ids is None:
+        return []
+    return [perplexity(model, ids, s, max_tokens=inputs.max_eval_tokens, device=device, source=label,
+                       progress=False).to_dict() for s in inputs.eval_seqlens]
+
+
+@dataclass
+class PreparedData:
+    windows: TrainingWindows
+    eval_ids: torch.Tensor | None
+    info: dict
+
+
+def prepare_data(tokenizer, cfg: RecoverConfig, inputs: RecoverInputs, texts: tuple | None = None) -> PreparedData:
+    """Tokenise and window the training text (refusing one too short) and tokenise the evaluation text."""
+    train_text, eval_text, info = texts if texts is not None else check_texts(inputs)
+    ids = data.tokenize(tokenizer, train_text)
+    windows = TrainingWindows.from_ids(ids, cfg.seqlen, cfg.heldout, cfg.seed, source=f"--data {inputs.data}")
+    eval_ids = None if eval_text is None else data.tokenize(tokenizer, eval_text)
+    info = {**info, "tokens": int(ids.numel()), "seqlen": cfg.seqlen, "train_windows": int(windows.train.shape[0]),
+            "heldout_windows": int(windows.heldout.shape[0]), "heldout_hash": data.token_hash(windows.heldout),
+            "epochs": round(windows.epochs(cfg.steps(), cfg.batch_size), 4)}
+    return PreparedData(windows, eval_ids, info)
+
+
+def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_info: dict, cfg: RecoverConfig,
+                  inputs: RecoverInputs, *, device: torch.device, work_dir: Path | None = None,
+                  resume: bool = False, progress: bool = True, prepared: PreparedData | None = None
+                  ) -> tuple[nn.Module, RecoverRecord]:
+    """Distil ``teacher`` into ``student`` (both loaded); returns the merged student and its record."""
+    ctx = dist_context(device)
+    interrupted = work_dir is not None and work_dir.exists()
+    ctx.barrier()  # every rank has looked before rank 0 writes into the work directory
+    prepared = prepared or prepare_data(tokenizer, cfg, inputs)
+    windows, eval_ids, data_info = prepared.windows, prepared.eval_ids, prepared.info
+    digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(student.dtype if hasattr(
+        student, "dtype") else ""), str(inputs.autocast))
+    student.to(device)
+    teacher.to(device)
+    label = f"{inputs.eval}:eval"
+    before_file = None if work_dir is None else work_dir / "before.json"
+    before = None
+    if resume and before_file is not None and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    elif interrupted and not resume:
+        raise RcpuError(f"{work_dir} holds an interrupted recovery; pass --resume to continue it, or remove it")
+    if before is None:
+        before = {"perplexity": _perplexities(student, eval_ids, inputs, device, label) if ctx.main else [],
+                  "heldout": heldout_metrics(student, teacher, windows.heldout, device, cfg.batch_size,
+                                             inputs.autocast, cfg.chunk_elements) if ctx.main else {}}
+        if before_file is not None and ctx.main:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            before_file.write_text(json.dumps(before))
+    record = RecoverRecord(config=cfg.to_dict(), teacher=teacher_info, data=data_info, versions=versions())
+    record.config["steps"] = cfg.steps()
+    record.config["autocast"] = None if inputs.autocast is None else str(inputs.autocast).removeprefix("torch.")
+    res = train(student, teacher, windows, cfg, device=device, ctx=ctx, work_dir=work_dir, resume=resume,
+                digest=digest, autocast=inputs.autocast, progress=progress)
+    after = {"perplexity": _perplexities(res.model, eval_ids, inputs, device, label) if ctx.main else [],
+             "heldout": res.heldout_curve[-1] if res.heldout_curve else
+             (heldout_metrics(res.model, teacher, windows.heldout, device, cfg.batch_size, inputs.autocast,
+                              cfg.chunk_elements) if ctx.main else {})}
+    for part in (before, after):
+        part["heldout"] = {k: v for k, v in part["heldout"].items() if k not in ("step", "tokens")}
+    record.evaluation = {"before": before, "after": after, "eval_source": inputs.eval,
+                         "max_eval_tokens": inputs.max_eval_tokens}
+    record.curve = res.curve
+    record.heldout_curve = res.heldout_curve
+    record.timing = {"train_seconds": round(res.train_seconds, 2), "tokens": res.tokens, "steps": res.steps,
+                     "tokens_per_second": round(res.tokens / max(res.train_seconds, 1e-9), 2),
+                     "resumed_at_step": res.resumed_at}
+    record.memory = res.memory
+    record.distributed = {"world_size": ctx.world, "device": str(device)}
+    return res.model, record
+
+
+def _load(source: str, dtype, trust_remote_code: bool):
+    from ..loading import load_model
+
+    return load_model(source, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+
+
+def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, inputs: RecoverInputs, *,
+                       teacher: str | None = None, device: torch.device, dtype: torch.dtype,
+                       teacher_dtype: torch.dtype | None = None, overwrite: bool = False, resume: bool = False,
+                       trust_remote_code: bool = False, progress: bool = True, announce=print,
+                       provenance: dict | None = None) -> tuple[nn.Module, RecoverRecord, Path | None]:
+    """Load the pruned ``model`` and its teacher, recover it, and write it to ``save_model`` (if given)."""
+    from ..api import check_seqlen
+    from ..export import check_output_dir, save_pruned
+    from ..gguf_export import load_provenance
+    from ..loading import check_model_source, resolve_model_dir
+
+    t0 = time.perf_counter()
+    cfg.validate()
+    check_model_source(model)
+    out = check_output_dir(save_model, overwrite) if save_model else None
+    work = work_dir_for(out) if out is not None else None
+    if resume and out is None:
+        raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
+    if work is not None and work.exists() and not resume:
+        raise RcpuError(f"{work} holds an interrupted recovery; pass --resume to continue it, or remove it")
+    for source, split in ((inputs.data, "calib"), (inputs.eval, "eval")):
+        if source != "none":
+            data.describe_source(source, split)
+    if provenance is None:
+        provenance = load_provenance(resolve_model_dir(model)) if Path(resolve_model_dir(model)).is_dir() else None
+    teacher_source = teacher_for(provenance, teacher, model)
+    texts = check_texts(inputs)
+    student = _load(model, dtype, trust_remote_code)
+    check_seqlen(student.model.config, cfg.seqlen)
+    for s in inputs.eval_seqlens:
+        check_seqlen(student.model.config, s, "--eval_seqlen")
+    prepared = prepare_data(student.tokenizer, cfg, inputs, texts)  # too little text fails before the teacher loads
+    tdtype = teacher_dtype or (torch.bfloat16 if device.type == "cuda" else dtype)
+    teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
+    check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
+    announce(f"student {model}: {count_params(student.model):,} parameters; teacher {teacher_source}: "
+             f"{count_params(teacher_loaded.model):,} parameters ({str(tdtype).removeprefix('torch.')}); "
+             f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, device {device}")
+    teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
+                    "parameters": count_params(teacher_loaded.model)}
+    merged, record = recover_model(student.model, student.tokenizer, teacher_loaded.model, teacher_info, cfg, inputs,
+                                   device=device, work_dir=work, resume=resume, progress=progress, prepared=prepared)
+    record.timing["total_seconds"] = round(time.perf_counter() - t0, 2)
+    record.config["student"] = model
+    record.config["dtype"] = str(dtype).removeprefix("torch.")
+    ctx = dist_context(device)
+    path = None
+    if out is not None and ctx.main:
+        prov = dict(provenance or {})
+        prov["recovery"] = record.to_dict()
+        merged.to("cpu")
+        path = save_pruned(merged, student.tokenizer, out, prov, overwrite=overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+    ctx.barrier()
+    return merged, record, path
+
+
+def summary_lines(record: RecoverRecord) -> list[str]:
+    ev = record.evaluation
+    lines = []
+    for b, a in zip(ev["before"]["perplexity"], ev["after"]["perplexity"], strict=True):
+        lines.append(f"perplexity ({b['source']}, seqlen {b['seqlen']}): {b['ppl']:.2f} -> {a['ppl']:.2f}")
+    hb, ha = ev["before"]["heldout"], ev["after"]["heldout"]
+    if hb and ha:
+        lines.append(f"held-out KL to the teacher: {hb['kl']:.4f} -> {ha['kl']:.4f}; loss {hb['loss']:.4f} -> "
+                     f"{ha['loss']:.4f} (teacher {ha['teacher_loss']:.4f})")
+    t = record.timing
+    lines.append(f"trained {t['tokens']:,} tokens in {t['train_seconds']:.1f} s ({t['tokens_per_second']:,.1f} tokens/s)"
+                 + (f", resumed at step {t['resumed_at_step']}" if t.get("resumed_at_step") else ""))
+    return lines

@@ -1,0 +1,252 @@
+"""The distillation loop: frozen teacher, trained student, held-out measurements, checkpoints, DDP.
+
+One process, or one per device under ``torchrun`` (``WORLD_SIZE`` set): every rank builds the
+same models and windows, takes its slice of each global batch, and DDP averages the gradients,
+so N processes compute the one-process step for the same global batch. Rank 0 measures, writes
+checkpoints and shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RcpuError
+from ..report import PeakMemory
+from .config import RecoverConfig
+from .loss import distillation_loss, loss_terms
+from .params import attach_trainable, merge_trainable, trainable_state, unwrap
+from .state import load_checkpoint, save_checkpoint
+from .windows import TrainingWindows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DistContext", "dist_context", "heldout_metrics", "train"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+def dist_context(device: torch.device) -> DistContext:
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo on the CPU), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder, LM head) of a causal LM, or of the model inside a peft wrapper."""
+    core = unwrap(model)
+    try:
+        return core.get_decoder(), core.get_output_embeddings()
+    except (AttributeError, NotImplementedError) as exc:
+        raise RcpuError(f"{type(core).__name__} has no decoder / output head to distil through") from exc
+
+
+def _hidden(decoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = decoder(input_ids=ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+class StudentLoss(nn.Module):
+    """The student and its loss as one module, so DDP sees the forward that makes the gradients."""
+
+    def __init__(self, student: nn.Module, cfg: RecoverConfig):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+
+    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module) -> torch.Tensor:
+        decoder, head = _parts(self.student)
+        hidden = _hidden(decoder, ids)[:, :-1]
+        return distillation_loss(
+            hidden, head.weight, head.bias, ids[:, 1:],
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
+            alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_elements=self.cfg.chunk_elements)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def heldout_metrics(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
+                    batch_size: int = 8, autocast: torch.dtype | None = None,
+                    chunk_elements: int = 1 << 24) -> dict[str, float]:
+    """Mean per-token KL(teacher || student), student loss and teacher loss on ``windows``."""
+    was = student.training
+    student.eval()
+    s_dec, s_head = _parts(student)
+    t_dec, t_head = _parts(teacher)
+    sums = {"kl": 0.0, "nll": 0.0, "teacher_nll": 0.0, "tokens": 0}
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start:start + batch_size].to(device)
+            with _autocast(device, autocast):
+                hs = _hidden(s_dec, ids)[:, :-1]
+                ht = _hidden(t_dec, ids)[:, :-1]
+            part = loss_terms(hs, s_head.weight, s_head.bias, ids[:, 1:], ht, t_head.weight, t_head.bias,
+                              chunk_elements)
+            for k in sums:
+                sums[k] += part[k]
+    finally:
+        student.train(was)
+    n = max(1, sums["tokens"])
+    return {"kl": sums["kl"] / n, "loss": sums["nll"] / n, "teacher_loss": sums["teacher_nll"] / n,
+            "ppl": math.exp(min(sums["nll"] / n, 700.0)), "tokens": sums["tokens"]}
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: RecoverConfig, steps: int, done: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * steps), steps, last_epoch=done - 1)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  #: the student with adapters merged, frozen, in eval mode
+    curve: list  #: per step: step, tokens, loss, lr
+    heldout_curve: list  #: every eval_every steps: step, tokens and held-out metrics
+    steps: int
+    resumed_at: int
+    train_seconds: float  #: time in the loop, summed over resumed parts
+    tokens: int
+    memory: dict
+
+
+def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg: RecoverConfig, *,
+          device: torch.device, ctx: DistContext, work_dir: Path | None = None, resume: bool = False,
+          digest: str = "", autocast: torch.dtype | None = None, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Distil ``teacher`` into ``student`` for ``cfg.steps()`` global batches; see the module docstring."""
+    steps = cfg.steps()
+    if cfg.batch_size % ctx.world:
+        raise RcpuError(f"--batch_size {cfg.batch_size} is not divisible by the {ctx.world} processes; "
+                        "give a global batch that splits evenly")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = attach_trainable(student, cfg)
+    model.train()
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    done, curve, heldout_curve, seconds = 0, [], [], 0.0
+    if resume and work_dir is not None and (work_dir / "checkpoint").exists():
+        meta = load_checkpoint(work_dir, model, optimizer)
+        if meta.get("digest") != digest:
+            raise RcpuError(f"{work_dir} was written with other settings or another model; remove it, or resume with "
+                            "the settings it was started with")
+        done, curve, heldout_curve = meta["step"], meta["curve"], meta["heldout_curve"]
+        seconds = meta["train_seconds"]
+        if ctx.main:
+            logger.info("resuming recovery at step %d of %d", done, steps)
+    scheduler = _schedule(optimizer, cfg, steps, done)
+    loss_module: nn.Module = StudentLoss(model, cfg)
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
+    _, t_head = _parts(teacher)
+    t_dec, _ = _parts(teacher)
+
+    def measure(step: int) -> None:
+        if ctx.main:
+            m = heldout_metrics(model, teacher, windows.heldout, device, cfg.batch_size, autocast,
+                                cfg.chunk_elements)
+            heldout_curve.append({"step": step, "tokens": step * cfg.window_tokens(), **m})
+            logger.info("step %d: held-out KL %.4f, loss %.4f (teacher %.4f)", step, m["kl"], m["loss"],
+                        m["teacher_loss"])
+        ctx.barrier()
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        if ctx.main and work_dir is not None:
+            save_checkpoint(work_dir, trainable_state(model), optimizer,
+                            {"step": step, "digest": digest, "curve": curve, "heldout_curve": heldout_curve,
+                             "train_seconds": elapsed, "steps": steps})
+        ctx.barrier()
+
+    if done == 0 and cfg.eval_every:
+        measure(0)
+    bar = tqdm(total=steps, initial=done, desc="recover", unit="step", disable=not (progress and ctx.main),
+               dynamic_ncols=True)
+    start_time = time.perf_counter()
+    per = cfg.batch_size // ctx.world
+    with PeakMemory(device) as peak:
+        try:
+            for step in range(done, steps):
+                batch = windows.batch(step, cfg.batch_size)[ctx.rank * per:(ctx.rank + 1) * per].to(device)
+                with torch.inference_mode(), _autocast(device, autocast):
+                    th = _hidden(t_dec, batch)[:, :-1]
+                th = th.clone()  # an ordinary tensor, usable in the loss's autograd function
+                with _autocast(device, autocast):
+                    loss = loss_module(batch, th if cfg.alpha > 0 else None, t_head)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = ctx.mean(float(loss.detach()), device)
+                elapsed = seconds + time.perf_counter() - start_time
+                curve.append({"step": step + 1, "tokens": (step + 1) * cfg.window_tokens(), "loss": value,
+                              "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 3)})
+                rate = (step + 1 - done) * cfg.window_tokens() / max(1e-9, time.perf_counter() - start_time)
+                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+                bar.update(1)
+                last = step + 1 == steps
+                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                    measure(step + 1)
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                    checkpoint(step + 1, elapsed)
+                if on_step is not None:
+                    on_step(step + 1)
+        except KeyboardInterrupt:
+            if ctx.main and work_dir is not None:
+                logger.warning("interrupted; the last checkpoint in %s continues with --resume", work_dir)
+            raise
+        finally:
+            bar.close()
+    seconds += time.perf_counter() - start_time
+    merged = merge_trainable(model)
+    return TrainResult(model=merged, curve=curve, heldout_curve=heldout_curve, steps=steps, resumed_at=done,
+                       train_seconds=seconds, tokens=steps * cfg.window_tokens(), memory=peak.result)

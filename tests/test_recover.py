@@ -1,0 +1,309 @@
+"""Recovery by distillation (rcpu recover): the loss, the adapters, the checkpoint, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, make_text, make_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rcpu.cli import main
+from rcpu.recover import RecoverConfig, distillation_loss, reference_distillation_loss
+from rcpu.recover.params import attach_trainable, merge_trainable
+from rcpu.recover.run import work_dir_for
+from rcpu.recover.windows import TrainingWindows
+
+# ----------------------------------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("alpha,temperature", [(1.0, 1.0), (0.0, 1.0), (0.3, 2.0)])
+@pytest.mark.parametrize("chunk_elements", [7 * 50, 1 << 30])  # 7 positions per chunk, or all at once
+def test_loss_and_gradients_equal_the_direct_computation(alpha, temperature, chunk_elements):
+    torch.manual_seed(0)
+    n, h, v = 37, 16, 50
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    loss = distillation_loss(hidden, weight, bias, labels, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                             alpha=alpha, temperature=temperature, chunk_elements=chunk_elements)
+    grads = torch.autograd.grad(loss, [hidden, weight, bias])
+
+    z, zt = F.linear(hidden, weight, bias), t_hidden @ t_weight.T  # direct, in float64
+    direct = (1 - alpha) * F.cross_entropy(z, labels)
+    direct = direct + alpha * temperature**2 * F.kl_div(torch.log_softmax(z / temperature, -1),
+                                                       torch.log_softmax(zt / temperature, -1),
+                                                       reduction="batchmean", log_target=True)
+    expected = torch.autograd.grad(direct, [hidden, weight, bias])
+    assert abs(loss.item() - direct.item()) < 1e-5 * max(1.0, abs(direct.item()))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert abs(reference_distillation_loss(z, zt, labels, alpha, temperature).item() - direct.item()) < 1e-4
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_still_does():
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(9, 4)  # frozen (LoRA leaves the head alone)
+    loss = distillation_loss(hidden, weight, None, torch.zeros(5, dtype=torch.long), teacher_hidden=torch.randn(5, 4),
+                             teacher_weight=torch.randn(9, 4))
+    loss.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0 and weight.grad is None
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def test_merged_lora_gives_the_adapter_models_logits():
+    model = make_model("qwen2", layers=2)
+    peft_model = attach_trainable(model, RecoverConfig(parameters="lora", lora_rank=4))
+    with torch.no_grad():  # B starts at zero: give the adapters something to merge
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 16))
+    peft_model.eval()
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+    merged = merge_trainable(peft_model)
+    assert type(merged).__name__ == "Qwen2ForCausalLM" and not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_allora_scales_gradients_by_row_norm():
+    model = make_model("llama", layers=1)
+    cfg = RecoverConfig(parameters="allora", lora_rank=4, lora_targets=("q_proj",), allora_eta=3.0)
+    peft_model = attach_trainable(model, cfg)
+    lora_a = next(p for n, p in peft_model.named_parameters() if "lora_A" in n)
+    rows = lora_a.detach().pow(2).sum(1, keepdim=True)
+    grad = torch.ones_like(lora_a)
+    lora_a.backward(grad)  # the hook sees the incoming gradient
+    torch.testing.assert_close(lora_a.grad, grad / torch.sqrt(rows + 1 / 9.0))
+
+
+def test_windows_hold_out_and_batch_reproducibly():
+    ids = torch.arange(1000)
+    w = TrainingWindows.from_ids(ids, 10, heldout=5, seed=3)
+    assert w.train.shape == (95, 10) and w.heldout.shape == (5, 10)
+    train_starts = set(w.train[:, 0].tolist())
+    assert not train_starts & set(w.heldout[:, 0].tolist())
+    again = TrainingWindows.from_ids(ids, 10, heldout=5, seed=3)
+    for step in (0, 7, 30):  # 30 x 4 windows crosses an epoch
+        assert torch.equal(w.batch(step, 4), again.batch(step, 4))
+    epoch = torch.cat([w.batch(s, 5) for s in range(19)])  # one epoch visits every window once
+    assert sorted(epoch[:, 0].tolist()) == sorted(train_starts)
+
+
+# ------------------------------------------------------------------------------- end to end (CLI)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny model, its 50 %-pruned checkpoint (rcpu, with provenance), and two texts."""
+    root = tmp_path_factory.mktemp("recover")
+    model = make_model("llama", layers=2, initializer_range=0.2)
+    model.save_pretrained(root / "dense")
+    make_tokenizer().save_pretrained(root / "dense")
+    (root / "train.txt").write_text(make_text(12000, seed=0))
+    (root / "eval.txt").write_text(make_text(3000, seed=5))
+    assert main(["prune", "--model", str(root / "dense"), "--calib", str(root / "train.txt"), "--eval", "none",
+                 "--nsamples", "16", "--seqlen", "32", "--pruning_ratio", "0.5", "--save_model", str(root / "pruned"),
+                 "-q"]) == 0
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _recover_args(root, out, *extra):
+    return ["recover", "--model", str(root / "pruned"), "--data", str(root / "train.txt"), "--eval",
+            str(root / "eval.txt"), "--seqlen", "32", "--eval_seqlen", "32", "--batch_size", "4", "--lr", "3e-3",
+            "--save_model", str(out), "-q", *extra]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_recover_lowers_heldout_kl_and_reloads_with_identical_logits(pruned, tmp_path, capsys):
+    out = tmp_path / "rec"
+    assert main(_recover_args(pruned, out, "--tokens", "8000", "--parameters", "lora", "--lora_rank", "4", "--lr", "2e-2")) == 0
+    text = capsys.readouterr().out
+    assert "held-out KL to the teacher" in text and "tokens/s" in text
+    prov = json.loads((out / "rcpu_provenance.json").read_text())
+    rec = prov["recovery"]
+    assert prov["config"]["pruning_ratio"] == 0.5  # the pruning record is kept
+    assert rec["teacher"]["source"] == str(pruned / "dense")  # from the pruned model's provenance
+    assert rec["config"]["parameters"] == "lora" and rec["config"]["tokens"] == 8000
+    assert rec["data"]["sha256"] and rec["data"]["train_windows"] > 0 and rec["versions"]["torch"]
+    before, after = rec["evaluation"]["before"], rec["evaluation"]["after"]
+    assert after["heldout"]["kl"] < 0.8 * before["heldout"]["kl"]
+    assert after["perplexity"][0]["ppl"] < before["perplexity"][0]["ppl"]
+    assert len(rec["curve"]) == rec["timing"]["steps"] and rec["timing"]["tokens_per_second"] > 0
+    assert not work_dir_for(out).exists()
+
+    stock = AutoModelForCausalLM.from_pretrained(out)  # uniform widths: stock transformers
+    assert not any("lora" in k for k in _weights(out))
+    pruned_model = AutoModelForCausalLM.from_pretrained(pruned / "pruned")
+    assert stock.config.intermediate_size == pruned_model.config.intermediate_size
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert not torch.equal(stock(input_ids=ids).logits, pruned_model(input_ids=ids).logits)  # it did train
+    from rcpu.loading import load_model
+
+    again = load_model(str(out)).model
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+def test_recover_per_layer_widths_reloads_with_remote_code(pruned, tmp_path):
+    src = tmp_path / "flap"
+    assert main(["prune", "--model", str(pruned / "dense"), "--calib", str(pruned / "train.txt"), "--eval", "none",
+                 "--nsamples", "16", "--seqlen", "32", "--method", "flap", "--pruning_ratio", "0.4",
+                 "--save_model", str(src), "-q"]) == 0
+    if not (src / "modeling_rcpu.py").exists():
+        pytest.skip("FLAP gave equal widths on this model")
+    out = tmp_path / "rec"
+    args = _recover_args(pruned, out, "--tokens", "2000")
+    args[args.index("--model") + 1] = str(src)
+    assert main(args) == 0
+    assert (out / "modeling_rcpu.py").exists()
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    from rcpu.loading import load_model
+
+    ours = load_model(str(out)).model
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(remote(input_ids=ids).logits, ours(input_ids=ids).logits)
+    widths = json.loads((out / "config.json").read_text())
+    assert widths["model_type"].startswith("rcpu_")
+
+
+def test_prune_with_recover_tokens(pruned, tmp_path, capsys):
+    out = tmp_path / "both"
+    assert main(["prune", "--model", str(pruned / "dense"), "--calib", str(pruned / "train.txt"), "--eval",
+                 str(pruned / "eval.txt"), "--nsamples", "16", "--seqlen", "32", "--eval_seqlen", "32",
+                 "--pruning_ratio", "0.5", "--recover_tokens", "3000", "--save_model", str(out), "-q"]) == 0
+    assert "held-out KL to the teacher" in capsys.readouterr().out
+    prov = json.loads((out / "rcpu_provenance.json").read_text())
+    assert prov["recovery"]["config"]["tokens"] == 3000 and prov["layers"]
+    assert not list(tmp_path.glob(".both*"))  # the pruned intermediate and the work directory are gone
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
+    """A real process is killed with SIGKILL mid-training; --resume finishes with the same bits as an
+    uninterrupted run (both sides run as subprocesses with the same thread count)."""
+    common = _recover_args(pruned, tmp_path / "x", "--tokens", "24000", "--save_every", "1", "--eval_every", "0")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+
+    def cmd(target):
+        args = list(common)
+        args[args.index("--save_model") + 1] = str(target)
+        return [sys.executable, "-m", "rcpu.cli", *args]
+
+    run = subprocess.run(cmd(ref), capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    state = work_dir_for(out) / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 5:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and work_dir_for(out).exists()
+    killed_at = json.loads(state.read_text())["step"]
+
+    again = subprocess.run(cmd(out), capture_output=True, text=True, env=_env())  # no --resume: refused
+    assert again.returncode == 2 and "--resume" in again.stderr and not out.exists()
+    resumed = subprocess.run(cmd(out) + ["--resume"], capture_output=True, text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at step {killed_at}" in resumed.stdout
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not work_dir_for(out).exists()
+
+
+def test_ddp_two_cpu_processes_equal_one(pruned, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = _recover_args(pruned, one, "--tokens", "2560", "--eval_every", "0", "--eval", "none")
+    run = subprocess.run([sys.executable, "-m", "rcpu.cli", *base], capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr
+    args = list(base)
+    args[args.index("--save_model") + 1] = str(two)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    prov = json.loads((two / "rcpu_provenance.json").read_text())
+    assert prov["recovery"]["distributed"]["world_size"] == 2
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys()
+    moved = 0.0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    dense = _weights(pruned / "pruned")
+    moved = max((a[k] - dense[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # the comparison is between trained weights
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _fails(capsys, args, fragment):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
+    out = tmp_path / "never"
+    _fails(capsys, _recover_args(pruned, out, "--tokens", "0"), "--tokens is 0")
+    same = _recover_args(pruned, out)
+    same[same.index("--eval") + 1] = str(pruned / "train.txt")
+    _fails(capsys, same, "is the evaluation text")
+    (tmp_path / "short.txt").write_text("w1 w2 w3 w4 w5")
+    short = _recover_args(pruned, out)
+    short[short.index("--data") + 1] = str(tmp_path / "short.txt")
+    _fails(capsys, short, "too few")
+    # no provenance, no --teacher
+    bare = tmp_path / "bare"
+    shutil.copytree(pruned / "pruned", bare)
+    (bare / "rcpu_provenance.json").unlink()
+    nop = _recover_args(pruned, out)
+    nop[nop.index("--model") + 1] = str(bare)
+    _fails(capsys, nop, "pass --teacher")
+    # a teacher with another vocabulary
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=140)).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    _fails(capsys, _recover_args(pruned, out, "--teacher", str(other)), "vocabulary")
+    # an existing output directory
+    (tmp_path / "exists").mkdir()
+    _fails(capsys, _recover_args(pruned, tmp_path / "exists"), "already exists")
+    assert not out.exists() and not work_dir_for(out).exists()

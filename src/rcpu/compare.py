@@ -159,8 +159,9 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     this process writes results.json, after every finished cell. ``gpus`` spawns its
     workers, so a script that calls this needs the usual ``if __name__ == "__main__":``.
     """
-    from .loading import load_model
+    from .loading import check_supported_architecture, load_model
 
+    check_supported_architecture(model_source)  # from the config: an architecture rcpu cannot prune fails now
     specs = {m: parse_method(m) for m in methods}
     for ratio in ratios:
         if not 0 <= ratio < 1:

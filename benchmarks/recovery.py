@@ -1,0 +1,208 @@
+"""Recovery after pruning on SmolLM2-135M: budgets, an ablation of loss and trained parameters, cost.
+
+    python benchmarks/recovery.py [--parts cost,ablation_quick,budget20,budget30,ablation] [--device cuda] [--redo CELL,...]
+
+Every model is written under outputs/recovery/ (not in git): pruned models with `rcpu prune`,
+recovered ones with `rcpu recover --resume` (so a killed benchmark continues inside a training
+run), each evaluated with `rcpu eval` on the built-in held-out text and on the Brown Corpus's
+eval part (first 16,384 tokens of each, 128- and 512-token windows; no training step sees
+either: training uses the built-in text's calibration part). Results accumulate in
+benchmarks/results/recovery/results.json (resumable: finished cells are skipped) with
+results.md and ppl_vs_tokens.png beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "outputs" / "recovery"
+RESULTS = Path(__file__).resolve().parent / "results" / "recovery"
+EVAL_TEXTS = ("builtin", "brown")
+EVAL_SEQLENS = (128, 512)
+MAX_EVAL_TOKENS = 16384
+
+FULL = ["--parameters", "full"]
+LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3"]
+#: part -> list of (pruned model "method-ratio", tokens, variant name, recover flags)
+PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
+    # tokens/s of each way of training, 8 steps of 8 x 128 tokens (quality comes from the ablation)
+    "cost": [("rcpu-0.2", 8192, name, [*flags, "--eval", "none", "--eval_every", "0"]) for name, flags in [
+        ("full-fp32", FULL), ("full-bf16", [*FULL, "--autocast", "bfloat16"]), ("lora8-fp32", LORA8),
+        ("lora8-bf16", [*LORA8, "--autocast", "bfloat16"]), ("lora64-fp32", ["--parameters", "lora", "--lora_rank", "64"]),
+        ("full-fp32-ckpt", [*FULL, "--gradient_checkpointing"])]],
+    # a cheap first look at learning rates and trained parameters (50k tokens)
+    "ablation_quick": [("rcpu-0.2", 50_000, name, flags) for name, flags in [
+        ("full-lr3e-4", [*FULL, "--lr", "3e-4"]), ("lora8-lr1e-3", LORA8), ("full-lr1e-4", [*FULL, "--lr", "1e-4"]),
+        ("full-lr1e-3", [*FULL, "--lr", "1e-3"]),
+        ("lora8-lr3e-3", ["--parameters", "lora", "--lora_rank", "8", "--lr", "3e-3"]),
+        ("allora8-lr1e-3", ["--parameters", "allora", "--lora_rank", "8", "--lr", "1e-3"])]],
+    "budget20": [(m, t, "default", []) for m in ("rcpu-0.2", "flap-ridge-0.2") for t in (100_000, 300_000, 1_000_000)],
+    "budget30": [(m, t, "default", []) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
+    "ablation": [("rcpu-0.2", 300_000, name, flags) for name, flags in [
+        ("kl", ["--alpha", "1"]), ("lm", ["--alpha", "0"]), ("mix", ["--alpha", "0.5"]),
+        ("lora8", ["--parameters", "lora", "--lora_rank", "8"]), ("lora64", ["--parameters", "lora", "--lora_rank", "64"]),
+        ("allora8", ["--parameters", "allora", "--lora_rank", "8"]), ("full", ["--parameters", "full"])]],
+}
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    logging_cmd = " ".join(cmd)
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {logging_cmd}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {logging_cmd}; see {log}")
+
+
+def _rcpu(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rcpu.cli", *args]
+
+
+def _load() -> dict:
+    path = RESULTS / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {"protocol": {}, "evals": {}, "cells": {}}
+
+
+def _save(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / "results.json.partial"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(RESULTS / "results.json")
+    (RESULTS / "results.md").write_text(_markdown(results))
+    _plot(results)
+
+
+def pruned_model(key: str, device: str, log: Path) -> Path:
+    method, ratio = key.rsplit("-", 1)
+    path = OUT / "pruned" / key
+    if not (path / "rcpu_provenance.json").is_file():
+        _run(_rcpu("prune", "--method", method, "--pruning_ratio", ratio, "--save_model", str(path), "--eval", "none",
+                   "--device", device, "--overwrite", "-q"), log)
+    return path
+
+
+def evaluate(results: dict, key: str, model: str, device: str, log: Path) -> dict:
+    if key in results["evals"]:
+        return results["evals"][key]
+    out = {}
+    for text in EVAL_TEXTS:
+        tmp = OUT / "eval.json"
+        _run(_rcpu("eval", "--model", model, "--ppl", text, "--seqlen", *map(str, EVAL_SEQLENS), "--max_eval_tokens",
+                   str(MAX_EVAL_TOKENS), "--device", device, "--output", str(tmp), "-q"), log)
+        for r in json.loads(tmp.read_text())["perplexity"]:
+            out[f"{text}@{r['seqlen']}"] = round(r["ppl"], 3)
+    results["evals"][key] = out
+    _save(results)
+    return out
+
+
+def cell(results: dict, pruned_key: str, tokens: int, variant: str, flags: list[str], device: str, log: Path,
+         redo: set[str]) -> None:
+    name = f"{pruned_key}/{tokens}/{variant}"
+    if name in results["cells"] and name not in redo:
+        return
+    src = pruned_model(pruned_key, device, log)
+    evaluate(results, pruned_key, str(src), device, log)
+    dest = OUT / "models" / name.replace("/", "_")
+    if name in redo and dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    if not dest.is_dir():
+        args = _rcpu("recover", "--model", str(src), "--tokens", str(tokens), "--save_model", str(dest), "--device",
+                     device, "--max_eval_tokens", str(MAX_EVAL_TOKENS), "--resume", "-q", *flags)
+        started = time.time()
+        print(f"{name}: training ...", flush=True)
+        _run(args, log)
+        print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
+    rec = json.loads((dest / "rcpu_provenance.json").read_text())["recovery"]
+    evals = evaluate(results, name, str(dest), device, log) if "--eval" not in flags else {}
+    results["cells"][name] = {
+        "pruned": pruned_key, "tokens": tokens, "variant": variant, "flags": flags, "evals": evals,
+        "config": rec["config"], "timing": rec["timing"], "memory": rec["memory"],
+        "heldout_before": rec["evaluation"]["before"]["heldout"], "heldout_after": rec["evaluation"]["after"]["heldout"],
+        "heldout_curve": [{k: h[k] for k in ("tokens", "kl", "loss")} for h in rec["heldout_curve"]],
+        "versions": rec["versions"], "device": rec["distributed"]["device"],
+    }
+    _save(results)
+    print(f"{name}: {evals or ''} {rec['timing']['tokens_per_second']} tokens/s", flush=True)
+
+
+def _markdown(results: dict) -> str:
+    cols = [f"{t}@{s}" for t in EVAL_TEXTS for s in EVAL_SEQLENS]
+    lines = ["| model | tokens | variant | " + " | ".join(cols) + " | held-out KL | tokens/s | train s |",
+             "|---" * (len(cols) + 6) + "|"]
+    for key, ev in results["evals"].items():
+        if "/" not in key:
+            lines.append(f"| {key} | 0 | – | " + " | ".join(f"{ev.get(c, float('nan')):.2f}" for c in cols) + " | | | |")
+    for name, c in results["cells"].items():
+        ev = c["evals"]
+        vals = " | ".join(f"{ev[c2]:.2f}" if c2 in ev else "–" for c2 in cols)
+        lines.append(f"| {c['pruned']} | {c['tokens']:,} | {c['variant']} | {vals} | "
+                     f"{c['heldout_before'].get('kl', float('nan')):.3f} → {c['heldout_after'].get('kl', float('nan')):.3f} | "
+                     f"{c['timing']['tokens_per_second']:.1f} | {c['timing']['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    series: dict[str, list[tuple[int, float]]] = {}
+    for c in results["cells"].values():
+        if c["variant"] == "default" and "builtin@128" in c["evals"]:
+            series.setdefault(c["pruned"], []).append((c["tokens"], c["evals"]["builtin@128"]))
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, pts in sorted(series.items()):
+        before = results["evals"].get(key, {}).get("builtin@128")
+        pts = sorted(([(0, before)] if before else []) + pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    dense = results["evals"].get("dense", {}).get("builtin@128")
+    if dense:
+        ax.axhline(dense, color="k", ls="--", label="dense")
+        ax.axhline(1.15 * dense, color="grey", ls=":", label="1.15 x dense")
+    ax.set_xscale("symlog", linthresh=1e5)
+    ax.set_xlabel("recovery tokens")
+    ax.set_ylabel("perplexity (built-in held-out, 128-token windows)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ppl_vs_tokens.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="cost,ablation_quick,budget20,budget30,ablation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--redo", default="", help="comma-separated cell names to recompute")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "log.txt"
+    results = _load()
+    results["protocol"] = {"model": "smollm2-135m", "train_data": "builtin (calibration part)",
+                           "eval_texts": list(EVAL_TEXTS), "eval_seqlens": list(EVAL_SEQLENS),
+                           "max_eval_tokens": MAX_EVAL_TOKENS, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+                           "command": "python benchmarks/recovery.py --parts " + args.parts}
+    evaluate(results, "dense", "smollm2-135m", args.device, log)
+    redo = {x for x in args.redo.split(",") if x}
+    for part in args.parts.split(","):
+        for pruned_key, tokens, variant, flags in PARTS[part]:
+            cell(results, pruned_key, tokens, variant, flags, args.device, log, redo)
+
+
+if __name__ == "__main__":
+    main()

@@ -249,9 +249,13 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
     assert not work_dir_for(out).exists()
 
 
-def test_ddp_two_cpu_processes_equal_one(pruned, tmp_path):
+@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--fsdp"]),
+                                            ("fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"])])
+def test_two_cpu_processes_equal_one(pruned, tmp_path, strategy, extra):
+    """torchrun with 2 gloo processes (DDP, or FSDP2 sharding both models) gives the one-process weights
+    for the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    base = _recover_args(pruned, one, "--tokens", "2560", "--eval_every", "0", "--eval", "none")
+    base = _recover_args(pruned, one, "--tokens", "2560", "--eval_every", "0", *extra)
     run = subprocess.run([sys.executable, "-m", "rcpu.cli", *base], capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr
     args = list(base)
@@ -259,16 +263,19 @@ def test_ddp_two_cpu_processes_equal_one(pruned, tmp_path):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    prov = json.loads((two / "rcpu_provenance.json").read_text())
-    assert prov["recovery"]["distributed"]["world_size"] == 2
+    assert ddp.stdout.count("saved to") == 1  # one report, from rank 0
+    rec = json.loads((two / "rcpu_provenance.json").read_text())["recovery"]
+    assert rec["distributed"]["world_size"] == 2 and rec["distributed"]["strategy"] == strategy
+    single = json.loads((one / "rcpu_provenance.json").read_text())["recovery"]
+    for a, b in zip(single["curve"], rec["curve"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"])
+    assert abs(single["evaluation"]["after"]["perplexity"][0]["ppl"] - rec["evaluation"]["after"]["perplexity"][0]["ppl"]) < 1e-3
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
-    moved = 0.0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     dense = _weights(pruned / "pruned")
-    moved = max((a[k] - dense[k]).abs().max().item() for k in a)
-    assert moved > 1e-3  # the comparison is between trained weights
+    assert max((a[k] - dense[k]).abs().max().item() for k in a) > 1e-3  # the comparison is between trained weights
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -554,7 +555,8 @@ def cmd_recover(args) -> int:
         device=device, dtype=parse_dtype(args.dtype),
         teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
         resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
-    _print_recovery(args, record, path)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        _print_recovery(args, record, path)
     return 0
 
 

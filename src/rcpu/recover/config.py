@@ -40,6 +40,7 @@ class RecoverConfig:
     heldout: int = field(default=32, metadata={"help": "windows of the training text kept out of training, for held-out KL / loss"})
     eval_every: int = field(default=50, metadata={"help": "steps between held-out measurements (0 = only before and after)"})
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (0 = none)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard student and teacher with FSDP2 (each decoder layer a unit) instead of replicating them with DDP"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the student's layers in the backward pass (less memory, ~30 %% more time)"})
     chunk_elements: int = field(default=1 << 24, metadata={"help": "logits held at once per model in the loss (positions x vocab)"})
 

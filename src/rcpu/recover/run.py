@@ -11,8 +11,8 @@ checkpoint for uniform widths, rcpu's per-layer classes otherwise) and appears a
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from .. import data
 from ..errors import RcpuError
 from ..report import count_params, versions
 from .config import RecoverConfig, RecoverRecord
-from .train import dist_context, heldout_metrics, train
+from .train import StudentLoss, dist_context, train
 from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
@@ -85,15 +85,6 @@ def check_vocabulary(student: nn.Module, student_tok, teacher: nn.Module, teache
                         f"({len(student_tok):,}, head {s_rows:,}); distil from the model the student was pruned from")
 
 
-def _perplexities(model, ids, inputs: RecoverInputs, device, label: str) -> list[dict]:
-    from ..evaluate import perplexity
-
-    if ids is None:
-        return []
-    return [perplexity(model, ids, s, max_tokens=inputs.max_eval_tokens, device=device, source=label,
-                       progress=False).to_dict() for s in inputs.eval_seqlens]
-
-
 @dataclass
 class PreparedData:
     windows: TrainingWindows
@@ -113,54 +104,73 @@ def prepare_data(tokenizer, cfg: RecoverConfig, inputs: RecoverInputs, texts: tu
     return PreparedData(windows, eval_ids, info)
 
 
+def eval_windows(ids: torch.Tensor | None, seqlens, max_tokens: int | None) -> dict[int, torch.Tensor]:
+    """Non-overlapping windows of the first ``max_tokens`` evaluation tokens, per window length: the
+    windows :func:`rcpu.evaluate.perplexity` scores, so the perplexities agree with ``rcpu eval``."""
+    if ids is None:
+        return {}
+    ids = ids[:max_tokens] if max_tokens else ids
+    out = {}
+    for s in seqlens:
+        n = ids.numel() // s
+        if n == 0:
+            raise RcpuError(f"the evaluation text has {ids.numel():,} tokens, fewer than one --eval_seqlen {s} window")
+        out[s] = ids[: n * s].view(n, s)
+    return out
+
+
 def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_info: dict, cfg: RecoverConfig,
                   inputs: RecoverInputs, *, device: torch.device, work_dir: Path | None = None,
-                  resume: bool = False, progress: bool = True, prepared: PreparedData | None = None
-                  ) -> tuple[nn.Module, RecoverRecord]:
-    """Distil ``teacher`` into ``student`` (both loaded); returns the merged student and its record."""
+                  resume: bool = False, progress: bool = True, prepared: PreparedData | None = None,
+                  rebuild=None) -> tuple[nn.Module | None, RecoverRecord]:
+    """Distil ``teacher`` into ``student`` (both loaded); returns the merged student (None on ranks
+    other than 0 under FSDP) and its record. ``rebuild`` makes a fresh untrained student (FSDP)."""
     ctx = dist_context(device)
     interrupted = work_dir is not None and work_dir.exists()
     ctx.barrier()  # every rank has looked before rank 0 writes into the work directory
-    prepared = prepared or prepare_data(tokenizer, cfg, inputs)
-    windows, eval_ids, data_info = prepared.windows, prepared.eval_ids, prepared.info
-    digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(student.dtype if hasattr(
-        student, "dtype") else ""), str(inputs.autocast))
-    student.to(device)
-    teacher.to(device)
-    label = f"{inputs.eval}:eval"
-    before_file = None if work_dir is None else work_dir / "before.json"
-    before = None
-    if resume and before_file is not None and before_file.is_file():
-        before = json.loads(before_file.read_text())
-    elif interrupted and not resume:
+    if interrupted and not resume:
         raise RcpuError(f"{work_dir} holds an interrupted recovery; pass --resume to continue it, or remove it")
-    if before is None:
-        before = {"perplexity": _perplexities(student, eval_ids, inputs, device, label) if ctx.main else [],
-                  "heldout": heldout_metrics(student, teacher, windows.heldout, device, cfg.batch_size,
-                                             inputs.autocast, cfg.chunk_elements) if ctx.main else {}}
-        if before_file is not None and ctx.main:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps(before))
+    if cfg.fsdp and ctx.world > 1 and rebuild is None:
+        raise RcpuError("--fsdp needs a way to rebuild the student on rank 0; use recover_checkpoint")
+    prepared = prepared or prepare_data(tokenizer, cfg, inputs)
+    windows, data_info = prepared.windows, prepared.info
+    sets = eval_windows(prepared.eval_ids, inputs.eval_seqlens, inputs.max_eval_tokens)
+    label = f"{inputs.eval}:eval"
+    digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(getattr(student, "dtype", "")),
+                        str(inputs.autocast), ctx.world if cfg.fsdp else 1)
+    if not cfg.fsdp or ctx.world == 1:
+        student.to(device)
+        teacher.to(device)
     record = RecoverRecord(config=cfg.to_dict(), teacher=teacher_info, data=data_info, versions=versions())
     record.config["steps"] = cfg.steps()
     record.config["autocast"] = None if inputs.autocast is None else str(inputs.autocast).removeprefix("torch.")
     res = train(student, teacher, windows, cfg, device=device, ctx=ctx, work_dir=work_dir, resume=resume,
-                digest=digest, autocast=inputs.autocast, progress=progress)
-    after = {"perplexity": _perplexities(res.model, eval_ids, inputs, device, label) if ctx.main else [],
-             "heldout": res.heldout_curve[-1] if res.heldout_curve else
-             (heldout_metrics(res.model, teacher, windows.heldout, device, cfg.batch_size, inputs.autocast,
-                              cfg.chunk_elements) if ctx.main else {})}
-    for part in (before, after):
-        part["heldout"] = {k: v for k, v in part["heldout"].items() if k not in ("step", "tokens")}
-    record.evaluation = {"before": before, "after": after, "eval_source": inputs.eval,
-                         "max_eval_tokens": inputs.max_eval_tokens}
+                digest=digest, autocast=inputs.autocast, progress=progress, rebuild=rebuild,
+                eval_sets={str(s): w for s, w in sets.items()})
+
+    def perplexities(measured: dict) -> list[dict]:
+        return [{"source": label, "seqlen": s, "ppl": m["ppl"], "nll": m["loss"], "teacher_ppl": m["teacher_ppl"],
+                 "kl": m["kl"], "n_tokens": m["tokens"], "n_windows": int(sets[s].shape[0])}
+                for s, m in ((int(k), v) for k, v in measured.items())]
+
+    def heldout(point: dict | None) -> dict:
+        return {k: v for k, v in (point or {}).items() if k not in ("step", "tokens")}
+
+    record.evaluation = {
+        "before": {"perplexity": perplexities(res.before),
+                   "heldout": heldout(res.heldout_curve[0] if res.heldout_curve else None)},
+        "after": {"perplexity": perplexities(res.after),
+                  "heldout": heldout(res.heldout_curve[-1] if res.heldout_curve else None)},
+        "eval_source": inputs.eval, "max_eval_tokens": inputs.max_eval_tokens,
+    }
     record.curve = res.curve
     record.heldout_curve = res.heldout_curve
     record.timing = {"train_seconds": round(res.train_seconds, 2), "tokens": res.tokens, "steps": res.steps,
                      "tokens_per_second": round(res.tokens / max(res.train_seconds, 1e-9), 2),
                      "resumed_at_step": res.resumed_at}
     record.memory = res.memory
-    record.distributed = {"world_size": ctx.world, "device": str(device)}
+    record.distributed = {"world_size": ctx.world, "device": str(device),
+                          "strategy": "fsdp" if cfg.fsdp and ctx.world > 1 else ("ddp" if ctx.world > 1 else "single")}
     return res.model, record
 
 
@@ -205,13 +215,20 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
     tdtype = teacher_dtype or (torch.bfloat16 if device.type == "cuda" else dtype)
     teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
     check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
-    announce(f"student {model}: {count_params(student.model):,} parameters; teacher {teacher_source}: "
-             f"{count_params(teacher_loaded.model):,} parameters ({str(tdtype).removeprefix('torch.')}); "
-             f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, device {device}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        announce(f"student {model}: {count_params(student.model):,} parameters; teacher {teacher_source}: "
+                 f"{count_params(teacher_loaded.model):,} parameters ({str(tdtype).removeprefix('torch.')}); "
+                 f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, device {device}")
     teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
                     "parameters": count_params(teacher_loaded.model)}
+    def rebuild() -> nn.Module:  # a fresh untrained student in its loss module, for gathering FSDP shards
+        from .params import attach_trainable
+
+        return StudentLoss(attach_trainable(_load(model, dtype, trust_remote_code).model, cfg), cfg)
+
     merged, record = recover_model(student.model, student.tokenizer, teacher_loaded.model, teacher_info, cfg, inputs,
-                                   device=device, work_dir=work, resume=resume, progress=progress, prepared=prepared)
+                                   device=device, work_dir=work, resume=resume, progress=progress, prepared=prepared,
+                                   rebuild=rebuild)
     record.timing["total_seconds"] = round(time.perf_counter() - t0, 2)
     record.config["student"] = model
     record.config["dtype"] = str(dtype).removeprefix("torch.")

@@ -24,24 +24,16 @@ CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
 
 
-def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {}
-    for idx, per_param in state["state"].items():
-        for key, value in per_param.items():
-            tensors[f"{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, state["param_groups"]
-
-
-def save_checkpoint(work: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(work: Path, params: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], groups: list,
                     meta: dict) -> None:
-    """Write ``work/checkpoint`` atomically (replacing the previous one)."""
+    """Write ``work/checkpoint`` atomically (replacing the previous one): trained tensors, the
+    optimiser's tensors under flat names and its parameter groups, and ``meta``."""
     final = work / CHECKPOINT
     tmp = work / f".{CHECKPOINT}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "params.safetensors"))
-    opt_tensors, groups = _optimizer_tensors(optimizer.state_dict())
     save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(groups))
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -57,8 +49,9 @@ def save_checkpoint(work: Path, params: dict[str, torch.Tensor], optimizer: torc
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(work: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load ``work/checkpoint`` into ``model``'s trained tensors and ``optimizer``; return its meta."""
+def load_checkpoint(work: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharding) -> dict:
+    """Load ``work/checkpoint`` into ``model``'s trained tensors and ``optimizer`` (through
+    ``sharding``, which knows where the tensors live); return its meta."""
     ckpt = work / CHECKPOINT
     if not (ckpt / STATE_FILE).is_file():
         old = work / f".{CHECKPOINT}.old"  # killed between the two renames
@@ -73,21 +66,10 @@ def load_checkpoint(work: Path, model: torch.nn.Module, optimizer: torch.optim.O
         meta = json.loads((ckpt / STATE_FILE).read_text())
     except Exception as exc:  # safetensors raises its own error type for truncated files
         raise RcpuError(f"the recovery checkpoint in {ckpt} is unreadable ({exc}); remove {work} and start again") from exc
-    named = dict(model.named_parameters())
+    named = dict(getattr(model, "module", model).named_parameters())
     missing = [k for k in params if k not in named]
     if missing:
         raise RcpuError(f"the recovery checkpoint in {ckpt} does not fit this model (e.g. {missing[0]}); "
                         f"remove {work} and start again")
-    with torch.no_grad():
-        for name, value in params.items():
-            named[name].copy_(value.to(named[name].device, named[name].dtype))
-    device = next(model.parameters()).device
-    state: dict = {}
-    for key, value in opt_tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    sharding.load_trained_state(model, optimizer, params, opt_tensors, groups)
     return meta

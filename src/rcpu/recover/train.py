@@ -1,9 +1,9 @@
 """The distillation loop: frozen teacher, trained student, held-out measurements, checkpoints, DDP.
 
 One process, or one per device under ``torchrun`` (``WORLD_SIZE`` set): every rank builds the
-same models and windows, takes its slice of each global batch, and DDP averages the gradients,
-so N processes compute the one-process step for the same global batch. Rank 0 measures, writes
-checkpoints and shows progress.
+same models and windows and takes its slice of each global batch; DDP averages the gradients
+(or FSDP2 shards both models, ``--fsdp``), so N processes compute the one-process step for the
+same global batch. Rank 0 writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from ..errors import RcpuError
 from ..report import PeakMemory
 from .config import RecoverConfig
 from .loss import distillation_loss, loss_terms
-from .params import attach_trainable, merge_trainable, trainable_state, unwrap
+from .params import attach_trainable, merge_trainable, unwrap
+from .sharding import Replicated, sharding_for
 from .state import load_checkpoint, save_checkpoint
 from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "dist_context", "heldout_metrics", "train"]
+__all__ = ["DistContext", "Pair", "StudentLoss", "TeacherHidden", "dist_context", "train"]
 
 
 @dataclass(frozen=True)
@@ -82,17 +83,35 @@ def _hidden(decoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+class TeacherHidden(nn.Module):
+    """The teacher's final hidden states at the scored positions (the head is applied in the loss)."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.model = teacher
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _hidden(_parts(self.model)[0], ids)[:, :-1]
+
+
 class StudentLoss(nn.Module):
-    """The student and its loss as one module, so DDP sees the forward that makes the gradients."""
+    """The student and its loss as one module, so DDP / FSDP see the forward that makes the gradients.
+
+    ``measure=True`` returns summed held-out terms instead (KL, both models' NLL) without gradients.
+    """
 
     def __init__(self, student: nn.Module, cfg: RecoverConfig):
         super().__init__()
-        self.student = student
+        self.model = student
         self.cfg = cfg
 
-    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module) -> torch.Tensor:
-        decoder, head = _parts(self.student)
+    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module,
+                measure: bool = False):
+        decoder, head = _parts(self.model)
         hidden = _hidden(decoder, ids)[:, :-1]
+        if measure:
+            return loss_terms(hidden, head.weight, head.bias, ids[:, 1:], teacher_hidden, teacher_head.weight,
+                              teacher_head.bias, self.cfg.chunk_elements)
         return distillation_loss(
             hidden, head.weight, head.bias, ids[:, 1:],
             teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
@@ -103,31 +122,58 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-@torch.no_grad()
-def heldout_metrics(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
-                    batch_size: int = 8, autocast: torch.dtype | None = None,
-                    chunk_elements: int = 1 << 24) -> dict[str, float]:
-    """Mean per-token KL(teacher || student), student loss and teacher loss on ``windows``."""
-    was = student.training
-    student.eval()
-    s_dec, s_head = _parts(student)
-    t_dec, t_head = _parts(teacher)
-    sums = {"kl": 0.0, "nll": 0.0, "teacher_nll": 0.0, "tokens": 0}
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            with _autocast(device, autocast):
-                hs = _hidden(s_dec, ids)[:, :-1]
-                ht = _hidden(t_dec, ids)[:, :-1]
-            part = loss_terms(hs, s_head.weight, s_head.bias, ids[:, 1:], ht, t_head.weight, t_head.bias,
-                              chunk_elements)
-            for k in sums:
-                sums[k] += part[k]
-    finally:
-        student.train(was)
-    n = max(1, sums["tokens"])
-    return {"kl": sums["kl"] / n, "loss": sums["nll"] / n, "teacher_loss": sums["teacher_nll"] / n,
-            "ppl": math.exp(min(sums["nll"] / n, 700.0)), "tokens": sums["tokens"]}
+@dataclass
+class Pair:
+    """Student (inside its loss module) and teacher, wrapped for the placement in use."""
+
+    student: nn.Module  #: StudentLoss, possibly DDP / FSDP-wrapped
+    teacher: nn.Module  #: TeacherHidden, possibly FSDP-wrapped
+    sharding: Replicated
+    device: torch.device
+    autocast: torch.dtype | None = None
+
+    @classmethod
+    def build(cls, student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, sharding: Replicated,
+              device: torch.device, autocast: torch.dtype | None = None) -> Pair:
+        loss_module, teacher_module = sharding.wrap(StudentLoss(student, cfg), TeacherHidden(teacher))
+        return cls(loss_module, teacher_module, sharding, device, autocast)
+
+    @property
+    def inner(self) -> StudentLoss:
+        return getattr(self.student, "module", self.student)  # DDP keeps the module inside
+
+    def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.sharding.teacher_context(), _autocast(self.device, self.autocast):
+            hidden = self.teacher(ids)
+        return hidden.clone()  # an ordinary tensor (not an inference tensor), usable by autograd
+
+    def loss(self, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+        hidden = self.teacher_hidden(ids) if alpha > 0 else None
+        with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
+            return self.student(ids, hidden, head)
+
+    @torch.no_grad()
+    def measure(self, windows: torch.Tensor, batch_size: int) -> dict[str, float]:
+        """Mean per-token KL(teacher || student), both models' loss and the student's perplexity on
+        ``windows`` (every rank takes part: sharded models gather their weights collectively)."""
+        target = self.student if self.sharding.sharded else self.inner  # DDP's forward would sync buffers
+        was = target.training
+        target.eval()
+        sums = {"kl": 0.0, "nll": 0.0, "teacher_nll": 0.0, "tokens": 0}
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                ids = windows[start:start + batch_size].to(self.device)
+                hidden = self.teacher_hidden(ids)
+                with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
+                    part = target(ids, hidden, head, measure=True)
+                for k in sums:
+                    sums[k] += part[k]
+        finally:
+            target.train(was)
+        n = max(1, sums["tokens"])
+        return {"kl": sums["kl"] / n, "loss": sums["nll"] / n, "teacher_loss": sums["teacher_nll"] / n,
+                "ppl": math.exp(min(sums["nll"] / n, 700.0)), "teacher_ppl": math.exp(min(sums["teacher_nll"] / n, 700.0)),
+                "tokens": sums["tokens"]}
 
 
 def _schedule(optimizer: torch.optim.Optimizer, cfg: RecoverConfig, steps: int, done: int):
@@ -140,7 +186,7 @@ def _schedule(optimizer: torch.optim.Optimizer, cfg: RecoverConfig, steps: int, 
 
 @dataclass
 class TrainResult:
-    model: nn.Module  #: the student with adapters merged, frozen, in eval mode
+    model: nn.Module | None  #: the student with adapters merged, frozen, in eval mode (None off rank 0 under FSDP)
     curve: list  #: per step: step, tokens, loss, lr
     heldout_curve: list  #: every eval_every steps: step, tokens and held-out metrics
     steps: int
@@ -148,13 +194,21 @@ class TrainResult:
     train_seconds: float  #: time in the loop, summed over resumed parts
     tokens: int
     memory: dict
+    before: dict  #: eval set name -> metrics before training (rank 0)
+    after: dict  #: the same after training
 
 
 def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg: RecoverConfig, *,
           device: torch.device, ctx: DistContext, work_dir: Path | None = None, resume: bool = False,
           digest: str = "", autocast: torch.dtype | None = None, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Distil ``teacher`` into ``student`` for ``cfg.steps()`` global batches; see the module docstring."""
+          rebuild: Callable[[], nn.Module] | None = None, eval_sets: dict[str, torch.Tensor] | None = None
+          ) -> TrainResult:
+    """Distil ``teacher`` into ``student`` for ``cfg.steps()`` global batches; see the module docstring.
+
+    ``rebuild`` makes a fresh copy of the untrained student (needed with ``cfg.fsdp`` to gather the
+    result on rank 0). ``eval_sets`` (name -> windows) are measured before and after training.
+    """
+    eval_sets = eval_sets or {}
     steps = cfg.steps()
     if cfg.batch_size % ctx.world:
         raise RcpuError(f"--batch_size {cfg.batch_size} is not divisible by the {ctx.world} processes; "
@@ -166,46 +220,48 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
     model.train()
     if cfg.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    params = [p for p in model.parameters() if p.requires_grad]
+    sharding = sharding_for(cfg.fsdp, ctx.world, device)
+    pair = Pair.build(model, teacher, cfg, sharding, device, autocast)
+    params = [p for p in pair.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
-    done, curve, heldout_curve, seconds = 0, [], [], 0.0
+    done, curve, heldout_curve, seconds, before = 0, [], [], 0.0, {}
     if resume and work_dir is not None and (work_dir / "checkpoint").exists():
-        meta = load_checkpoint(work_dir, model, optimizer)
+        meta = load_checkpoint(work_dir, pair.student, optimizer, sharding)
         if meta.get("digest") != digest:
             raise RcpuError(f"{work_dir} was written with other settings or another model; remove it, or resume with "
                             "the settings it was started with")
         done, curve, heldout_curve = meta["step"], meta["curve"], meta["heldout_curve"]
-        seconds = meta["train_seconds"]
+        seconds, before = meta["train_seconds"], meta.get("before", {})
         if ctx.main:
             logger.info("resuming recovery at step %d of %d", done, steps)
     scheduler = _schedule(optimizer, cfg, steps, done)
-    loss_module: nn.Module = StudentLoss(model, cfg)
-    if ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        loss_module = DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
-    _, t_head = _parts(teacher)
-    t_dec, _ = _parts(teacher)
 
     def measure(step: int) -> None:
+        if not (ctx.main or sharding.sharded):
+            return ctx.barrier()
+        m = pair.measure(windows.heldout, cfg.batch_size)
         if ctx.main:
-            m = heldout_metrics(model, teacher, windows.heldout, device, cfg.batch_size, autocast,
-                                cfg.chunk_elements)
             heldout_curve.append({"step": step, "tokens": step * cfg.window_tokens(), **m})
             logger.info("step %d: held-out KL %.4f, loss %.4f (teacher %.4f)", step, m["kl"], m["loss"],
                         m["teacher_loss"])
         ctx.barrier()
 
     def checkpoint(step: int, elapsed: float) -> None:
-        if ctx.main and work_dir is not None:
-            save_checkpoint(work_dir, trainable_state(model), optimizer,
-                            {"step": step, "digest": digest, "curve": curve, "heldout_curve": heldout_curve,
-                             "train_seconds": elapsed, "steps": steps})
+        if work_dir is not None:
+            state = sharding.trained_state(pair.student, optimizer)  # collective under FSDP
+            if ctx.main:
+                save_checkpoint(work_dir, *state, {"step": step, "digest": digest, "curve": curve,
+                                                   "heldout_curve": heldout_curve, "train_seconds": elapsed,
+                                                   "steps": steps, "before": before})
         ctx.barrier()
 
-    if done == 0 and cfg.eval_every:
+    def measure_sets() -> dict:
+        if not (ctx.main or sharding.sharded):
+            return {}
+        return {name: pair.measure(w, cfg.batch_size) for name, w in eval_sets.items()}
+
+    if done == 0:
+        before = measure_sets()
         measure(0)
     bar = tqdm(total=steps, initial=done, desc="recover", unit="step", disable=not (progress and ctx.main),
                dynamic_ncols=True)
@@ -215,14 +271,12 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
         try:
             for step in range(done, steps):
                 batch = windows.batch(step, cfg.batch_size)[ctx.rank * per:(ctx.rank + 1) * per].to(device)
-                with torch.inference_mode(), _autocast(device, autocast):
-                    th = _hidden(t_dec, batch)[:, :-1]
-                th = th.clone()  # an ordinary tensor, usable in the loss's autograd function
-                with _autocast(device, autocast):
-                    loss = loss_module(batch, th if cfg.alpha > 0 else None, t_head)
+                loss = pair.loss(batch, cfg.alpha)
                 loss.backward()
                 if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if hasattr(norm, "full_tensor"):  # FSDP: the norm of the whole gradient
+                        norm.full_tensor()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -234,12 +288,10 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
                 bar.update(1)
                 last = step + 1 == steps
-                if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                     measure(step + 1)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
                     checkpoint(step + 1, elapsed)
-                if on_step is not None:
-                    on_step(step + 1)
         except KeyboardInterrupt:
             if ctx.main and work_dir is not None:
                 logger.warning("interrupted; the last checkpoint in %s continues with --resume", work_dir)
@@ -247,6 +299,10 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
         finally:
             bar.close()
     seconds += time.perf_counter() - start_time
-    merged = merge_trainable(model)
+    after = measure_sets()
+    ctx.barrier()
+    full = sharding.full_model(pair.inner if not sharding.sharded else pair.student, rebuild)
+    merged = None if full is None else merge_trainable(getattr(full, "model", full))
     return TrainResult(model=merged, curve=curve, heldout_curve=heldout_curve, steps=steps, resumed_at=done,
-                       train_seconds=seconds, tokens=steps * cfg.window_tokens(), memory=peak.result)
+                       train_seconds=seconds, tokens=steps * cfg.window_tokens(), memory=peak.result,
+                       before=before, after=after)

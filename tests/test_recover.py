@@ -314,3 +314,29 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     _fails(capsys, _recover_args(pruned, tmp_path / "exists"), "already exists")
     assert not out.exists() and not work_dir_for(out).exists()
+
+
+def test_recovered_checkpoint_exports_to_gguf(tmp_path):
+    from test_gguf_export import _checkpoint, fields
+
+    model_dir = _checkpoint(tmp_path)
+    text = tmp_path / "text.txt"
+    (tmp_path / "other.txt").write_text(" ".join(f"the x{i % 7} w{i % 29}." for i in range(800)))
+    pruned_dir, rec = tmp_path / "pruned", tmp_path / "rec"
+    assert main(["prune", "--model", str(model_dir), "--calib", str(text), "--eval", "none", "--nsamples", "8",
+                 "--seqlen", "32", "--pruning_ratio", "0.5", "--round_to", "32", "--save_model", str(pruned_dir),
+                 "-q"]) == 0
+    assert main(["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
+                 "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "--save_model",
+                 str(rec), "-q"]) == 0
+    out = tmp_path / "rec.gguf"
+    assert main(["export", "--model", str(rec), "--gguf", str(out), "--quant", "f32", "-q"]) == 0
+    meta = fields(out)
+    assert meta["llama.feed_forward_length"] == 64 and meta["general.rcpu.method"] == "rcpu"
+    assert meta["general.rcpu.recovery_tokens"] == 1024 and meta["general.rcpu.recovery_parameters"] == "full"
+    ppl = []
+    for model in (str(rec), str(out)):
+        assert main(["eval", "--model", model, "--ppl", str(tmp_path / "other.txt"), "--seqlen", "32",
+                     "--max_eval_tokens", "512", "--device", "cpu", "-q", "--output", str(tmp_path / "e.json")]) == 0
+        ppl.append(json.loads((tmp_path / "e.json").read_text())["perplexity"][0]["ppl"])
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)

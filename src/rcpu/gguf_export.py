@@ -434,6 +434,10 @@ def export_gguf(
             for key in ("score", "compensation", "allocation"):
                 if pconf.get(key) is not None:
                     writer.add_string(f"general.rcpu.{key}", str(pconf[key]))
+            recovery = (prov.get("recovery") or {}).get("config") or {}
+            if recovery:  # distilled after pruning (rcpu recover)
+                writer.add_uint64("general.rcpu.recovery_tokens", int(recovery.get("tokens") or 0))
+                writer.add_string("general.rcpu.recovery_parameters", str(recovery.get("parameters")))
         from importlib import metadata
 
         try:

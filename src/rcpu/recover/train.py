@@ -191,7 +191,7 @@ class TrainResult:
     heldout_curve: list  #: every eval_every steps: step, tokens and held-out metrics
     steps: int
     resumed_at: int
-    train_seconds: float  #: time in the loop, summed over resumed parts
+    train_seconds: float  #: training time (no measurements or checkpoints), summed over resumed parts
     tokens: int
     memory: dict
     before: dict  #: eval set name -> metrics before training (rank 0)
@@ -265,7 +265,7 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
         measure(0)
     bar = tqdm(total=steps, initial=done, desc="recover", unit="step", disable=not (progress and ctx.main),
                dynamic_ncols=True)
-    start_time = time.perf_counter()
+    start_time, side = time.perf_counter(), [0.0]
     per = cfg.batch_size // ctx.world
     with PeakMemory(device) as peak:
         try:
@@ -273,32 +273,32 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
                 batch = windows.batch(step, cfg.batch_size)[ctx.rank * per:(ctx.rank + 1) * per].to(device)
                 loss = pair.loss(batch, cfg.alpha)
                 loss.backward()
-                if cfg.max_grad_norm > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if hasattr(norm, "full_tensor"):  # FSDP: the norm of the whole gradient
-                        norm.full_tensor()
+                if cfg.max_grad_norm > 0:  # DTensor gradients under FSDP: the norm of the whole gradient
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 value = ctx.mean(float(loss.detach()), device)
-                elapsed = seconds + time.perf_counter() - start_time
+                elapsed = seconds + time.perf_counter() - start_time - side[0]
                 curve.append({"step": step + 1, "tokens": (step + 1) * cfg.window_tokens(), "loss": value,
                               "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 3)})
-                rate = (step + 1 - done) * cfg.window_tokens() / max(1e-9, time.perf_counter() - start_time)
+                rate = (step + 1 - done) * cfg.window_tokens() / max(1e-9, elapsed - seconds)
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
                 bar.update(1)
                 last = step + 1 == steps
+                t_side = time.perf_counter()  # measuring and checkpointing are not training time
                 if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                     measure(step + 1)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
                     checkpoint(step + 1, elapsed)
+                side[0] += time.perf_counter() - t_side
         except KeyboardInterrupt:
             if ctx.main and work_dir is not None:
                 logger.warning("interrupted; the last checkpoint in %s continues with --resume", work_dir)
             raise
         finally:
             bar.close()
-    seconds += time.perf_counter() - start_time
+    seconds += time.perf_counter() - start_time - side[0]
     after = measure_sets()
     ctx.barrier()
     full = sharding.full_model(pair.inner if not sharding.sharded else pair.student, rebuild)

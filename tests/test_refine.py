@@ -10,8 +10,8 @@ from conftest import make_model, make_windows
 from rcpu.api import prune
 from rcpu.config import PruneConfig
 from rcpu.errors import RcpuError
+from rcpu.layer_io import capture_layer_inputs, forward_layer
 from rcpu.models import get_adapter
-from rcpu.pipeline import _forward, capture_layer_inputs
 from rcpu.refine import refine_layer, relative_error
 
 
@@ -33,8 +33,8 @@ def _direct_error(layer, dense, batches) -> float:
     err = ref = 0.0
     with torch.no_grad():
         for h, kw in batches:
-            y = _forward(dense, h, kw).double()
-            err += float((_forward(layer, h, kw).double() - y).square().sum())
+            y = forward_layer(dense, h, kw).double()
+            err += float((forward_layer(layer, h, kw).double() - y).square().sum())
             ref += float((y - h.double()).square().sum())
     return err / ref
 
@@ -42,19 +42,19 @@ def _direct_error(layer, dense, batches) -> float:
 def test_refinement_lowers_the_heldout_error_it_reports():
     layer, dense, batches, held = _pruned_and_dense_layer()
     before = _direct_error(layer, dense, held)
-    log = refine_layer(layer, dense, batches, epochs=8, lr=1e-3, seed=0, forward=_forward, heldout=held)
+    log = refine_layer(layer, dense, batches, epochs=8, lr=1e-3, seed=0, forward=forward_layer, heldout=held)
     assert log["rel_error_before"] == pytest.approx(before, rel=1e-5)
     assert log["rel_error_after"] == pytest.approx(_direct_error(layer, dense, held), rel=1e-5)
     assert log["kept"] and log["rel_error_after"] < 0.95 * before
     assert log["measured_on"] == "heldout" and log["steps"] == 8 * len(batches)
-    assert relative_error(layer, dense, held, _forward) == pytest.approx(log["rel_error_after"], rel=1e-5)
+    assert relative_error(layer, dense, held, forward_layer) == pytest.approx(log["rel_error_after"], rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_refinement_that_does_not_help_is_undone(dtype):
     layer, dense, batches, held = _pruned_and_dense_layer(dtype)
     weights = {k: v.clone() for k, v in layer.state_dict().items()}
-    log = refine_layer(layer, dense, batches, epochs=2, lr=10.0, seed=0, forward=_forward, heldout=held)
+    log = refine_layer(layer, dense, batches, epochs=2, lr=10.0, seed=0, forward=forward_layer, heldout=held)
     assert not log["kept"] and log["rel_error_after"] > log["rel_error_before"]
     for k, v in layer.state_dict().items():
         assert torch.equal(v, weights[k]), k
@@ -63,7 +63,7 @@ def test_a_refinement_that_does_not_help_is_undone(dtype):
 def test_bfloat16_layer_is_refined_in_float32_and_stays_bfloat16():
     layer, dense, batches, held = _pruned_and_dense_layer(torch.bfloat16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    log = refine_layer(layer, dense, batches, epochs=8, lr=1e-3, seed=0, forward=_forward, heldout=held)
+    log = refine_layer(layer, dense, batches, epochs=8, lr=1e-3, seed=0, forward=forward_layer, heldout=held)
     assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
     assert log["kept"] and log["rel_error_after"] < log["rel_error_before"]
     assert any(not torch.equal(v, before[k]) for k, v in layer.state_dict().items())

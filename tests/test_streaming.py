@@ -186,7 +186,7 @@ def test_cuda_without_cuda_is_a_one_line_error(tiny_checkpoint, capsys):
 
 
 def test_hidden_state_placement():
-    from rcpu.pipeline import hidden_state_storage
+    from rcpu.layer_io import hidden_state_storage
 
     cuda = torch.device("cuda")
     where, info = hidden_state_storage("auto", cuda, 128 * 128, 4096, torch.bfloat16, max_gib=0.01)

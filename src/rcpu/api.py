@@ -18,9 +18,10 @@ from torch import nn
 
 from .config import PruneConfig
 from .errors import RcpuError
+from .layer_io import capture_layer_inputs, hidden_state_storage
 from .models import DecoderAdapter, get_adapter
 from .models.checkpoint import SavedFormat
-from .pipeline import capture_layer_inputs, hidden_state_storage, make_plans, run_sequential
+from .pipeline import make_plans, run_sequential
 from .report import PeakMemory, PruneReport, count_params
 from .select import LayerPlan, plan_uniform
 from .shapes import AttentionGeometry, LayerShape
@@ -184,7 +185,7 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     ridge's lambda when ``ridge_lambda="auto"``. ``device`` is where each layer is processed (default: CUDA if
     available); the model stays where it is, one layer visiting the device at a time.
     ``hidden_states`` ("auto", "device", "cpu") places the calibration hidden states
-    (:func:`rcpu.pipeline.hidden_state_storage`; ``max_hidden_gib`` bounds them on the device).
+    (:func:`rcpu.layer_io.hidden_state_storage`; ``max_hidden_gib`` bounds them on the device).
     """
     cfg = (config or PruneConfig()).validate()
     source = None

@@ -13,7 +13,8 @@ h = inputs of the first decoder layer for the calibration windows. For each laye
 Targets are the unpruned sublayer's outputs on already-pruned inputs.
 
 Only one layer is on the compute device at a time; per-layer results are small,
-explicit and JSON-serialisable.
+explicit and JSON-serialisable. Layers run on the calibration batches through
+:mod:`rcpu.layer_io`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from . import compensate as comp
 from . import obs, refine
 from .config import SCORE_CANDIDATES, PruneConfig
 from .errors import RcpuError
+from .layer_io import capture_layer_inputs, forward_layer, module_device, run_layer, run_until
+from .layer_io import hidden_state_storage as hidden_state_storage  # re-exported, as before
 from .models import DecoderAdapter
-from .nested import map_tensors
 from .report import LayerMemory, release_free_memory
 from .scores import channel_scores, group_scores
 from .select import (
@@ -91,107 +93,6 @@ class LayerStore:
                warnings: list[str], dense: dict[str, list] | None = None) -> None:
         """Layer ``index`` is pruned; ``batches`` / ``heldout`` (and ``dense``'s lists) are the
         next layer's inputs."""
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for the first decoder layer to record its inputs, then stops the forward."""
-
-    def __init__(self, layer: nn.Module, sink: list):
-        super().__init__()
-        self.sink = sink
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder layer called with unexpected positional arguments")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        self.sink.append((hidden_states, kwargs))
-        raise _StopForward
-
-
-def _to_device(obj, device):
-    return map_tensors(obj, lambda t: t.to(device))
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, batch_size: int,
-                         device: torch.device, storage: torch.device | None = None) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states, layer kwargs) at the input of decoder layer 0, one entry per batch.
-
-    Hidden states are kept on ``storage`` (default: ``device``); every later layer's outputs
-    stay where its inputs were (see :func:`_forward`), so CPU storage bounds device memory.
-    """
-    layers = adapter.layers
-    first = layers[0]
-    sink: list = []
-    moved = [(m, _module_device(m)) for m in adapter.non_layer_modules()]
-    for m, _ in moved:
-        m.to(device)
-    layers[0] = _Catcher(first, sink)
-    try:
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size].to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        layers[0] = first
-        for m, home in moved:
-            m.to(home)
-    return [(h.to(storage or device), _to_device(kw, device)) for h, kw in sink]
-
-
-def _forward(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
-    """One decoder layer on one batch; the output goes back to where the input was kept."""
-    out = layer(h.to(_module_device(layer)), **kw)
-    if isinstance(out, tuple):
-        out = out[0]
-    return out.to(h.device)
-
-
-def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool
-               ) -> list[tuple[torch.Tensor, dict]]:
-    outs = []
-    for h, kw in batches:
-        out = _forward(layer, h, kw)
-        if keep_outputs:
-            outs.append((out, kw))
-    return outs
-
-
-def hidden_state_storage(placement: str, device: torch.device, n_tokens: int, hidden_size: int,
-                         dtype: torch.dtype, max_gib: float | None = None) -> tuple[torch.device, dict]:
-    """Where the calibration hidden states live: on the compute device when they fit, else on
-    the CPU. They take inputs + outputs of one layer at a time, ``2 * n_tokens * hidden`` values
-    (``n_tokens`` counts held-out windows too). "auto" keeps them on a CUDA device when that
-    is at most ``max_gib`` (default: a quarter of the free memory)."""
-    size = 2 * n_tokens * hidden_size * torch.finfo(dtype).bits // 8
-    info = {"hidden_states_mib": round(size / 2**20, 1)}
-    if placement not in ("auto", "device", "cpu"):
-        raise ValueError(placement)
-    if device.type == "cpu" or placement == "device":
-        where = device
-    elif placement == "cpu":
-        where = torch.device("cpu")
-    else:
-        limit = max_gib * 2**30 if max_gib is not None else (
-            torch.cuda.mem_get_info(device)[0] / 4 if device.type == "cuda" else float("inf"))
-        where = device if size <= limit else torch.device("cpu")
-    info["hidden_states_on"] = str(where)
-    return where, info
 
 
 def _heldout_choice(weight: torch.Tensor, stats: InputStats, heldout: InputStats, kept: torch.Tensor,
@@ -338,7 +239,7 @@ def _direct_products(layer: nn.Module, module: nn.Linear, kept: torch.Tensor,
     acc = comp.DirectProducts(module.weight, kept, dtype=getattr(torch, cfg.rotation_dtype))
     handle = module.register_forward_pre_hook(lambda _m, args: acc.update(args[0]))
     try:
-        _run_until(layer, batches, module)
+        run_until(layer, batches, module)
     finally:
         handle.remove()
     acc.seconds = time.perf_counter() - t0
@@ -403,27 +304,6 @@ def _best_score(choice: dict[str, tuple], kind: str, enabled: bool, weight: torc
     return best, res, info
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass whose remaining work is not needed."""
-
-
-def _raise_stop(*_args) -> None:
-    raise _Stop
-
-
-def _run_until(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], module: nn.Module) -> None:
-    """Run every batch through ``layer`` only as far as ``module`` (for hooks on the way)."""
-    stop = module.register_forward_hook(_raise_stop)
-    try:
-        for h, kw in batches:
-            try:
-                _forward(layer, h, kw)
-            except _Stop:
-                pass
-    finally:
-        stop.remove()
-
-
 def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, bool],
              batches: list[tuple[torch.Tensor, dict]], keep_outputs: bool,
              dense_layer: nn.Module | None = None, dense_batches: list[tuple[torch.Tensor, dict]] | None = None,
@@ -445,13 +325,13 @@ def _collect(layer: nn.Module, modules: dict[str, nn.Linear], grams: dict[str, b
                         token_weights, gram_dtype) as col:
         outs, dense_outs = [], [] if paired else None
         if stop_after is not None:
-            _run_until(layer, batches, stop_after)
+            run_until(layer, batches, stop_after)
             return col.stats, outs, dense_outs
         for i, (h, kw) in enumerate(batches):
             if paired:
                 hd, kwd = dense_batches[i]
-                dense_outs.append((_forward(dense_layer, hd, kwd), kwd))
-            out = _forward(layer, h, kw)
+                dense_outs.append((forward_layer(dense_layer, hd, kwd), kwd))
+            out = forward_layer(layer, h, kw)
             if keep_outputs:
                 outs.append((out, kw))
     return col.stats, outs, dense_outs
@@ -661,14 +541,14 @@ def prune_layer(adapter: DecoderAdapter, layer: nn.Module, index: int,
     refine_info: dict = {}
     if reference is not None and (len(kept_heads) < geom.num_heads or plan.channels_removed > 0):
         refine_info = refine.refine_layer(layer, reference, batches, epochs=cfg.refine_epochs, lr=cfg.refine_lr,
-                                          seed=cfg.seed + index, forward=_forward, heldout=heldout)
+                                          seed=cfg.seed + index, forward=forward_layer, heldout=heldout)
     del reference
 
     # dense statistics: the next layer sees the dense model's hidden states (FLAP)
-    outputs = dense_outputs if dense_stats else _run_layer(layer, batches, keep_outputs=True)
+    outputs = dense_outputs if dense_stats else run_layer(layer, batches, keep_outputs=True)
     heldout_out = None
     if heldout is not None:
-        heldout_out = heldout_dense if dense_stats else _run_layer(layer, heldout, keep_outputs=True)
+        heldout_out = heldout_dense if dense_stats else run_layer(layer, heldout, keep_outputs=True)
     if dense is not None:
         dense["calib"], dense["heldout"] = dense_next, dense_next_ho
     result = LayerResult(index, kept_heads.tolist(), kept_kv.tolist(), kept_channels.tolist(),
@@ -728,12 +608,12 @@ def global_plans(model: nn.Module, adapter: DecoderAdapter, batches: list[tuple[
     store = store or LayerStore(adapter)
     for i in bar:
         layer = store.load(i)
-        home = _module_device(layer)
+        home = module_device(layer)
         layer.to(device)
         o_proj, down_proj = adapter.attn_out(layer), adapter.mlp_out(layer)
         norm = sum(float(h.double().square().sum()) for h, _ in batches) if by_error else 1.0
         with StatsCollector({"attn": o_proj, "mlp": down_proj}, {"attn": by_error, "mlp": by_error}) as col:
-            batches = _run_layer(layer, batches, keep_outputs=True)
+            batches = run_layer(layer, batches, keep_outputs=True)
         geom = adapter.geometry(layer)
         if by_error:
             unit_scores.append(tuple(s.cpu() for s in _error_unit_scores(adapter, layer, col.stats, head_unit,
@@ -814,7 +694,7 @@ def run_sequential(model: nn.Module, adapter: DecoderAdapter, windows: torch.Ten
     bar = tqdm(range(start, n), desc="pruning layers", unit="layer", disable=not progress, initial=start, total=n)
     for i in bar:
         layer = store.load(i)
-        home = _module_device(layer)
+        home = module_device(layer)
         layer.to(device)
         with LayerMemory(device) as mem:
             result, batches, heldout = prune_layer(adapter, layer, i, batches, plans[i], cfg, warnings, heldout,

@@ -27,8 +27,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
+from .layer_io import module_device, run_layer
 from .models import DecoderAdapter
-from .pipeline import _module_device, _run_layer
 from .scores import channel_scores, group_scores
 from .select import (
     LayerPlan,
@@ -46,10 +46,10 @@ logger = logging.getLogger(__name__)
 def _run_on(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], device: torch.device
             ) -> list[tuple[torch.Tensor, dict]]:
     """``layer``'s outputs on ``batches``, computed on ``device`` (the layer goes back home)."""
-    home = _module_device(layer)
+    home = module_device(layer)
     layer.to(device)
     try:
-        return _run_layer(layer, batches, keep_outputs=True)
+        return run_layer(layer, batches, keep_outputs=True)
     finally:
         layer.to(home)
 
@@ -62,7 +62,7 @@ def tail_nll(model: nn.Module, adapter: DecoderAdapter, start: int, batches: lis
     for i in range(start, len(adapter.layers)):
         batches = _run_on(layer if (i == start and layer is not None) else adapter.layers[i], batches, device)
     norm, head = adapter.final_norm(), model.get_output_embeddings()
-    homes = [(m, _module_device(m)) for m in (norm, head)]
+    homes = [(m, module_device(m)) for m in (norm, head)]
     for m, _ in homes:
         m.to(device)
     total, count = 0.0, 0

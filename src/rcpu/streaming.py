@@ -33,16 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import PruneConfig
 from .errors import RcpuError
+from .layer_io import capture_layer_inputs, hidden_state_storage
 from .loading import SafetensorsCheckpoint, rcpu_class_for_type, rcpu_model_class
 from .models import DecoderAdapter, get_adapter
-from .pipeline import (
-    LayerResult,
-    LayerStore,
-    capture_layer_inputs,
-    hidden_state_storage,
-    make_plans,
-    run_sequential,
-)
+from .pipeline import LayerResult, LayerStore, make_plans, run_sequential
 from .report import PeakMemory, PruneReport, count_params, release_free_memory, versions
 
 logger = logging.getLogger(__name__)

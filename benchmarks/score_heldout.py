@@ -29,7 +29,8 @@ from rcpu import data
 from rcpu.config import PruneConfig
 from rcpu.loading import load_model
 from rcpu.models import get_adapter
-from rcpu.pipeline import _collect, _heldout_choice, _run_layer, capture_layer_inputs
+from rcpu.layer_io import capture_layer_inputs, run_layer
+from rcpu.pipeline import _collect, _heldout_choice
 from rcpu.report import versions
 from rcpu.scores import channel_scores, group_scores
 from rcpu.select import head_channels, plan_uniform, select_channels, select_heads
@@ -135,8 +136,8 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             logger.info("%s", json.dumps(row))
             rows.append(row)
-        calib_b = _run_layer(layer, calib_b, True)  # the dense model's inputs of the next layer
-        held_b = _run_layer(layer, held_b, True)
+        calib_b = run_layer(layer, calib_b, True)  # the dense model's inputs of the next layer
+        held_b = run_layer(layer, held_b, True)
     summary = summarize(rows)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

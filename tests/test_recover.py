@@ -249,6 +249,30 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
     assert not work_dir_for(out).exists()
 
 
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rcpu.cli",
+           *_recover_args(pruned, out, "--tokens", "24000", "--save_every", "1", "--eval_every", "0")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    state = work_dir_for(out) / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step" in resumed.stdout and (out / "rcpu_provenance.json").is_file()
+
+
 @pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--fsdp"]),
                                             ("fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"])])
 def test_two_cpu_processes_equal_one(pruned, tmp_path, strategy, extra):

@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     except RcpuError as exc:
         print(f"rcpu: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the last checkpoint of a --save_model run stays usable with --resume
+        print("rcpu: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _markdown(results: dict) -> str:
     for key, ev in results["evals"].items():
         if "/" not in key:
             lines.append(f"| {key} | 0 | – | " + " | ".join(f"{ev.get(c, float('nan')):.2f}" for c in cols) + " | | | |")
-    for name, c in results["cells"].items():
+    for c in results["cells"].values():
         ev = c["evals"]
         vals = " | ".join(f"{ev[c2]:.2f}" if c2 in ev else "–" for c2 in cols)
         lines.append(f"| {c['pruned']} | {c['tokens']:,} | {c['variant']} | {vals} | "

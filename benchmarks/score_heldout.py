@@ -27,9 +27,9 @@ import torch
 from rcpu import compensate as comp
 from rcpu import data
 from rcpu.config import PruneConfig
+from rcpu.layer_io import capture_layer_inputs, run_layer
 from rcpu.loading import load_model
 from rcpu.models import get_adapter
-from rcpu.layer_io import capture_layer_inputs, run_layer
 from rcpu.pipeline import _collect, _heldout_choice
 from rcpu.report import versions
 from rcpu.scores import channel_scores, group_scores

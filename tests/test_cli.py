@@ -140,3 +140,63 @@ def test_refinement_intercept_and_gram_dtype_flags_reach_the_provenance(tiny_che
         log = layer["refine"]
         assert log["epochs"] == 2 and log["measured_on"] == "heldout"
         assert log["kept"] == (log["rel_error_after"] < log["rel_error_before"])
+
+
+def _parse(*argv):
+    from rcpu.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+def test_prune_flags_are_generated_from_the_config_fields(capsys):
+    """Every PruneConfig field has its flag; no flags give PruneConfig()'s defaults; flags reach their fields."""
+    import dataclasses
+
+    from rcpu.cli import _config_from_args, _config_values
+    from rcpu.config import PruneConfig
+    from rcpu.errors import RcpuError
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(PruneConfig):
+        flag = f.metadata.get("flag", f.name)
+        assert f"--{flag}" in text and f.metadata["help"], f.name
+        if "_" in flag:
+            assert f"--{flag.replace('_', '-')}" in text, f.name
+    assert PruneConfig(**_config_values(PruneConfig, _parse("prune"))) == PruneConfig()
+    assert _config_from_args(PruneConfig, _parse("prune")) == PruneConfig().validate()
+
+    values = _config_values(PruneConfig, _parse(
+        "prune", "--method", "flap-ridge", "--pruning-ratio", "0.35", "--no-compensate_attn", "--no-compensate-mlp",
+        "--ridge_lambda", "auto", "--ridge-grid", "0.01, 0.1,1", "--ridge_lambda_absolute", "--no-rebalance",
+        "--intercept", "--choice-per-row", "--rotation_proper", "--gram_dtype", "float32", "--head-unit", "group",
+        "--selection", "greedy", "--selection_block", "4", "--refine_epochs", "2", "--refine-lr", "5e-4",
+        "--nsamples", "16", "--batch_size", "4", "--seed", "7"))
+    expect = dict(method="flap-ridge", pruning_ratio=0.35, compensate_attn=False, compensate_mlp=False,
+                  ridge_lambda="auto", ridge_grid=(0.01, 0.1, 1.0), ridge_lambda_relative=False, rebalance=False,
+                  intercept=True, choice_per_row=True, rotation_proper=True, gram_dtype="float32", head_unit="group",
+                  selection="greedy", selection_block=4, refine_epochs=2, refine_lr=5e-4, nsamples=16,
+                  batch_size=4, seed=7, score=None, compensation=None)
+    assert {k: values[k] for k in expect} == expect
+    cfg = _config_from_args(PruneConfig, _parse("prune", "--method", "ridge", "--ridge-lambda", "0.05",
+                                                "--targets", "dense"))
+    # validated: the preset's settings are plain fields
+    assert (cfg.ridge_lambda, cfg.score, cfg.compensation, cfg.targets, cfg.allocation) == \
+        (0.05, "rcpu", "ridge", "dense", "uniform")
+    for argv, message in ((["--ridge_lambda", "x"], "--ridge_lambda must be a number or 'auto', got 'x'"),
+                          (["--ridge_grid", "1,a"], "--ridge_grid must be comma-separated numbers, got '1,a'")):
+        with pytest.raises(RcpuError, match=message):
+            _config_from_args(PruneConfig, _parse("prune", *argv))
+
+
+def test_validate_resolves_the_preset_once():
+    from rcpu.config import DEFAULTS, PRESETS, PruneConfig
+
+    for method in PRESETS:
+        raw = PruneConfig(method=method)
+        cfg = raw.validate()
+        assert all(getattr(raw, name) is None for name in DEFAULTS)  # the caller's config is left as given
+        assert all(getattr(cfg, name) == getattr(raw, f"resolved_{name}") for name in DEFAULTS)
+        assert cfg.validate() == cfg and cfg.to_dict() == raw.to_dict()
+    assert PruneConfig(method="flap", statistics="sequential").validate().statistics == "sequential"

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .config import ALLOCATIONS, PRESETS, PruneConfig, parse_dtype
+from .config import PruneConfig, parse_dtype
 from .errors import RcpuError
 
 logger = logging.getLogger("rcpu")
@@ -46,83 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model (no flags: the built-in demo)")
     _common(p)
-    d = PruneConfig()
-    _add(p, "method", default=d.method, help=f"preset: {', '.join(PRESETS)} (default {d.method})")
-    _add(p, "pruning_ratio", type=float, default=d.pruning_ratio, help="fraction of heads/channels to remove")
-    _add(p, "score", default=None,
-         help="override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2, or auto (per sublayer, "
-              "whichever of fluctuation / wanda-sp / rcpu leaves the lowest held-out error after compensation; "
-              "needs a held-out choice, e.g. --ridge_lambda auto)")
-    _add(p, "compensation", default=None,
-         help="override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
-              "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)")
-    _add(p, "allocation", default=None, choices=list(ALLOCATIONS),
-         help="same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
-              "(global_mlp: every layer loses the uniform plan's heads), FLAP's ranking within heads and within "
-              "channels, each losing the ratio of its own parameters (global_split; global_even: with the heads "
-              "spread as evenly as whole units allow), global allocation by the error left "
-              "after compensation, or by probed loss on held-out windows (default: the preset's)")
-    _add(p, "statistics", default=None, choices=["sequential", "dense"],
-         help="statistics from the partly pruned model (RCPU) or the dense model (FLAP)")
-    _add(p, "compensate_attn", action=argparse.BooleanOptionalAction, default=True,
-         help="compensate o_proj (default on)")
-    _add(p, "compensate_mlp", action=argparse.BooleanOptionalAction, default=True,
-         help="compensate down_proj (default on)")
-    _add(p, "ridge_lambda", default=None,
-         help="ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default 0.01), or 'auto': "
-              "chosen per sublayer on held-out calibration windows from --ridge_grid")
-    _add(p, "ridge_grid", default=",".join(f"{x:g}" for x in d.ridge_grid), help="comma-separated lambdas for auto")
-    _add(p, "nholdout", type=int, default=d.nholdout, help="held-out calibration windows for --ridge_lambda auto")
-    _add(p, "ridge_lambda_absolute", action="store_true", help="use --ridge_lambda as an absolute penalty")
-    _add(p, "rotation_dtype", default=d.rotation_dtype, choices=["float32", "float64"],
-         help="precision of the Procrustes SVD (reference code: float32)")
-    _add(p, "gram_dtype", default=d.gram_dtype, choices=["float64", "float32"],
-         help="precision the Gram matrices are kept in (float32 halves a layer's largest buffer: d_ff^2 "
-              "x 4 bytes instead of 8; solves still run in float64)")
-    _add(p, "rotation_products", default=d.rotation_products, choices=["auto", "gram", "direct"],
-         help="how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
-              "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
-              "whichever costs fewer multiply-adds")
-    _add(p, "rotation_proximal", type=float, default=d.rotation_proximal,
-         help="proximal Procrustes: Q = polar(M + mu I), mu = this x M's mean singular value, which pulls the "
-              "rotation towards the identity (0: RCPU's rotation)")
-    _add(p, "rotation_proper", action="store_true", help="restrict Q to rotations, det(Q) = +1 (SO(d))")
-    _add(p, "head_unit", default=d.head_unit, choices=["auto", "query", "group"],
-         help="GQA: remove query heads evenly from every KV group, or whole KV groups")
-    _add(p, "rebalance", action=argparse.BooleanOptionalAction, default=True,
-         help="move the budget heads are too coarse for to the MLP (default on)")
-    _add(p, "mlp_stats", default=None, choices=["before_attention", "after_attention"],
-         help="down_proj statistics captured before (reference) or after pruning the layer's attention "
-              "(default: the preset's)")
-    _add(p, "selection", default=None, choices=["score", "greedy"],
-         help="top-k of the score, or greedy removal by the error left after compensation (default: the preset's)")
-    _add(p, "selection_lambda", type=float, default=d.selection_lambda,
-         help="relative ridge penalty of the greedy selection's Gram matrix (default 1e-3)")
-    _add(p, "selection_block", type=int, default=d.selection_block,
-         help="MLP channels removed per greedy step (default 32; 1 = strictly one at a time)")
-    _add(p, "targets", default=None, choices=["sequential", "dense", "residual"],
-         help="fit the unpruned sublayer on pruned inputs (RCPU), the dense model's outputs, or those plus "
-              "the residual-stream error below the sublayer (default: the preset's)")
-    _add(p, "token_weights", default=None, choices=["none", "inverse_rms"],
-         help="weigh each calibration token in the least-squares statistics by 1/rms(residual stream)^2, "
-              "the scale the next norm divides by (default: the preset's)")
-    _add(p, "intercept", action="store_true",
-         help="fit an output bias with the ridge / rotation compensation (least squares or Procrustes on "
-              "centred statistics plus the mean residual), saved as o_proj / down_proj biases")
-    _add(p, "choice_per_row", action="store_true",
-         help="with --ridge_lambda auto or --compensation auto: choose lambda (or rotation) per output row on "
-              "the held-out windows, not one per matrix (each row of the fit is its own regression)")
-    _add(p, "refine_epochs", type=int, default=d.refine_epochs,
-         help="after compensation, passes of Adam over the calibration batches that pull each pruned layer's "
-              "outputs towards the unpruned layer's (0 = off, the default)")
-    _add(p, "refine_lr", type=float, default=d.refine_lr,
-         help="peak learning rate of the layer refinement (cosine decay to zero; default 1e-3)")
-    _add(p, "round_to", type=int, default=d.round_to,
-         help="round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)")
-    _add(p, "nsamples", type=int, default=d.nsamples, help="calibration windows (default 128)")
-    _add(p, "seqlen", type=int, default=d.seqlen, help="calibration window length (default 128, the paper's)")
-    _add(p, "seed", type=int, default=d.seed, help="seed for drawing calibration windows (default 0)")
-    _add(p, "batch_size", type=int, default=d.batch_size, help="calibration windows per forward pass")
+    _add_config_fields(p, PruneConfig)  # --method ... --batch_size, from the fields' metadata
     _add(p, "calib", default="builtin", help="calibration text: builtin, wikitext2, or a .txt/.jsonl file")
     _add(p, "eval", default="builtin", help="perplexity text before/after (builtin, wikitext2, file, or none)")
     _add(p, "eval_seqlen", type=int, default=128, help="perplexity window length (default 128)")
@@ -218,38 +142,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_recover_fields(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`RecoverConfig` field, with its default and help from the dataclass."""
+def _add_config_fields(parser: argparse.ArgumentParser, cls, *, skip=(), choices: dict | None = None,
+                       default_in_help: bool = False) -> None:
+    """One flag per field of the config dataclass ``cls``, in field order, from its metadata: ``help``,
+    ``choices``, ``negatable`` (False: a bool with no ``--no-`` form), ``flag`` with ``inverse`` (a
+    store_true flag under another name that sets the field to False). Defaults are the fields';
+    a tuple is given comma-separated. ``choices`` adds choices by field name; ``default_in_help``
+    appends "(default X)" to the help of non-bool, non-tuple fields."""
     import dataclasses
 
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta, default = f.metadata, f.default
+        kw: dict = {"default": default, "help": meta.get("help", "")}
+        if meta.get("inverse"):  # e.g. --ridge_lambda_absolute for ridge_lambda_relative=False
+            kw.update(action="store_true", default=not default)
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true"
+        elif isinstance(default, tuple):
+            kw["default"] = ",".join(map(str, default))
+        else:
+            if isinstance(default, (int, float)):
+                kw["type"] = type(default)
+            if default_in_help:
+                kw["help"] += f" (default {default})"
+        allowed = meta.get("choices") or (choices or {}).get(f.name)
+        if allowed:
+            kw["choices"] = list(allowed)
+        _add(parser, meta.get("flag", f.name), **kw)
+
+
+def _config_values(cls, args) -> dict:
+    """The fields of ``cls`` that parsed ``args`` carry (flags made by :func:`_add_config_fields`):
+    inverse flags negated, text parsed by the field's ``parse``, comma-separated tuples split."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        dest = f.metadata.get("flag", f.name)
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if f.metadata.get("inverse"):
+            value = not value
+        elif isinstance(value, str) and "parse" in f.metadata:
+            value = f.metadata["parse"](value)
+        elif isinstance(value, str) and isinstance(f.default, tuple):
+            if f.default and isinstance(f.default[0], (int, float)):
+                value = tuple(_floats(value, f"--{dest}"))
+            else:
+                value = tuple(x.strip() for x in value.split(",") if x.strip())
+        values[f.name] = value
+    return values
+
+
+def _config_from_args(cls, args):
+    """The validated config (``cls(...).validate()``) the parsed flags describe."""
+    return cls(**_config_values(cls, args)).validate()
+
+
+def _add_recover_fields(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`RecoverConfig` field, with its default and help from the dataclass."""
     from .recover.config import PARAMETERS, RecoverConfig
 
-    for f in dataclasses.fields(RecoverConfig):
-        if f.name == "chunk_elements":
-            continue
-        default = f.default
-        kw: dict = {"default": default, "help": f.metadata.get("help", "") + f" (default {default})"}
-        if isinstance(default, bool):
-            kw = {"action": argparse.BooleanOptionalAction, "default": default, "help": f.metadata.get("help", "")}
-        elif isinstance(default, tuple):
-            kw["default"] = ",".join(default)
-            kw["help"] = f.metadata.get("help", "")
-        elif isinstance(default, (int, float)):
-            kw["type"] = type(default)
-        if f.name == "parameters":
-            kw["choices"] = list(PARAMETERS)
-        _add(parser, f.name, **kw)
+    _add_config_fields(parser, RecoverConfig, skip=("chunk_elements",), choices={"parameters": PARAMETERS},
+                       default_in_help=True)
 
 
 def _recover_config(args):
-    import dataclasses
-
     from .recover.config import RecoverConfig
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig) if hasattr(args, f.name)}
-    if isinstance(values.get("lora_targets"), str):
-        values["lora_targets"] = tuple(x.strip() for x in values["lora_targets"].split(",") if x.strip())
-    return RecoverConfig(**values).validate()
+    return _config_from_args(RecoverConfig, args)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -274,39 +238,6 @@ def _ppl(model, ids, seqlen, args, device, label):
     max_tokens = args.max_eval_tokens or None
     return perplexity(model, ids, seqlen, batch_size=args.eval_batch_size, max_tokens=max_tokens,
                       device=device, source=label, progress=not args.quiet)
-
-
-def _lambda(value: str | None) -> float | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise RcpuError(f"--ridge_lambda must be a number or 'auto', got {value!r}") from None
-
-
-def _grid(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise RcpuError(f"--ridge_grid must be comma-separated numbers, got {value!r}") from None
-
-
-def _prune_config(args) -> PruneConfig:
-    return PruneConfig(
-        method=args.method, pruning_ratio=args.pruning_ratio, score=args.score, compensation=args.compensation,
-        allocation=args.allocation, statistics=args.statistics,
-        compensate_attn=args.compensate_attn, compensate_mlp=args.compensate_mlp, ridge_lambda=_lambda(args.ridge_lambda),
-        ridge_grid=_grid(args.ridge_grid), nholdout=args.nholdout,
-        ridge_lambda_relative=not args.ridge_lambda_absolute, rotation_dtype=args.rotation_dtype, gram_dtype=args.gram_dtype,
-        rotation_products=args.rotation_products, rotation_proximal=args.rotation_proximal,
-        rotation_proper=args.rotation_proper, head_unit=args.head_unit, rebalance=args.rebalance,
-        mlp_stats=args.mlp_stats, selection=args.selection, selection_lambda=args.selection_lambda,
-        selection_block=args.selection_block, targets=args.targets, token_weights=args.token_weights,
-        intercept=args.intercept, choice_per_row=args.choice_per_row,
-        refine_epochs=args.refine_epochs, refine_lr=args.refine_lr, round_to=args.round_to, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size,
-    ).validate()
 
 
 def _save_gguf(args, model, tok, report) -> None:
@@ -339,7 +270,7 @@ def cmd_prune(args) -> int:
     from .report import count_params
 
     t_start = time.perf_counter()
-    cfg = _prune_config(args)
+    cfg = _config_from_args(PruneConfig, args)
     check_model_source(args.model)
     check_supported_architecture(args.model, args.trust_remote_code)
     dtype = parse_dtype(args.dtype)
@@ -372,7 +303,7 @@ def cmd_prune(args) -> int:
     model, tok = loaded.model, loaded.tokenizer
     check_seqlen(model.config, cfg.seqlen)
     check_seqlen(model.config, args.eval_seqlen, "--eval_seqlen")
-    if cfg.resolved_allocation == "uniform":
+    if cfg.allocation == "uniform":
         check_saveable(model, cfg)  # an unsaveable setting fails now, not after the run
     print(f"model {args.model}: {type(model).__name__}, {model.config.num_hidden_layers} layers, "
           f"{count_params(model):,} parameters, {args.dtype}, device {device}")

@@ -2,12 +2,14 @@
 
 Method presets are named (score, compensation) pairs; any field given explicitly
 overrides the preset, so ``method="rcpu", compensation="ridge"`` is a free
-combination. ``validate`` fails fast, before any model is loaded or calibrated.
+combination. ``validate`` fails fast, before any model is loaded or calibrated, and
+returns a copy with the preset's settings filled in, so the pipeline reads plain fields.
+The fields' metadata also defines the ``rcpu prune`` flags (``rcpu.cli._add_config_fields``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -70,48 +72,113 @@ ROTATION_PRODUCTS = ("auto", "gram", "direct")
 TOKEN_WEIGHTS = ("none", "inverse_rms")
 
 
+def _number_or_auto(value: str) -> float | str:
+    """``--ridge_lambda``'s text: a number, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise RcpuError(f"--ridge_lambda must be a number or 'auto', got {value!r}") from None
+
+
+def _resolved(name: str) -> property:
+    return property(lambda self: self._resolve(name),
+                    doc=f"``{name}`` after the preset (on a validated config: the field itself)")
+
+
 @dataclass
 class PruneConfig:
     """Everything that decides the pruned weights. Batch size changes only the order of
-    float sums, except with layer refinement, where it sets the optimiser steps per epoch."""
+    float sums, except with layer refinement, where it sets the optimiser steps per epoch.
 
-    method: str = "rcpu"
-    pruning_ratio: float = 0.2
-    score: str | None = None
-    compensation: str | None = None
-    allocation: str | None = None
-    statistics: str | None = None
-    compensate_attn: bool = True
-    compensate_mlp: bool = True
-    ridge_lambda: float | str | None = None  # a number, or "auto"
-    ridge_grid: tuple[float, ...] = RIDGE_GRID
-    nholdout: int = 32
-    ridge_lambda_relative: bool = True
-    rotation_dtype: str = "float64"
-    gram_dtype: str = "float64"
-    rotation_products: str = "auto"
+    Each field's metadata carries its ``rcpu prune`` flag: ``help``, and where needed
+    ``choices``; ``negatable=False`` (a bool flag with no ``--no-`` form); ``flag`` with
+    ``inverse=True`` (a flag under another name that sets the field to False); ``parse``
+    (text -> value, raising RcpuError). Tuple fields take comma-separated values. Fields
+    left None take the method preset's value; ``validate`` returns a copy with them filled in.
+    """
+
+    method: str = field(default="rcpu", metadata={"help": f"preset: {', '.join(PRESETS)} (default rcpu)"})
+    pruning_ratio: float = field(default=0.2, metadata={"help": "fraction of heads/channels to remove"})
+    score: str | None = field(default=None, metadata={
+        "help": "override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2, or auto (per sublayer, "
+                "whichever of fluctuation / wanda-sp / rcpu leaves the lowest held-out error after compensation; "
+                "needs a held-out choice, e.g. --ridge_lambda auto)"})
+    compensation: str | None = field(default=None, metadata={
+        "help": "override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
+                "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)"})
+    allocation: str | None = field(default=None, metadata={"choices": ALLOCATIONS, "help": (
+        "same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
+        "(global_mlp: every layer loses the uniform plan's heads), FLAP's ranking within heads and within "
+        "channels, each losing the ratio of its own parameters (global_split; global_even: with the heads "
+        "spread as evenly as whole units allow), global allocation by the error left "
+        "after compensation, or by probed loss on held-out windows (default: the preset's)")})
+    statistics: str | None = field(default=None, metadata={
+        "choices": STATISTICS, "help": "statistics from the partly pruned model (RCPU) or the dense model (FLAP)"})
+    compensate_attn: bool = field(default=True, metadata={"help": "compensate o_proj (default on)"})
+    compensate_mlp: bool = field(default=True, metadata={"help": "compensate down_proj (default on)"})
+    #: a number, or "auto"
+    ridge_lambda: float | str | None = field(default=None, metadata={"parse": _number_or_auto, "help": (
+        "ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default 0.01), or 'auto': "
+        "chosen per sublayer on held-out calibration windows from --ridge_grid")})
+    ridge_grid: tuple[float, ...] = field(default=RIDGE_GRID, metadata={"help": "comma-separated lambdas for auto"})
+    nholdout: int = field(default=32, metadata={"help": "held-out calibration windows for --ridge_lambda auto"})
+    ridge_lambda_relative: bool = field(default=True, metadata={
+        "flag": "ridge_lambda_absolute", "inverse": True, "help": "use --ridge_lambda as an absolute penalty"})
+    rotation_dtype: str = field(default="float64", metadata={
+        "choices": ("float32", "float64"), "help": "precision of the Procrustes SVD (reference code: float32)"})
+    gram_dtype: str = field(default="float64", metadata={"choices": ("float64", "float32"), "help": (
+        "precision the Gram matrices are kept in (float32 halves a layer's largest buffer: d_ff^2 "
+        "x 4 bytes instead of 8; solves still run in float64)")})
+    rotation_products: str = field(default="auto", metadata={"choices": ROTATION_PRODUCTS, "help": (
+        "how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
+        "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
+        "whichever costs fewer multiply-adds")})
     #: proximal Procrustes: pull Q towards I by this multiple of M's mean singular value (0: RCPU)
-    rotation_proximal: float = 0.0
-    rotation_proper: bool = False
-    head_unit: str = "auto"
-    rebalance: bool = True
-    mlp_stats: str | None = None
-    selection: str | None = None
-    selection_lambda: float = 1e-3
-    selection_block: int = 32
-    targets: str | None = None
-    token_weights: str | None = None
+    rotation_proximal: float = field(default=0.0, metadata={"help": (
+        "proximal Procrustes: Q = polar(M + mu I), mu = this x M's mean singular value, which pulls the "
+        "rotation towards the identity (0: RCPU's rotation)")})
+    rotation_proper: bool = field(default=False, metadata={
+        "negatable": False, "help": "restrict Q to rotations, det(Q) = +1 (SO(d))"})
+    head_unit: str = field(default="auto", metadata={
+        "choices": HEAD_UNITS, "help": "GQA: remove query heads evenly from every KV group, or whole KV groups"})
+    rebalance: bool = field(default=True, metadata={
+        "help": "move the budget heads are too coarse for to the MLP (default on)"})
+    mlp_stats: str | None = field(default=None, metadata={"choices": MLP_STATS, "help": (
+        "down_proj statistics captured before (reference) or after pruning the layer's attention "
+        "(default: the preset's)")})
+    selection: str | None = field(default=None, metadata={"choices": SELECTIONS, "help": (
+        "top-k of the score, or greedy removal by the error left after compensation (default: the preset's)")})
+    selection_lambda: float = field(default=1e-3, metadata={
+        "help": "relative ridge penalty of the greedy selection's Gram matrix (default 1e-3)"})
+    selection_block: int = field(default=32, metadata={
+        "help": "MLP channels removed per greedy step (default 32; 1 = strictly one at a time)"})
+    targets: str | None = field(default=None, metadata={"choices": TARGETS, "help": (
+        "fit the unpruned sublayer on pruned inputs (RCPU), the dense model's outputs, or those plus "
+        "the residual-stream error below the sublayer (default: the preset's)")})
+    token_weights: str | None = field(default=None, metadata={"choices": TOKEN_WEIGHTS, "help": (
+        "weigh each calibration token in the least-squares statistics by 1/rms(residual stream)^2, "
+        "the scale the next norm divides by (default: the preset's)")})
     #: fit an output bias with the least-squares / rotation compensation (on centred statistics)
-    intercept: bool = False
+    intercept: bool = field(default=False, metadata={"negatable": False, "help": (
+        "fit an output bias with the ridge / rotation compensation (least squares or Procrustes on "
+        "centred statistics plus the mean residual), saved as o_proj / down_proj biases")})
     #: with a held-out choice (ridge-auto, compensation auto): choose per output row, not per matrix
-    choice_per_row: bool = False
-    refine_epochs: int = 0
-    refine_lr: float = 1e-3
-    round_to: int = 1
-    nsamples: int = 128
-    seqlen: int = 128
-    seed: int = 0
-    batch_size: int = 8
+    choice_per_row: bool = field(default=False, metadata={"negatable": False, "help": (
+        "with --ridge_lambda auto or --compensation auto: choose lambda (or rotation) per output row on "
+        "the held-out windows, not one per matrix (each row of the fit is its own regression)")})
+    refine_epochs: int = field(default=0, metadata={"help": (
+        "after compensation, passes of Adam over the calibration batches that pull each pruned layer's "
+        "outputs towards the unpruned layer's (0 = off, the default)")})
+    refine_lr: float = field(default=1e-3, metadata={
+        "help": "peak learning rate of the layer refinement (cosine decay to zero; default 1e-3)"})
+    round_to: int = field(default=1, metadata={
+        "help": "round kept MLP widths to a multiple of this (e.g. 64 or 128 for kernel-friendly shapes)"})
+    nsamples: int = field(default=128, metadata={"help": "calibration windows (default 128)"})
+    seqlen: int = field(default=128, metadata={"help": "calibration window length (default 128, the paper's)"})
+    seed: int = field(default=0, metadata={"help": "seed for drawing calibration windows (default 0)"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
 
     def _resolve(self, name: str) -> str:
         explicit = getattr(self, name)
@@ -120,9 +187,22 @@ class PruneConfig:
         preset = PRESETS.get(self.method, {})
         return preset.get(name) or DEFAULTS[name]
 
-    @property
-    def resolved_score(self) -> str:
-        return self._resolve("score")
+    def resolve(self) -> PruneConfig:
+        """A copy with every preset-dependent field (those in DEFAULTS) set: explicit values kept,
+        the others from the method's preset, else DEFAULTS. Idempotent; ``validate`` returns it."""
+        return replace(self, **{name: self._resolve(name) for name in DEFAULTS})
+
+    # The preset-dependent settings of a config that may not be validated yet (on a validated
+    # one each is its field).
+    resolved_score = _resolved("score")
+    resolved_compensation = _resolved("compensation")
+    resolved_allocation = _resolved("allocation")
+    resolved_statistics = _resolved("statistics")
+    resolved_ridge_lambda = _resolved("ridge_lambda")
+    resolved_selection = _resolved("selection")
+    resolved_targets = _resolved("targets")
+    resolved_mlp_stats = _resolved("mlp_stats")
+    resolved_token_weights = _resolved("token_weights")
 
     @property
     def allocation_score(self) -> str:
@@ -131,22 +211,10 @@ class PruneConfig:
         return "fluctuation" if score == "auto" else score
 
     @property
-    def resolved_compensation(self) -> str:
-        return self._resolve("compensation")
-
-    @property
-    def resolved_ridge_lambda(self) -> float | str:
-        return self._resolve("ridge_lambda")
-
-    @property
     def ridge_auto(self) -> bool:
         """Ridge with lambda picked on held-out windows: ridge-auto, or among compensation auto's candidates."""
         comp = self.resolved_compensation
         return (comp == "ridge" and self.resolved_ridge_lambda == "auto") or comp == "auto"
-
-    @property
-    def resolved_allocation(self) -> str:
-        return self._resolve("allocation")
 
     @property
     def heldout_in_loop(self) -> bool:
@@ -158,26 +226,6 @@ class PruneConfig:
     def needs_heldout(self) -> bool:
         """Held-out calibration windows are drawn for the layer loop and for loss allocation."""
         return self.heldout_in_loop or self.resolved_allocation == "loss"
-
-    @property
-    def resolved_statistics(self) -> str:
-        return self._resolve("statistics")
-
-    @property
-    def resolved_selection(self) -> str:
-        return self._resolve("selection")
-
-    @property
-    def resolved_targets(self) -> str:
-        return self._resolve("targets")
-
-    @property
-    def resolved_mlp_stats(self) -> str:
-        return self._resolve("mlp_stats")
-
-    @property
-    def resolved_token_weights(self) -> str:
-        return self._resolve("token_weights")
 
     @property
     def direct_products_blocker(self) -> str | None:
@@ -195,94 +243,79 @@ class PruneConfig:
         return f"needs {', '.join(missing)}" if missing else None
 
     def validate(self) -> PruneConfig:
+        """Fail fast on a bad setting; returns the resolved copy (see ``resolve``) the pipeline reads."""
         if self.method not in PRESETS and not (self.score and self.compensation):
             raise RcpuError(f"unknown method {self.method!r}; choose from {', '.join(PRESETS)} "
                             "or give both --score and --compensation")
-        if not (isinstance(self.pruning_ratio, (int, float)) and 0 <= self.pruning_ratio < 1):
-            raise RcpuError(f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        if self.resolved_score not in (*SCORES, "auto"):
-            raise RcpuError(f"unknown score {self.resolved_score!r}; choose from {', '.join(SCORES)}, auto")
-        if self.resolved_score == "auto" and not self.ridge_auto:
-            raise RcpuError("--score auto compares the candidate scores by held-out error after compensation: "
-                            "it needs --ridge_lambda auto or --compensation auto")
-        if self.resolved_score == "auto" and self.resolved_selection != "score":
-            raise RcpuError("--score auto chooses among scores; it cannot be combined with --selection greedy")
-        if self.resolved_compensation not in COMPENSATIONS:
-            raise RcpuError(f"unknown compensation {self.resolved_compensation!r}; "
-                            f"choose from {', '.join(COMPENSATIONS)}")
-        if self.resolved_allocation not in ALLOCATIONS:
-            raise RcpuError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.resolved_allocation!r}")
-        if self.resolved_statistics not in STATISTICS:
-            raise RcpuError(f"--statistics must be one of {', '.join(STATISTICS)}, got {self.resolved_statistics!r}")
-        if self.resolved_statistics == "dense" and self.resolved_mlp_stats == "after_attention":
-            raise RcpuError("--mlp_stats after_attention needs --statistics sequential")
-        if self.resolved_selection not in SELECTIONS:
-            raise RcpuError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.resolved_selection!r}")
-        if self.resolved_targets not in TARGETS:
-            raise RcpuError(f"--targets must be one of {', '.join(TARGETS)}, got {self.resolved_targets!r}")
-        targets = self.resolved_targets
-        if targets != "sequential" and self.resolved_statistics == "dense":
-            raise RcpuError(f"--targets {targets} needs --statistics sequential "
-                            "(dense statistics already fit the dense model)")
+        cfg = self.resolve()
+        for ok, message in cfg._checks():
+            if not ok:
+                raise RcpuError(message)
+        return cfg
+
+    def _checks(self):
+        """(ok, message) per check of a resolved config, in order; lazy, so a check runs only
+        once those before it passed."""
+        yield (isinstance(self.pruning_ratio, (int, float)) and 0 <= self.pruning_ratio < 1,
+               f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
+        score, comp, targets, lam = self.score, self.compensation, self.targets, self.ridge_lambda
+        yield score in (*SCORES, "auto"), f"unknown score {score!r}; choose from {', '.join(SCORES)}, auto"
+        yield (score != "auto" or self.ridge_auto,
+               "--score auto compares the candidate scores by held-out error after compensation: "
+               "it needs --ridge_lambda auto or --compensation auto")
+        yield (score != "auto" or self.selection == "score",
+               "--score auto chooses among scores; it cannot be combined with --selection greedy")
+        yield comp in COMPENSATIONS, f"unknown compensation {comp!r}; choose from {', '.join(COMPENSATIONS)}"
+        for name, allowed in (("allocation", ALLOCATIONS), ("statistics", STATISTICS)):
+            yield (getattr(self, name) in allowed,
+                   f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        yield (not (self.statistics == "dense" and self.mlp_stats == "after_attention"),
+               "--mlp_stats after_attention needs --statistics sequential")
+        for name, allowed in (("selection", SELECTIONS), ("targets", TARGETS)):
+            yield (getattr(self, name) in allowed,
+                   f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        yield (targets == "sequential" or self.statistics != "dense",
+               f"--targets {targets} needs --statistics sequential (dense statistics already fit the dense model)")
         fitted = ", ".join(c for c in COMPENSATIONS if c in NEEDS_GRAM)
-        if targets != "sequential" and self.resolved_compensation not in NEEDS_GRAM:
-            raise RcpuError(f"--targets {targets} needs a least-squares or rotation compensation ({fitted})")
-        if self.intercept and self.resolved_compensation not in NEEDS_GRAM:
-            raise RcpuError(f"--intercept needs a least-squares or rotation compensation ({fitted}), not "
-                            f"{self.resolved_compensation}; bias compensation fits a bias alone")
-        if self.intercept and (targets != "sequential" or self.resolved_token_weights != "none"):
-            raise RcpuError("--intercept needs --targets sequential and --token_weights none (it centres the "
-                            "statistics with the inputs' unweighted mean)")
-        if not (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0):
-            raise RcpuError(f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
-        if self.head_unit not in HEAD_UNITS:
-            raise RcpuError(f"--head_unit must be one of {', '.join(HEAD_UNITS)}, got {self.head_unit!r}")
-        if self.resolved_token_weights not in TOKEN_WEIGHTS:
-            raise RcpuError(f"--token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, "
-                            f"got {self.resolved_token_weights!r}")
-        if self.resolved_mlp_stats not in MLP_STATS:
-            raise RcpuError(f"--mlp_stats must be one of {', '.join(MLP_STATS)}, got {self.resolved_mlp_stats!r}")
-        if self.gram_dtype not in ("float32", "float64"):
-            raise RcpuError(f"--gram_dtype must be float32 or float64, got {self.gram_dtype!r}")
-        if self.rotation_dtype not in ("float32", "float64"):
-            raise RcpuError(f"--rotation_dtype must be float32 or float64, got {self.rotation_dtype!r}")
-        if not (isinstance(self.rotation_proximal, (int, float)) and self.rotation_proximal >= 0):
-            raise RcpuError(f"--rotation_proximal must be a number >= 0, got {self.rotation_proximal!r}")
-        if self.rotation_products not in ROTATION_PRODUCTS:
-            raise RcpuError(f"--rotation_products must be one of {', '.join(ROTATION_PRODUCTS)}, "
-                            f"got {self.rotation_products!r}")
-        if self.rotation_products == "direct" and self.direct_products_blocker:
-            raise RcpuError(f"--rotation_products direct {self.direct_products_blocker}")
-        lam = self.resolved_ridge_lambda
-        if lam != "auto" and (isinstance(lam, str) or lam < 0):
-            raise RcpuError(f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
-        if self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0):  # --nholdout >= 1: below
-            raise RcpuError("--ridge_lambda auto needs a non-empty grid of lambdas >= 0")
-        if self.choice_per_row and not self.ridge_auto:
-            raise RcpuError("--choice_per_row needs a held-out choice: --ridge_lambda auto or --compensation auto")
+        yield (targets == "sequential" or comp in NEEDS_GRAM,
+               f"--targets {targets} needs a least-squares or rotation compensation ({fitted})")
+        yield (not self.intercept or comp in NEEDS_GRAM,
+               f"--intercept needs a least-squares or rotation compensation ({fitted}), not {comp}; "
+               "bias compensation fits a bias alone")
+        yield (not self.intercept or (targets == "sequential" and self.token_weights == "none"),
+               "--intercept needs --targets sequential and --token_weights none (it centres the "
+               "statistics with the inputs' unweighted mean)")
+        yield (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0,
+               f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
+        for name, allowed in (("head_unit", HEAD_UNITS), ("token_weights", TOKEN_WEIGHTS), ("mlp_stats", MLP_STATS)):
+            yield (getattr(self, name) in allowed,
+                   f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("gram_dtype", "rotation_dtype"):
+            yield (getattr(self, name) in ("float32", "float64"),
+                   f"--{name} must be float32 or float64, got {getattr(self, name)!r}")
+        yield (isinstance(self.rotation_proximal, (int, float)) and self.rotation_proximal >= 0,
+               f"--rotation_proximal must be a number >= 0, got {self.rotation_proximal!r}")
+        yield (self.rotation_products in ROTATION_PRODUCTS,
+               f"--rotation_products must be one of {', '.join(ROTATION_PRODUCTS)}, got {self.rotation_products!r}")
+        yield (not (self.rotation_products == "direct" and self.direct_products_blocker),
+               f"--rotation_products direct {self.direct_products_blocker}")
+        yield (lam == "auto" or not (isinstance(lam, str) or lam < 0),
+               f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
+        yield (not (self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0)),  # --nholdout: below
+               "--ridge_lambda auto needs a non-empty grid of lambdas >= 0")
+        yield (not self.choice_per_row or self.ridge_auto,
+               "--choice_per_row needs a held-out choice: --ridge_lambda auto or --compensation auto")
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
-            if getattr(self, name) < 1:
-                raise RcpuError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if not (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0):
-            raise RcpuError(f"--refine_epochs must be an integer >= 0, got {self.refine_epochs!r}")
-        if not (isinstance(self.refine_lr, (int, float)) and self.refine_lr > 0):
-            raise RcpuError(f"--refine_lr must be a number > 0, got {self.refine_lr!r}")
-        if self.seqlen < 2:
-            raise RcpuError(f"--seqlen must be >= 2, got {self.seqlen}")
-        return self
+            yield getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}"
+        yield (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0,
+               f"--refine_epochs must be an integer >= 0, got {self.refine_epochs!r}")
+        yield (isinstance(self.refine_lr, (int, float)) and self.refine_lr > 0,
+               f"--refine_lr must be a number > 0, got {self.refine_lr!r}")
+        yield self.seqlen >= 2, f"--seqlen must be >= 2, got {self.seqlen}"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["score"] = self.resolved_score
-        d["compensation"] = self.resolved_compensation
-        d["allocation"] = self.resolved_allocation
-        d["statistics"] = self.resolved_statistics
-        d["ridge_lambda"] = self.resolved_ridge_lambda
-        d["selection"] = self.resolved_selection
-        d["targets"] = self.resolved_targets
-        d["mlp_stats"] = self.resolved_mlp_stats
-        d["token_weights"] = self.resolved_token_weights
-        return d
+        """The settings with every preset-dependent one resolved (what the provenance records)."""
+        return asdict(self.resolve())
 
     @classmethod
     def field_names(cls) -> list[str]:

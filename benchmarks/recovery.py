@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--parts", default="cost,ablation_quick,budget20,budget30,ablation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--redo", default="", help="comma-separated cell names to recompute")
+    p.add_argument("--variants", default="", help="run only these variants of the parts (comma-separated)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "log.txt"
@@ -201,6 +202,8 @@ def main() -> None:
     redo = {x for x in args.redo.split(",") if x}
     for part in args.parts.split(","):
         for pruned_key, tokens, variant, flags in PARTS[part]:
+            if args.variants and variant not in args.variants.split(","):
+                continue
             cell(results, pruned_key, tokens, variant, flags, args.device, log, redo)
 
 

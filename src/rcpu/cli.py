@@ -28,9 +28,9 @@ def _add(parser: argparse.ArgumentParser, name: str, **kw) -> None:
     parser.add_argument(*flags, dest=name, **kw)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    _add(p, "model", default=DEFAULT_MODEL,
-         help=f"local HF directory, .gguf file, hub id, or built-in name (default {DEFAULT_MODEL})")
+def _common(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    _add(p, "model", default=None if model_help else DEFAULT_MODEL,
+         help=model_help or f"local HF directory, .gguf file, hub id, or built-in name (default {DEFAULT_MODEL})")
     _add(p, "device", default=None, help="compute device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     _add(p, "dtype", default="float32", help="float32 (default), bfloat16 or float16")
     _add(p, "trust_remote_code", action="store_true", help="allow modeling code shipped with the checkpoint")
@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
               "(rcpu recover's defaults; needs --save_model for a streamed run)")
 
     r = sub.add_parser("recover", help="distil the dense model into a pruned one (recovery training)")
-    _common(r)
-    r.set_defaults(model=None)
+    _common(r, model_help="the pruned checkpoint to recover (a directory rcpu prune wrote, or any model source)")
     _add(r, "teacher", default=None, help="the dense model (default: the source in the pruned model's provenance)")
     _add(r, "teacher_dtype", default=None,
          help="dtype of the frozen teacher (default bfloat16 on CUDA, else --dtype)")
     _add(r, "data", default="builtin",
-         help="training text: builtin (its calibration part), wikitext2 (train), or a .txt/.jsonl file")
-    _add(r, "eval", default="builtin", help="perplexity text before/after (builtin, wikitext2, file, or none)")
+         help="training text: builtin or brown (their calibration parts), wikitext2 (train), or a .txt/.jsonl file")
+    _add(r, "eval", default="builtin",
+         help="perplexity text before/after (builtin, brown, wikitext2, file, or none; their eval parts)")
     _add(r, "eval_seqlen", type=int, nargs="+", default=[128], help="perplexity window length(s)")
     _add(r, "autocast", default="none", choices=["none", "bfloat16", "float16"],
          help="run both models' forward passes under torch.autocast in this dtype")

@@ -208,6 +208,22 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def _start_and_wait_for_step(cmd: list[str], out: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """Start a recovery run and return once its checkpoint has reached ``step`` (still running)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    state = work_dir_for(out) / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= step:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    return proc, state
+
+
 def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
     """A real process is killed with SIGKILL mid-training; --resume finishes with the same bits as an
     uninterrupted run (both sides run as subprocesses with the same thread count)."""
@@ -221,17 +237,7 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
 
     run = subprocess.run(cmd(ref), capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr
-    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    state = work_dir_for(out) / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 5:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc, state = _start_and_wait_for_step(cmd(out), out, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and work_dir_for(out).exists()
@@ -253,17 +259,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rcpu.cli",
            *_recover_args(pruned, out, "--tokens", "24000", "--save_every", "1", "--eval_every", "0")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    state = work_dir_for(out) / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc, _ = _start_and_wait_for_step(cmd, out, 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err

@@ -330,6 +330,10 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
                                  num_key_value_heads=2, head_dim=8, vocab_size=140)).save_pretrained(other)
     make_tokenizer().save_pretrained(other)
     _fails(capsys, _recover_args(pruned, out, "--teacher", str(other)), "vocabulary")
+    # prune --recover_tokens refuses overlapping texts before it prunes
+    _fails(capsys, ["prune", "--model", str(pruned / "dense"), "--calib", str(pruned / "train.txt"), "--eval",
+                    str(pruned / "train.txt"), "--recover_tokens", "1000", "--save_model", str(out), "-q"],
+           "is the evaluation text")
     # an existing output directory
     (tmp_path / "exists").mkdir()
     _fails(capsys, _recover_args(pruned, tmp_path / "exists"), "already exists")

@@ -276,7 +276,7 @@ def cmd_prune(args) -> int:
     dtype = parse_dtype(args.dtype)
     device = resolve_device(args.device)
     if args.recover_tokens is not None:
-        _recover_config_for_prune(args)  # a bad budget fails now, not after pruning
+        _check_recover_for_prune(args)
     if args.save_model:
         check_output_dir(args.save_model, args.overwrite)
     elif args.resume:
@@ -334,6 +334,12 @@ def cmd_prune(args) -> int:
         model.to("cpu")
         out = save_pruned(model, tok, args.save_model, provenance, overwrite=args.overwrite)
         print(f"saved to {out}")
+        if args.recover_tokens:  # the result is in place: the recovery checkpoints can go
+            import shutil
+
+            from .recover import work_dir_for
+
+            shutil.rmtree(work_dir_for(args.save_model), ignore_errors=True)
     if args.save_gguf:
         _save_gguf(args, model, tok, report)
     _finish_prune(args, report, dense, pruned, t_start)
@@ -391,7 +397,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
             teacher=args.model, device=device, dtype=dtype, overwrite=args.overwrite, resume=args.resume,
             trust_remote_code=args.trust_remote_code, progress=not args.quiet,
             provenance=json.loads((res.path / PROVENANCE).read_text()))
-        _print_recovery(args, record, final)
+        _print_recovery(record, final)
         report.recovery = record.to_dict()
         import shutil
 
@@ -409,28 +415,36 @@ def _recover_inputs(args, eval_seqlens):
     from .recover import RecoverInputs
 
     autocast = None if getattr(args, "autocast", "none") == "none" else parse_dtype(args.autocast)
-    return RecoverInputs(data=getattr(args, "data", args.calib if hasattr(args, "calib") else "builtin"),
+    return RecoverInputs(data=args.data if args.command == "recover" else args.calib,  # prune trains on --calib
                          eval=args.eval, eval_seqlens=tuple(eval_seqlens),
                          max_eval_tokens=16384 if args.max_eval_tokens is None else (args.max_eval_tokens or None),
                          autocast=autocast)
 
 
-def _print_recovery(args, record, path) -> None:
+def _print_recovery(record, path) -> None:
     from .recover import summary_lines
 
     for line in summary_lines(record):
         print(line)
     if path is not None:
         print(f"saved to {path}")
-    if getattr(args, "report", None):
-        with open(args.report, "w") as fh:
-            json.dump(record.to_dict(), fh, indent=2, default=str)
 
 
 def _recover_config_for_prune(args):
     from .recover import RecoverConfig
 
     return RecoverConfig(tokens=args.recover_tokens, seed=args.seed).validate()
+
+
+def _check_recover_for_prune(args) -> None:
+    """``prune --recover_tokens``: a bad budget, overlapping texts or leftover checkpoints fail
+    before pruning, not after it."""
+    from .recover import check_texts, check_work_dir, work_dir_for
+
+    _recover_config_for_prune(args)
+    check_texts(_recover_inputs(args, [args.eval_seqlen]))
+    if args.save_model:
+        check_work_dir(work_dir_for(args.save_model), args.resume)
 
 
 def _pruned_dir_for(save_model: str):
@@ -442,33 +456,21 @@ def _pruned_dir_for(save_model: str):
 
 
 def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
-    """``prune --recover_tokens`` on an in-memory model: distil the dense model (reloaded) into it."""
+    """``prune --recover_tokens`` on an in-memory model: distil the dense model (reloaded) into it.
+    Its checkpoints (with --save_model) stay until the caller has saved the result."""
     from .loading import load_model
-    from .recover import recover_model, work_dir_for
+    from .recover import default_teacher_dtype, recover_model, work_dir_for
 
-    cfg = _recover_config_for_prune(args)
-    inputs = _recover_inputs(args, [args.eval_seqlen])
-    tdtype = torch_bf16_on_cuda(device, dtype)
+    tdtype = default_teacher_dtype(device, dtype)
     teacher = load_model(args.model, dtype=tdtype, device="cpu", trust_remote_code=args.trust_remote_code).model
     info = {"source": args.model, "dtype": str(tdtype).removeprefix("torch.")}
-    work = work_dir_for(args.save_model) if args.save_model else None
-    model, record = recover_model(model, tok, teacher, info, cfg, inputs, device=device, work_dir=work,
+    model, record = recover_model(model, tok, teacher, info, _recover_config_for_prune(args),
+                                  _recover_inputs(args, [args.eval_seqlen]), device=device,
+                                  work_dir=work_dir_for(args.save_model) if args.save_model else None,
                                   resume=args.resume, progress=not args.quiet)
-    del teacher
-    _print_recovery(args, record, None)
+    _print_recovery(record, None)
     provenance["recovery"] = record.to_dict()
-    if work is not None:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return model
-
-
-def torch_bf16_on_cuda(device, dtype):
-    """The teacher's dtype: bfloat16 on GPUs (it only runs forward), else the student's."""
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" else dtype
 
 
 def cmd_recover(args) -> int:
@@ -487,7 +489,10 @@ def cmd_recover(args) -> int:
         teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
         resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
-        _print_recovery(args, record, path)
+        _print_recovery(record, path)
+        if args.report:
+            with open(args.report, "w") as fh:
+                json.dump(record.to_dict(), fh, indent=2, default=str)
     return 0
 
 

@@ -30,7 +30,7 @@ from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreparedData", "RecoverInputs", "prepare_data", "recover_model", "recover_checkpoint", "teacher_for", "work_dir_for"]
+__all__ = ["PreparedData", "RecoverInputs", "check_texts", "check_work_dir", "default_teacher_dtype", "prepare_data", "recover_model", "recover_checkpoint", "teacher_for", "work_dir_for"]
 
 WORK_SUFFIX = ".rcpu-recover"
 
@@ -49,6 +49,17 @@ class RecoverInputs:
 def work_dir_for(out: str | Path) -> Path:
     out = Path(out).expanduser().resolve()
     return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def check_work_dir(work: Path | None, resume: bool) -> None:
+    """Refuse to start over an interrupted run's checkpoints unless asked to resume them."""
+    if work is not None and work.exists() and not resume:
+        raise RcpuError(f"{work} holds an interrupted recovery; pass --resume to continue it, or remove it")
+
+
+def default_teacher_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 on GPUs (the teacher only runs forward), else the student's dtype."""
+    return torch.bfloat16 if device.type == "cuda" else dtype
 
 
 def teacher_for(provenance: dict | None, teacher: str | None, where: str) -> str:
@@ -126,10 +137,8 @@ def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_inf
     """Distil ``teacher`` into ``student`` (both loaded); returns the merged student (None on ranks
     other than 0 under FSDP) and its record. ``rebuild`` makes a fresh untrained student (FSDP)."""
     ctx = dist_context(device)
-    interrupted = work_dir is not None and work_dir.exists()
+    check_work_dir(work_dir, resume)
     ctx.barrier()  # every rank has looked before rank 0 writes into the work directory
-    if interrupted and not resume:
-        raise RcpuError(f"{work_dir} holds an interrupted recovery; pass --resume to continue it, or remove it")
     if cfg.fsdp and ctx.world > 1 and rebuild is None:
         raise RcpuError("--fsdp needs a way to rebuild the student on rank 0; use recover_checkpoint")
     prepared = prepared or prepare_data(tokenizer, cfg, inputs)
@@ -198,21 +207,18 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
     work = work_dir_for(out) if out is not None else None
     if resume and out is None:
         raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
-    if work is not None and work.exists() and not resume:
-        raise RcpuError(f"{work} holds an interrupted recovery; pass --resume to continue it, or remove it")
-    for source, split in ((inputs.data, "calib"), (inputs.eval, "eval")):
-        if source != "none":
-            data.describe_source(source, split)
+    check_work_dir(work, resume)
+    texts = check_texts(inputs)  # unreadable, empty or overlapping texts fail before any model loads
     if provenance is None:
-        provenance = load_provenance(resolve_model_dir(model)) if Path(resolve_model_dir(model)).is_dir() else None
+        local = Path(resolve_model_dir(model))
+        provenance = load_provenance(local) if local.is_dir() else None
     teacher_source = teacher_for(provenance, teacher, model)
-    texts = check_texts(inputs)
     student = _load(model, dtype, trust_remote_code)
     check_seqlen(student.model.config, cfg.seqlen)
     for s in inputs.eval_seqlens:
         check_seqlen(student.model.config, s, "--eval_seqlen")
     prepared = prepare_data(student.tokenizer, cfg, inputs, texts)  # too little text fails before the teacher loads
-    tdtype = teacher_dtype or (torch.bfloat16 if device.type == "cuda" else dtype)
+    tdtype = teacher_dtype or default_teacher_dtype(device, dtype)
     teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
     check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -221,6 +227,7 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
                  f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, device {device}")
     teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
                     "parameters": count_params(teacher_loaded.model)}
+
     def rebuild() -> nn.Module:  # a fresh untrained student in its loss module, for gathering FSDP shards
         from .params import attach_trainable
 

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -131,6 +131,8 @@ class Pair:
     sharding: Replicated
     device: torch.device
     autocast: torch.dtype | None = None
+    #: the frozen teacher's hidden states on measured windows, computed once per batch
+    _measured: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, sharding: Replicated,
@@ -163,7 +165,10 @@ class Pair:
         try:
             for start in range(0, windows.shape[0], batch_size):
                 ids = windows[start:start + batch_size].to(self.device)
-                hidden = self.teacher_hidden(ids)
+                key = (windows.data_ptr(), tuple(windows.shape), start, batch_size)
+                if key not in self._measured:
+                    self._measured[key] = self.teacher_hidden(ids)
+                hidden = self._measured[key]
                 with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
                     part = target(ids, hidden, head, measure=True)
                 for k in sums:

@@ -150,6 +150,105 @@ def _chunked_nll_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.
     return total
 
 
+def _check_arguments(ids, seqlen: int, batch_size: int | None,
+                     max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """``(ids as a 1-D tensor cut to max_tokens, seqlen as an int)``; bad arguments fail before any forward."""
+    if not isinstance(ids, torch.Tensor):
+        raise RcpuError(f"perplexity: ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise RcpuError(f"perplexity: ids must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise RcpuError(f"perplexity: ids must be an integer tensor, got {ids.dtype}")
+    seqlen = int(seqlen)
+    if seqlen < 2:
+        raise RcpuError(f"perplexity: seqlen must be at least 2, got {seqlen}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise RcpuError(f"perplexity: batch_size must be at least 1, got {batch_size}")
+    if max_tokens is not None:
+        if int(max_tokens) < 0:
+            raise RcpuError(f"perplexity: max_tokens must be non-negative, got {max_tokens}")
+        ids = ids[: int(max_tokens)]
+    return ids, seqlen
+
+
+def _cut_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``(n, seqlen)`` long ids: the non-overlapping full windows of ``ids``, the remainder dropped."""
+    n_available = ids.numel()
+    n = n_available // seqlen
+    if n == 0:
+        raise RcpuError(
+            f"perplexity: only {n_available:,} tokens to evaluate, fewer than one window of seqlen {seqlen}; "
+            "use more text, a larger --max-tokens or a smaller seqlen"
+        )
+    return ids[: n * seqlen].to(dtype=torch.long).view(n, seqlen)
+
+
+def _batch_nll(model, split, batch: torch.Tensor) -> torch.Tensor:
+    """Summed float32 NLL of the next-token predictions in ``batch`` (windows already on the input device).
+
+    With ``split = (base, head)`` the head is applied in chunks so the batch's logits are never held
+    in full; otherwise (``None``) the model's own logits are used.
+    """
+    labels = batch[:, 1:]
+    if split is not None:
+        base, head = split
+        hidden = _hidden_states(base, batch)[:, :-1]
+        return _chunked_nll_sum(head, hidden, labels)
+    logits = _full_logits(model, batch)[:, :-1].float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1).to(logits.device),
+        reduction="sum",
+    )
+    return nll
+
+
+def _total_nll(model, windows: torch.Tensor, bs: int, device: torch.device, progress: bool) -> float:
+    """Sum of the NLLs of all windows, ``bs`` windows per forward, with the model in eval mode.
+
+    The model's training flag is restored afterwards, even when a forward fails.
+    """
+    n, seqlen = windows.shape
+    was_training = model.training
+    model.eval()
+    try:
+        probe = windows[:1, : min(seqlen, _PROBE_TOKENS)].to(device)
+        split = _split_model(model, probe)
+        total_nll = 0.0
+        with tqdm(total=n, desc="perplexity", unit="win", disable=not progress) as bar:
+            for start in range(0, n, bs):
+                batch = windows[start : start + bs].to(device)
+                nll = _batch_nll(model, split, batch)
+                total_nll += float(nll.item())
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    return total_nll
+
+
+def _result(total_nll: float, n: int, seqlen: int, dtype_name: str, source: str) -> PerplexityResult:
+    """Perplexity from the summed NLL; warns when it is not finite, a sign of a broken model."""
+    n_tokens = n * (seqlen - 1)
+    mean_nll = total_nll / n_tokens
+    try:
+        ppl = math.exp(mean_nll)
+    except OverflowError:
+        ppl = math.inf
+    if not math.isfinite(ppl):
+        logger.warning("perplexity is not finite (mean NLL %s); the model may be broken", mean_nll)
+    return PerplexityResult(
+        ppl=ppl,
+        nll=mean_nll,
+        n_tokens=n_tokens,
+        n_windows=n,
+        seqlen=seqlen,
+        dtype=dtype_name,
+        source=source,
+    )
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -179,87 +278,21 @@ def perplexity(
     Raises:
         RcpuError: bad arguments, or fewer than ``seqlen`` tokens to evaluate.
     """
-    if not isinstance(ids, torch.Tensor):
-        raise RcpuError(f"perplexity: ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1:
-        raise RcpuError(f"perplexity: ids must be a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise RcpuError(f"perplexity: ids must be an integer tensor, got {ids.dtype}")
-    seqlen = int(seqlen)
-    if seqlen < 2:
-        raise RcpuError(f"perplexity: seqlen must be at least 2, got {seqlen}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise RcpuError(f"perplexity: batch_size must be at least 1, got {batch_size}")
-    if max_tokens is not None:
-        if int(max_tokens) < 0:
-            raise RcpuError(f"perplexity: max_tokens must be non-negative, got {max_tokens}")
-        ids = ids[: int(max_tokens)]
-
-    n_available = ids.numel()
-    n = n_available // seqlen
-    if n == 0:
-        raise RcpuError(
-            f"perplexity: only {n_available:,} tokens to evaluate, fewer than one window of seqlen {seqlen}; "
-            "use more text, a larger --max-tokens or a smaller seqlen"
-        )
+    ids, seqlen = _check_arguments(ids, seqlen, batch_size, max_tokens)
+    windows = _cut_windows(ids, seqlen)
+    n = windows.shape[0]
     bs = int(batch_size) if batch_size is not None else max(1, DEFAULT_BATCH_TOKENS // seqlen)
     bs = min(bs, n)
     device = torch.device(device) if device is not None else _model_device(model)
     dtype_name = _dtype_name(_model_dtype(model))
-    windows = ids[: n * seqlen].to(dtype=torch.long).view(n, seqlen)
     logger.debug(
         "perplexity: %d windows of %d tokens (%d dropped), batch %d, device %s, %s",
         n,
         seqlen,
-        n_available - n * seqlen,
+        ids.numel() - n * seqlen,
         bs,
         device,
         dtype_name,
     )
-
-    was_training = model.training
-    model.eval()
-    try:
-        probe = windows[:1, : min(seqlen, _PROBE_TOKENS)].to(device)
-        split = _split_model(model, probe)
-        total_nll = 0.0
-        with tqdm(total=n, desc="perplexity", unit="win", disable=not progress) as bar:
-            for start in range(0, n, bs):
-                batch = windows[start : start + bs].to(device)
-                labels = batch[:, 1:]
-                if split is not None:
-                    base, head = split
-                    hidden = _hidden_states(base, batch)[:, :-1]
-                    nll = _chunked_nll_sum(head, hidden, labels)
-                else:
-                    logits = _full_logits(model, batch)[:, :-1].float()
-                    nll = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]),
-                        labels.reshape(-1).to(logits.device),
-                        reduction="sum",
-                    )
-                    del logits
-                total_nll += float(nll.item())
-                bar.update(batch.shape[0])
-    finally:
-        model.train(was_training)
-
-    n_tokens = n * (seqlen - 1)
-    mean_nll = total_nll / n_tokens
-    try:
-        ppl = math.exp(mean_nll)
-    except OverflowError:
-        ppl = math.inf
-    if not math.isfinite(ppl):
-        logger.warning("perplexity is not finite (mean NLL %s); the model may be broken", mean_nll)
-    return PerplexityResult(
-        ppl=ppl,
-        nll=mean_nll,
-        n_tokens=n_tokens,
-        n_windows=n,
-        seqlen=seqlen,
-        dtype=dtype_name,
-        source=source,
-    )
+    total_nll = _total_nll(model, windows, bs, device, progress)
+    return _result(total_nll, n, seqlen, dtype_name, source)

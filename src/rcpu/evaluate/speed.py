@@ -319,6 +319,187 @@ def greedy_run(
     return t1 - t0, t3 - t2, torch.stack(produced, dim=1)
 
 
+# --------------------------------------------------------------------------------------------- steps
+
+
+def _check_arguments(model, baseline, batch_size: int, prompt_len: int, new_tokens: int, repeats: int,
+                     warmup: int) -> None:
+    """Reject bad counts before any model is moved or run, so a typo costs nothing."""
+    for name, value, low in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
+                             ("new_tokens", new_tokens, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise RcpuError(f"compare_speed: {name} must be an integer >= {low}, got {value!r}")
+    if model is baseline:
+        logger.warning("compare_speed: model and baseline are the same object; the speed-up should be ~1")
+
+
+def _place_models(model, baseline, device) -> torch.device:
+    """The one device both models run on (same conditions); a model that is elsewhere is moved there."""
+    p_model, p_base = _first_param(model), _first_param(baseline)
+    if p_model is None or p_base is None:
+        raise RcpuError("compare_speed: both models need parameters")
+    if device is None:
+        device = p_model.device
+        if p_base.device != device:
+            raise RcpuError(
+                f"compare_speed: model is on {p_model.device} but baseline is on {p_base.device}; "
+                "put both on the same device or pass device="
+            )
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    for label, m, p in (("model", model, p_model), ("baseline", baseline, p_base)):
+        if p.device != device:
+            logger.info("compare_speed: moving %s from %s to %s", label, p.device, device)
+            m.to(device)
+    return device
+
+
+def _shared_dtype_name(model, baseline) -> str:
+    """The dtype both models share, e.g. ``"bfloat16"``; a mismatch would make the comparison unfair."""
+    dt_model, dt_base = _float_dtype(model), _float_dtype(baseline)
+    if dt_model != dt_base:
+        raise RcpuError(
+            f"compare_speed: model is {dt_model} but baseline is {dt_base}; load both in the same dtype "
+            "for a fair comparison"
+        )
+    return str(dt_model).removeprefix("torch.")
+
+
+def _shared_prompt(model, baseline, batch_size: int, prompt_len: int, new_tokens: int, seed: int,
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """The prompt both models get, on ``device``, and the vocabulary it was drawn below.
+
+    Ids stay below the smaller vocabulary so that both models can embed them.
+    """
+    vocab = min(_vocab_size(model), _vocab_size(baseline))
+    prompt = make_prompts(batch_size, prompt_len, vocab, seed).to(device)
+    for label, m in (("model", model), ("baseline", baseline)):
+        limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if limit and prompt_len + new_tokens > limit:
+            logger.warning(
+                "compare_speed: prompt_len + new_tokens = %d exceeds the %s's max_position_embeddings (%d)",
+                prompt_len + new_tokens, label, limit,
+            )
+    return prompt, vocab
+
+
+def _timed_in_eval_mode(models: dict, prompt: torch.Tensor, new_tokens: int, **rounds) -> tuple[dict, dict]:
+    """:func:`_alternate_rounds` with every model in eval mode and inference mode on.
+
+    The models' training flags are restored afterwards, even when a run fails.
+    """
+    training = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        with torch.inference_mode():
+            return _alternate_rounds(models, prompt, new_tokens, **rounds)
+    finally:
+        for k, m in models.items():
+            m.train(training[k])
+        gc.collect()
+
+
+def _alternate_rounds(
+    models: dict,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    keep_last: dict[str, bool],
+    weight_bytes: dict[str, int],
+    progress: bool,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, int]]:
+    """Warm-up then timed rounds, each running the model and then the baseline back to back.
+
+    Alternating makes slow drift in machine load hit both models about equally. Returns the per-round
+    ``{"prefill": [...], "decode": [...]}`` seconds of each model and its peak bytes on CUDA (weights plus
+    the run's own peak above what was allocated just before it, so the other model is not counted).
+    """
+    times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
+    peak_bytes: dict[str, int] = {k: 0 for k in models}
+    is_cuda = device.type == "cuda"
+    with tqdm(total=warmup + repeats, desc="speed", unit="round", disable=not progress) as bar:
+        for rnd in range(-warmup, repeats):
+            for key in ("model", "baseline"):  # alternation: model, baseline, model, baseline, ...
+                gc.collect()
+                if is_cuda:
+                    _sync(device)
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                pre_s, dec_s, _ = greedy_run(models[key], prompt, new_tokens, device=device,
+                                             logits_to_keep=keep_last[key])
+                if rnd < 0:
+                    continue
+                if is_cuda:
+                    run_peak = torch.cuda.max_memory_allocated(device) - before
+                    peak_bytes[key] = max(peak_bytes[key], weight_bytes[key] + run_peak)
+                times[key]["prefill"].append(pre_s)
+                times[key]["decode"].append(dec_s)
+            bar.update(1)
+    return times, peak_bytes
+
+
+def _model_stats(
+    key: str,
+    model,
+    times: dict[str, list[float]],
+    *,
+    peak_bytes: int,
+    weight_bytes: int,
+    keep_last: bool,
+    device: torch.device,
+    prefill_tokens: int,
+    decode_tokens: int,
+) -> SpeedStats:
+    """One model's summary; warns when the clock was too coarse to time a phase."""
+    if device.type == "cuda":
+        peak, kind = peak_bytes / _MIB, "cuda_weights+run_peak"
+    else:
+        peak, kind = weight_bytes / _MIB, f"{device.type}_weights"
+    stats = SpeedStats.from_times(
+        times["prefill"],
+        times["decode"],
+        prefill_tokens=prefill_tokens,
+        decode_tokens=decode_tokens,
+        peak_memory_mib=peak,
+        memory_kind=kind,
+        params=_param_count(model),
+        weights_mib=weight_bytes / _MIB,
+        prefill_logits="last" if keep_last else "all",
+    )
+    bad = [t for t in times["prefill"] + times["decode"] if not (t > 0 and math.isfinite(t))]
+    if bad:
+        logger.warning("compare_speed: %s had non-positive timings %s; the clock is too coarse", key, bad)
+    return stats
+
+
+def _settings(*, batch_size: int, prompt_len: int, new_tokens: int, repeats: int, warmup: int, seed: int,
+              vocab: int, dtype_name: str, device: torch.device) -> dict:
+    """What was measured and with which software, so a reported number can be reproduced."""
+    import transformers  # local: only for the version string
+
+    return {
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "vocab_sampled": vocab,
+        "dtype": dtype_name,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "order": "alternating model, baseline per round",
+        "decode": "hand-written greedy loop with KV cache, new_tokens single-token steps after the prefill",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -357,127 +538,28 @@ def compare_speed(
         RcpuError: bad arguments, models in different dtypes or on different devices, or a model that
             does not return a KV cache.
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
-                             ("new_tokens", new_tokens, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise RcpuError(f"compare_speed: {name} must be an integer >= {low}, got {value!r}")
-    if model is baseline:
-        logger.warning("compare_speed: model and baseline are the same object; the speed-up should be ~1")
-
-    p_model, p_base = _first_param(model), _first_param(baseline)
-    if p_model is None or p_base is None:
-        raise RcpuError("compare_speed: both models need parameters")
-    if device is None:
-        device = p_model.device
-        if p_base.device != device:
-            raise RcpuError(
-                f"compare_speed: model is on {p_model.device} but baseline is on {p_base.device}; "
-                "put both on the same device or pass device="
-            )
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    for label, m, p in (("model", model, p_model), ("baseline", baseline, p_base)):
-        if p.device != device:
-            logger.info("compare_speed: moving %s from %s to %s", label, p.device, device)
-            m.to(device)
-
-    dt_model, dt_base = _float_dtype(model), _float_dtype(baseline)
-    if dt_model != dt_base:
-        raise RcpuError(
-            f"compare_speed: model is {dt_model} but baseline is {dt_base}; load both in the same dtype "
-            "for a fair comparison"
-        )
-    dtype_name = str(dt_model).removeprefix("torch.")
-
-    vocab = min(_vocab_size(model), _vocab_size(baseline))
-    prompt = make_prompts(batch_size, prompt_len, vocab, seed).to(device)
-    for label, m in (("model", model), ("baseline", baseline)):
-        limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
-        if limit and prompt_len + new_tokens > limit:
-            logger.warning(
-                "compare_speed: prompt_len + new_tokens = %d exceeds the %s's max_position_embeddings (%d)",
-                prompt_len + new_tokens, label, limit,
-            )
+    _check_arguments(model, baseline, batch_size, prompt_len, new_tokens, repeats, warmup)
+    device = _place_models(model, baseline, device)
+    dtype_name = _shared_dtype_name(model, baseline)
+    prompt, vocab = _shared_prompt(model, baseline, batch_size, prompt_len, new_tokens, seed, device)
 
     models = {"model": model, "baseline": baseline}
     keep_last = {k: _accepts_logits_to_keep(m) for k, m in models.items()}
-    times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in models}
     weight_bytes = {k: _weight_bytes(m) for k, m in models.items()}
-    peak_bytes: dict[str, int] = {k: 0 for k in models}
-    is_cuda = device.type == "cuda"
-    logger.debug(
-        "compare_speed: batch %d, prompt %d, new %d, %d repeats + %d warm-up, %s on %s",
-        batch_size, prompt_len, new_tokens, repeats, warmup, dtype_name, device,
+    logger.debug("compare_speed: batch %d, prompt %d, new %d, %d repeats + %d warm-up, %s on %s",
+                 batch_size, prompt_len, new_tokens, repeats, warmup, dtype_name, device)
+    times, peak_bytes = _timed_in_eval_mode(
+        models, prompt, new_tokens, repeats=repeats, warmup=warmup, device=device,
+        keep_last=keep_last, weight_bytes=weight_bytes, progress=progress,
     )
-
-    training = {k: m.training for k, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=warmup + repeats, desc="speed", unit="round",
-                                           disable=not progress) as bar:
-            for rnd in range(-warmup, repeats):
-                for key in ("model", "baseline"):  # alternation: model, baseline, model, baseline, ...
-                    gc.collect()
-                    if is_cuda:
-                        _sync(device)
-                        before = torch.cuda.memory_allocated(device)
-                        torch.cuda.reset_peak_memory_stats(device)
-                    pre_s, dec_s, _ = greedy_run(models[key], prompt, new_tokens, device=device,
-                                                 logits_to_keep=keep_last[key])
-                    if rnd < 0:
-                        continue
-                    if is_cuda:
-                        run_peak = torch.cuda.max_memory_allocated(device) - before
-                        peak_bytes[key] = max(peak_bytes[key], weight_bytes[key] + run_peak)
-                    times[key]["prefill"].append(pre_s)
-                    times[key]["decode"].append(dec_s)
-                bar.update(1)
-    finally:
-        for k, m in models.items():
-            m.train(training[k])
-        gc.collect()
-
-    stats = {}
-    for key, m in models.items():
-        if is_cuda:
-            peak, kind = peak_bytes[key] / _MIB, "cuda_weights+run_peak"
-        else:
-            peak, kind = weight_bytes[key] / _MIB, f"{device.type}_weights"
-        stats[key] = SpeedStats.from_times(
-            times[key]["prefill"],
-            times[key]["decode"],
-            prefill_tokens=batch_size * prompt_len,
-            decode_tokens=batch_size * new_tokens,
-            peak_memory_mib=peak,
-            memory_kind=kind,
-            params=_param_count(m),
-            weights_mib=weight_bytes[key] / _MIB,
-            prefill_logits="last" if keep_last[key] else "all",
-        )
-        bad = [t for t in times[key]["prefill"] + times[key]["decode"] if not (t > 0 and math.isfinite(t))]
-        if bad:
-            logger.warning("compare_speed: %s had non-positive timings %s; the clock is too coarse", key, bad)
-
-    import transformers  # local: only for the version string
-
-    settings = {
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "warmup": warmup,
-        "seed": seed,
-        "vocab_sampled": vocab,
-        "dtype": dtype_name,
-        "device": str(device),
-        "device_name": _device_name(device),
-        "order": "alternating model, baseline per round",
-        "decode": "hand-written greedy loop with KV cache, new_tokens single-token steps after the prefill",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+    stats = {
+        key: _model_stats(key, m, times[key], peak_bytes=peak_bytes[key], weight_bytes=weight_bytes[key],
+                          keep_last=keep_last[key], device=device, prefill_tokens=batch_size * prompt_len,
+                          decode_tokens=batch_size * new_tokens)
+        for key, m in models.items()
     }
+    settings = _settings(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                         warmup=warmup, seed=seed, vocab=vocab, dtype_name=dtype_name, device=device)
     result = SpeedComparison(model=stats["model"], baseline=stats["baseline"], settings=settings)
     logger.info("%s", result.format())
     return result

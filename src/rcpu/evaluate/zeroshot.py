@@ -343,6 +343,110 @@ def _parse_metrics(entry: Mapping) -> dict[str, tuple[float, float | None]]:
     return out
 
 
+def _check_batch_size(batch_size: int | str) -> int | str:
+    """A positive int, ``"auto"`` or ``"auto:N"``; a digit string becomes an int, as on the command line."""
+    if isinstance(batch_size, str):
+        text = batch_size.strip()
+        if text.isdigit():
+            batch_size = int(text)
+        elif not (text == "auto" or (text.startswith("auto:") and text[5:].replace(".", "", 1).isdigit())):
+            raise RcpuError(f"zero-shot: batch_size must be a positive integer, 'auto' or 'auto:N', got {batch_size!r}")
+        else:
+            batch_size = text
+    if isinstance(batch_size, bool) or (isinstance(batch_size, int) and batch_size < 1):
+        raise RcpuError(f"zero-shot: batch_size must be at least 1, got {batch_size!r}")
+    return batch_size
+
+
+def _check_counts(limit: int | None, num_fewshot: int) -> None:
+    """Reject a bad ``limit`` or ``num_fewshot`` before lm-eval is imported and tasks are indexed."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise RcpuError(f"zero-shot: limit must be a positive integer or None, got {limit!r}")
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise RcpuError(f"zero-shot: num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+
+
+def _run_harness(
+    lm_eval,
+    HFLM,
+    model,
+    tokenizer,
+    task_objects: list,
+    manager,
+    *,
+    batch_size: int | str,
+    device,
+    limit: int | None,
+    num_fewshot: int,
+    version: str,
+) -> dict:
+    """``lm_eval.simple_evaluate`` on the in-memory model; its raw output.
+
+    The model's training flag and the global random generators (which ``simple_evaluate``
+    reseeds) are restored afterwards, so scoring leaves no trace on the caller's state.
+    """
+    was_training = model.training
+    rng_state = _save_rng()  # simple_evaluate reseeds the global Python / NumPy / torch generators
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if device is not None:
+            # HFLM ignores `device` for a pre-built model and sends inputs to model.device.
+            lm._device = torch.device(device)
+        logger.info(
+            "zero-shot: %s (%d-shot%s) with lm-eval %s",
+            ", ".join(t.task_name for t in task_objects),
+            num_fewshot,
+            "" if limit is None else f", limit {limit}",
+            version,
+        )
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_objects,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
+    finally:
+        model.train(was_training)
+        _restore_rng(rng_state)
+    if out is None:  # only happens on non-zero ranks of a distributed run
+        raise RcpuError("zero-shot: lm-eval returned no results (non-zero rank?); run it in a single process")
+    return out
+
+
+def _result_rows(out: Mapping, task_objects: list, metrics: Mapping[str, str] | None,
+                 num_fewshot: int) -> dict[str, dict]:
+    """One :class:`ZeroShotResult` row per evaluated task, from the harness's output.
+
+    Warns where a task's config pinned another shot count, and where a metrics override
+    names a task that was not evaluated, since either would silently change what is reported.
+    """
+    results = out.get("results", {})
+    n_samples = out.get("n-samples", {})
+    rows: dict[str, dict] = {}
+    for task in task_objects:
+        name = task.task_name
+        parsed = _parse_metrics(results.get(name, {}))
+        metric = select_metric(name, parsed, metrics)
+        value, stderr = parsed[metric]
+        n = n_samples.get(name, {}).get("effective")
+        rows[name] = {
+            "metric": metric,
+            "value": value,
+            "stderr": stderr,
+            "n": int(n) if n is not None else None,
+            "metrics": {m: v for m, (v, _) in parsed.items()},
+        }
+        shots = out.get("n-shot", {}).get(name)
+        if shots is not None and shots != num_fewshot:
+            logger.warning("zero-shot: task %s ran %s-shot (its config pins it), not %d-shot", name, shots, num_fewshot)
+    for name in (metrics or {}):
+        if name not in rows:
+            logger.warning("zero-shot: metrics override for %r ignored; that task was not evaluated", name)
+    return rows
+
+
 def zero_shot(
     model,
     tokenizer,
@@ -376,20 +480,8 @@ def zero_shot(
         RcpuError: lm-eval missing, bad arguments, an unknown task, a dataset that cannot
             be downloaded, or a metric override the task does not report.
     """
-    if isinstance(batch_size, str):
-        text = batch_size.strip()
-        if text.isdigit():
-            batch_size = int(text)
-        elif not (text == "auto" or (text.startswith("auto:") and text[5:].replace(".", "", 1).isdigit())):
-            raise RcpuError(f"zero-shot: batch_size must be a positive integer, 'auto' or 'auto:N', got {batch_size!r}")
-        else:
-            batch_size = text
-    if isinstance(batch_size, bool) or (isinstance(batch_size, int) and batch_size < 1):
-        raise RcpuError(f"zero-shot: batch_size must be at least 1, got {batch_size!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise RcpuError(f"zero-shot: limit must be a positive integer or None, got {limit!r}")
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise RcpuError(f"zero-shot: num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+    batch_size = _check_batch_size(batch_size)
+    _check_counts(limit, num_fewshot)
     names = _task_names(tasks)
 
     lm_eval, HFLM, TaskManager = _import_lm_eval()
@@ -397,56 +489,11 @@ def zero_shot(
     manager = _task_manager(TaskManager, os.fspath(include_path) if include_path is not None else None)
     task_objects = _load_tasks(manager, names)
 
-    was_training = model.training
-    rng_state = _save_rng()  # simple_evaluate reseeds the global Python / NumPy / torch generators
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        if device is not None:
-            # HFLM ignores `device` for a pre-built model and sends inputs to model.device.
-            lm._device = torch.device(device)
-        logger.info(
-            "zero-shot: %s (%d-shot%s) with lm-eval %s",
-            ", ".join(t.task_name for t in task_objects),
-            num_fewshot,
-            "" if limit is None else f", limit {limit}",
-            version,
-        )
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_objects,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-        )
-    finally:
-        model.train(was_training)
-        _restore_rng(rng_state)
-    if out is None:  # only happens on non-zero ranks of a distributed run
-        raise RcpuError("zero-shot: lm-eval returned no results (non-zero rank?); run it in a single process")
-
-    results = out.get("results", {})
-    n_samples = out.get("n-samples", {})
-    rows: dict[str, dict] = {}
-    for task in task_objects:
-        name = task.task_name
-        parsed = _parse_metrics(results.get(name, {}))
-        metric = select_metric(name, parsed, metrics)
-        value, stderr = parsed[metric]
-        n = n_samples.get(name, {}).get("effective")
-        rows[name] = {
-            "metric": metric,
-            "value": value,
-            "stderr": stderr,
-            "n": int(n) if n is not None else None,
-            "metrics": {m: v for m, (v, _) in parsed.items()},
-        }
-        shots = out.get("n-shot", {}).get(name)
-        if shots is not None and shots != num_fewshot:
-            logger.warning("zero-shot: task %s ran %s-shot (its config pins it), not %d-shot", name, shots, num_fewshot)
-    for name in (metrics or {}):
-        if name not in rows:
-            logger.warning("zero-shot: metrics override for %r ignored; that task was not evaluated", name)
+    out = _run_harness(
+        lm_eval, HFLM, model, tokenizer, task_objects, manager,
+        batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot, version=version,
+    )
+    rows = _result_rows(out, task_objects, metrics, num_fewshot)
 
     values = [row["value"] for row in rows.values()]
     mean = math.fsum(values) / len(values) if values else math.nan

@@ -361,26 +361,29 @@ def _verify(path: Path, expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuan
         raise RcpuError(f"the GGUF file did not read back as written ({missing[:3]}); nothing was saved")
 
 
-def export_gguf(
-    model: nn.Module,
-    tokenizer,
-    path: str | os.PathLike,
-    *,
-    quant: str = "f16",
-    tokenizer_gguf: str | os.PathLike | None = None,
-    provenance: dict | None = None,
-    name: str | None = None,
-    overwrite: bool = False,
-) -> GGUFExportReport:
-    """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
+@dataclass(frozen=True)
+class _Layout:
+    """The llama.cpp graph a model is written for, and what that graph needs beyond the HF weights."""
 
-    ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` metadata is copied unchanged (use the file
-    the model came from); otherwise the vocabulary is built from ``tokenizer``. ``provenance`` is
-    rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
-    """
-    if quant not in GGUF_QUANTS:
-        raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
-    out = check_gguf_target(path, overwrite)
+    model_type: str  #: HF model_type without an ``rcpu_`` prefix
+    arch: gguf.MODEL_ARCH
+    permute: bool  #: q/k rows go into llama.cpp's interleaved RoPE order
+    widths: list[dict]  #: per layer: num_attention_heads, num_key_value_heads, intermediate_size
+    head_dim: int
+    uniform: bool  #: every layer has the same widths
+    zero_o_bias: bool  #: write a zero o_proj bias (a qwen2 model written as llama)
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+    def per_layer(self, key: str) -> int | list[int]:
+        """One value for a uniform model, llama.cpp's per-layer array otherwise."""
+        return self.widths[0][key] if self.uniform else [w[key] for w in self.widths]
+
+
+def _layout(model: nn.Module) -> _Layout:
+    """Pick the llama.cpp graph that can run ``model`` as pruned."""
     config = model.config
     model_type = str(getattr(config, "model_type", "")).removeprefix("rcpu_")
     if model_type not in _ARCHS:
@@ -403,88 +406,138 @@ def export_gguf(
         # llama.cpp's llama and qwen2 graphs take one width for all layers; its "deci" graph (the llama
         # layout with per-layer head counts and MLP widths, made for Nemotron-NAS models) takes arrays.
         arch, permute = gguf.MODEL_ARCH.DECI, True
-    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2 and not o_bias
+    return _Layout(model_type, arch, permute, widths, head_dim, uniform, zero_o_bias)
+
+
+def _exportable_rope_scaling(config) -> dict | None:
+    """The model's RoPE scaling, if any; only the kinds llama.cpp's metadata can express here pass."""
     scaling = _rope_scaling(config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "linear":
         raise RcpuError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} cannot be exported "
                         f"to GGUF by rcpu yet (supported: none, linear)")
+    return scaling
+
+
+def _add_provenance(writer: gguf.GGUFWriter, prov: dict) -> None:
+    """``general.*`` keys that say how the model was pruned (and recovered), so the file tells its origin."""
+    pconf, pparams, pmodel = prov.get("config") or {}, prov.get("params") or {}, prov.get("model") or {}
+    source = pmodel.get("source")
+    writer.add_description(
+        f"pruned with rcpu (method {pconf.get('method')}, ratio {pconf.get('pruning_ratio')}) "
+        f"from {source}")
+    writer.add_string("general.rcpu.source", str(source))
+    writer.add_string("general.rcpu.method", str(pconf.get("method")))
+    writer.add_float32("general.rcpu.pruning_ratio", float(pconf.get("pruning_ratio") or 0.0))
+    if pparams.get("ratio_attn_mlp") is not None:
+        writer.add_float32("general.rcpu.achieved_ratio_attn_mlp", float(pparams["ratio_attn_mlp"]))
+    for key in ("score", "compensation", "allocation"):
+        if pconf.get(key) is not None:
+            writer.add_string(f"general.rcpu.{key}", str(pconf[key]))
+    recovery = (prov.get("recovery") or {}).get("config") or {}
+    if recovery:  # distilled after pruning (rcpu recover)
+        writer.add_uint64("general.rcpu.recovery_tokens", int(recovery.get("tokens") or 0))
+        writer.add_string("general.rcpu.recovery_parameters", str(recovery.get("parameters")))
+
+
+def _add_general(writer: gguf.GGUFWriter, name: str, provenance: dict | None, quant: str) -> None:
+    """File-level metadata: type, name, provenance, rcpu's version and the file's quantisation."""
+    qtype, ftype = GGUF_QUANTS[quant]
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    if provenance:
+        _add_provenance(writer, provenance)
+    from importlib import metadata
+
+    try:
+        writer.add_string("general.rcpu.version", metadata.version("rcpu"))
+    except metadata.PackageNotFoundError:
+        pass
+    writer.add_file_type(int(ftype))
+    if qtype not in (_Q.F32, _Q.F16, _Q.BF16):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config, layout: _Layout, n_vocab: int, hidden: int,
+                 scaling: dict | None) -> None:
+    """The architecture keys, with head sizes written explicitly since pruning breaks hidden / heads."""
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(len(layout.widths))
+    writer.add_feed_forward_length(layout.per_layer("intermediate_size"))
+    writer.add_head_count(layout.per_layer("num_attention_heads"))
+    writer.add_head_count_kv(layout.per_layer("num_key_value_heads"))
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    if scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, layout: _Layout, quant: str,
+                 fallbacks: list[dict]) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
+    """Queue every tensor in its stored type; returns name -> (shape, type), what the read-back expects."""
+    qtype = GGUF_QUANTS[quant][0]
+    expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]] = {}
+    for tname, data in _tensor_plan(model, layout.arch, layout.permute, layout.widths, layout.zero_o_bias):
+        stored, stype = _quantise(tname, data, qtype, fallbacks)
+        writer.add_tensor(tname, stored, raw_dtype=stype if stype in (_Q.BF16, *_BLOCK_TYPES) else None)
+        expected[tname] = (tuple(data.shape), stype)
+    return expected
+
+
+def _write_file(writer: gguf.GGUFWriter) -> None:
+    """Header, metadata, then the queued tensors: the order the gguf writer requires."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_gguf(
+    model: nn.Module,
+    tokenizer,
+    path: str | os.PathLike,
+    *,
+    quant: str = "f16",
+    tokenizer_gguf: str | os.PathLike | None = None,
+    provenance: dict | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> GGUFExportReport:
+    """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
+
+    ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` metadata is copied unchanged (use the file
+    the model came from); otherwise the vocabulary is built from ``tokenizer``. ``provenance`` is
+    rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
+    """
+    if quant not in GGUF_QUANTS:
+        raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
+    out = check_gguf_target(path, overwrite)
+    layout = _layout(model)
+    scaling = _exportable_rope_scaling(model.config)
     embed = model.get_input_embeddings().weight
     n_vocab, hidden = int(embed.shape[0]), int(embed.shape[1])
-    qtype, ftype = GGUF_QUANTS[quant]
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, arch_name)
-        prov = provenance or {}
-        pconf, pparams, pmodel = prov.get("config") or {}, prov.get("params") or {}, prov.get("model") or {}
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or out.stem)
-        source = pmodel.get("source")
-        if prov:
-            writer.add_description(
-                f"pruned with rcpu (method {pconf.get('method')}, ratio {pconf.get('pruning_ratio')}) "
-                f"from {source}")
-            writer.add_string("general.rcpu.source", str(source))
-            writer.add_string("general.rcpu.method", str(pconf.get("method")))
-            writer.add_float32("general.rcpu.pruning_ratio", float(pconf.get("pruning_ratio") or 0.0))
-            if pparams.get("ratio_attn_mlp") is not None:
-                writer.add_float32("general.rcpu.achieved_ratio_attn_mlp", float(pparams["ratio_attn_mlp"]))
-            for key in ("score", "compensation", "allocation"):
-                if pconf.get(key) is not None:
-                    writer.add_string(f"general.rcpu.{key}", str(pconf[key]))
-            recovery = (prov.get("recovery") or {}).get("config") or {}
-            if recovery:  # distilled after pruning (rcpu recover)
-                writer.add_uint64("general.rcpu.recovery_tokens", int(recovery.get("tokens") or 0))
-                writer.add_string("general.rcpu.recovery_parameters", str(recovery.get("parameters")))
-        from importlib import metadata
-
-        try:
-            writer.add_string("general.rcpu.version", metadata.version("rcpu"))
-        except metadata.PackageNotFoundError:
-            pass
-        writer.add_file_type(int(ftype))
-        if qtype not in (_Q.F32, _Q.F16, _Q.BF16):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        writer.add_vocab_size(n_vocab)
-        writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(len(widths))
-
-        def per_layer(key: str) -> int | list[int]:
-            return widths[0][key] if uniform else [w[key] for w in widths]
-
-        writer.add_feed_forward_length(per_layer("intermediate_size"))
-        writer.add_head_count(per_layer("num_attention_heads"))
-        writer.add_head_count_kv(per_layer("num_key_value_heads"))
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(_rope_theta(config))
-        if scaling is not None:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-
+        writer = gguf.GGUFWriter(tmp, layout.name)
+        _add_general(writer, name or out.stem, provenance, quant)
+        _add_hparams(writer, model.config, layout, n_vocab, hidden, scaling)
         if tokenizer_gguf is not None:
             _copy_tokenizer(writer, Path(tokenizer_gguf), n_vocab)
             tok_desc = f"copied from {Path(tokenizer_gguf).name}"
         else:
             tok_desc = _build_tokenizer(writer, tokenizer, n_vocab)
-
         fallbacks: list[dict] = []
-        expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]] = {}
-        zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2 and not o_bias
-        for tname, data in _tensor_plan(model, arch, permute, widths, zero_o_bias):
-            stored, stype = _quantise(tname, data, qtype, fallbacks)
-            writer.add_tensor(tname, stored, raw_dtype=stype if stype in (_Q.BF16, *_BLOCK_TYPES) else None)
-            expected[tname] = (tuple(data.shape), stype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        expected = _add_tensors(writer, model, layout, quant, fallbacks)
+        _write_file(writer)
         _verify(tmp, expected)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
@@ -493,8 +546,9 @@ def export_gguf(
         raise
     for fb in fallbacks:
         logger.warning("%s %s stored as f16: %s", fb["tensor"], fb["shape"], fb["reason"])
-    report = GGUFExportReport(path=str(out), quant=quant, arch=arch_name, tensors=len(expected),
-                              bytes=out.stat().st_size, tokenizer=tok_desc, uniform=uniform, fallbacks=fallbacks)
+    report = GGUFExportReport(path=str(out), quant=quant, arch=layout.name, tensors=len(expected),
+                              bytes=out.stat().st_size, tokenizer=tok_desc, uniform=layout.uniform,
+                              fallbacks=fallbacks)
     logger.info("wrote %s", out)
     return report
 

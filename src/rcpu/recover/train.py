@@ -203,21 +203,116 @@ class TrainResult:
     after: dict  #: the same after training
 
 
-def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg: RecoverConfig, *,
-          device: torch.device, ctx: DistContext, work_dir: Path | None = None, resume: bool = False,
-          digest: str = "", autocast: torch.dtype | None = None, progress: bool = True,
-          rebuild: Callable[[], nn.Module] | None = None, eval_sets: dict[str, torch.Tensor] | None = None
-          ) -> TrainResult:
-    """Distil ``teacher`` into ``student`` for ``cfg.steps()`` global batches; see the module docstring.
+@dataclass
+class _Run:
+    """One run's models, optimiser, clock and records: the state the step, measurement and checkpoint
+    helpers share, so each stays small; a checkpoint saves the records."""
 
-    ``rebuild`` makes a fresh copy of the untrained student (needed with ``cfg.fsdp`` to gather the
-    result on rank 0). ``eval_sets`` (name -> windows) are measured before and after training.
-    """
-    eval_sets = eval_sets or {}
-    steps = cfg.steps()
-    if cfg.batch_size % ctx.world:
-        raise RcpuError(f"--batch_size {cfg.batch_size} is not divisible by the {ctx.world} processes; "
-                        "give a global batch that splits evenly")
+    pair: Pair
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    windows: TrainingWindows
+    cfg: RecoverConfig
+    ctx: DistContext
+    device: torch.device
+    steps: int
+    work_dir: Path | None
+    digest: str
+    eval_sets: dict[str, torch.Tensor]
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    done: int = 0  #: steps already taken when this process started (resume)
+    curve: list = field(default_factory=list)
+    heldout_curve: list = field(default_factory=list)
+    seconds: float = 0.0  #: training time of the earlier (resumed) parts
+    before: dict = field(default_factory=dict)
+    start_time: float = 0.0  #: perf_counter when this process's loop began
+    side: float = 0.0  #: time since then spent measuring and checkpointing, which is not training time
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in ``work_dir``: weights, optimiser state and the records so far."""
+        meta = load_checkpoint(self.work_dir, self.pair.student, self.optimizer, self.pair.sharding)
+        if meta.get("digest") != self.digest:
+            raise RcpuError(f"{self.work_dir} was written with other settings or another model; remove it, or "
+                            "resume with the settings it was started with")
+        self.done, self.curve, self.heldout_curve = meta["step"], meta["curve"], meta["heldout_curve"]
+        self.seconds, self.before = meta["train_seconds"], meta.get("before", {})
+        if self.ctx.main:
+            logger.info("resuming recovery at step %d of %d", self.done, self.steps)
+
+    def measure(self, step: int) -> None:
+        """Held-out metrics after ``step`` steps, recorded on rank 0 (sharded models measure on every rank)."""
+        if not (self.ctx.main or self.pair.sharding.sharded):
+            return self.ctx.barrier()
+        m = self.pair.measure(self.windows.heldout, self.cfg.batch_size)
+        if self.ctx.main:
+            self.heldout_curve.append({"step": step, "tokens": step * self.cfg.window_tokens(), **m})
+            logger.info("step %d: held-out KL %.4f, loss %.4f (teacher %.4f)", step, m["kl"], m["loss"],
+                        m["teacher_loss"])
+        self.ctx.barrier()
+
+    def checkpoint(self, step: int, elapsed: float) -> None:
+        """Save weights, optimiser and records after ``step`` steps (rank 0 writes; all ranks wait)."""
+        if self.work_dir is not None:
+            state = self.pair.sharding.trained_state(self.pair.student, self.optimizer)  # collective under FSDP
+            if self.ctx.main:
+                save_checkpoint(self.work_dir, *state, {
+                    "step": step, "digest": self.digest, "curve": self.curve, "heldout_curve": self.heldout_curve,
+                    "train_seconds": elapsed, "steps": self.steps, "before": self.before})
+        self.ctx.barrier()
+
+    def measure_sets(self) -> dict:
+        """Metrics on every eval set, by name ({} on ranks that do not measure)."""
+        if not (self.ctx.main or self.pair.sharding.sharded):
+            return {}
+        return {name: self.pair.measure(w, self.cfg.batch_size) for name, w in self.eval_sets.items()}
+
+    def update(self, step: int) -> float:
+        """One optimiser step on this rank's slice of global batch ``step``; the loss averaged over ranks."""
+        per = self.cfg.batch_size // self.ctx.world
+        batch = self.windows.batch(step, self.cfg.batch_size)[self.ctx.rank * per:(self.ctx.rank + 1) * per]
+        loss = self.pair.loss(batch.to(self.device), self.cfg.alpha)
+        loss.backward()
+        if self.cfg.max_grad_norm > 0:  # DTensor gradients under FSDP: the norm of the whole gradient
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.ctx.mean(float(loss.detach()), self.device)
+
+    def step(self, step: int, bar: tqdm) -> None:
+        """Train on global batch ``step``, record it, then measure / checkpoint where due (off the clock)."""
+        value = self.update(step)
+        elapsed = self.seconds + time.perf_counter() - self.start_time - self.side
+        self.curve.append({"step": step + 1, "tokens": (step + 1) * self.cfg.window_tokens(), "loss": value,
+                           "lr": self.scheduler.get_last_lr()[0], "seconds": round(elapsed, 3)})
+        rate = (step + 1 - self.done) * self.cfg.window_tokens() / max(1e-9, elapsed - self.seconds)
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        last = step + 1 == self.steps
+        t_side = time.perf_counter()  # measuring and checkpointing are not training time
+        if last or (self.cfg.eval_every and (step + 1) % self.cfg.eval_every == 0):
+            self.measure(step + 1)
+        if self.cfg.save_every and (step + 1) % self.cfg.save_every == 0 and not last:
+            self.checkpoint(step + 1, elapsed)
+        self.side += time.perf_counter() - t_side
+
+    def result(self, rebuild: Callable[[], nn.Module] | None, memory: dict) -> TrainResult:
+        """Measure the eval sets again and gather the trained student, adapters merged, on rank 0."""
+        after = self.measure_sets()
+        self.ctx.barrier()
+        sharding = self.pair.sharding
+        full = sharding.full_model(self.pair.inner if not sharding.sharded else self.pair.student, rebuild)
+        merged = None if full is None else merge_trainable(getattr(full, "model", full))
+        return TrainResult(model=merged, curve=self.curve, heldout_curve=self.heldout_curve, steps=self.steps,
+                           resumed_at=self.done, train_seconds=self.seconds,
+                           tokens=self.steps * self.cfg.window_tokens(), memory=memory, before=self.before,
+                           after=after)
+
+
+def _prepare(student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, ctx: DistContext, device: torch.device,
+             autocast: torch.dtype | None) -> tuple[Pair, list[nn.Parameter], torch.optim.Optimizer]:
+    """Freeze the teacher, make the student's chosen parameters trainable, wrap both for the placement
+    in use, and build the optimiser over what trains."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -229,85 +324,43 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
     pair = Pair.build(model, teacher, cfg, sharding, device, autocast)
     params = [p for p in pair.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
-    done, curve, heldout_curve, seconds, before = 0, [], [], 0.0, {}
+    return pair, params, optimizer
+
+
+def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg: RecoverConfig, *,
+          device: torch.device, ctx: DistContext, work_dir: Path | None = None, resume: bool = False,
+          digest: str = "", autocast: torch.dtype | None = None, progress: bool = True,
+          rebuild: Callable[[], nn.Module] | None = None, eval_sets: dict[str, torch.Tensor] | None = None
+          ) -> TrainResult:
+    """Distil ``teacher`` into ``student`` for ``cfg.steps()`` global batches; see the module docstring.
+
+    ``rebuild`` makes a fresh copy of the untrained student (needed with ``cfg.fsdp`` to gather the
+    result on rank 0). ``eval_sets`` (name -> windows) are measured before and after training.
+    """
+    steps = cfg.steps()
+    if cfg.batch_size % ctx.world:
+        raise RcpuError(f"--batch_size {cfg.batch_size} is not divisible by the {ctx.world} processes; "
+                        "give a global batch that splits evenly")
+    pair, params, optimizer = _prepare(student, teacher, cfg, ctx, device, autocast)
+    run = _Run(pair, params, optimizer, windows, cfg, ctx, device, steps, work_dir, digest, eval_sets or {})
     if resume and work_dir is not None and (work_dir / "checkpoint").exists():
-        meta = load_checkpoint(work_dir, pair.student, optimizer, sharding)
-        if meta.get("digest") != digest:
-            raise RcpuError(f"{work_dir} was written with other settings or another model; remove it, or resume with "
-                            "the settings it was started with")
-        done, curve, heldout_curve = meta["step"], meta["curve"], meta["heldout_curve"]
-        seconds, before = meta["train_seconds"], meta.get("before", {})
-        if ctx.main:
-            logger.info("resuming recovery at step %d of %d", done, steps)
-    scheduler = _schedule(optimizer, cfg, steps, done)
-
-    def measure(step: int) -> None:
-        if not (ctx.main or sharding.sharded):
-            return ctx.barrier()
-        m = pair.measure(windows.heldout, cfg.batch_size)
-        if ctx.main:
-            heldout_curve.append({"step": step, "tokens": step * cfg.window_tokens(), **m})
-            logger.info("step %d: held-out KL %.4f, loss %.4f (teacher %.4f)", step, m["kl"], m["loss"],
-                        m["teacher_loss"])
-        ctx.barrier()
-
-    def checkpoint(step: int, elapsed: float) -> None:
-        if work_dir is not None:
-            state = sharding.trained_state(pair.student, optimizer)  # collective under FSDP
-            if ctx.main:
-                save_checkpoint(work_dir, *state, {"step": step, "digest": digest, "curve": curve,
-                                                   "heldout_curve": heldout_curve, "train_seconds": elapsed,
-                                                   "steps": steps, "before": before})
-        ctx.barrier()
-
-    def measure_sets() -> dict:
-        if not (ctx.main or sharding.sharded):
-            return {}
-        return {name: pair.measure(w, cfg.batch_size) for name, w in eval_sets.items()}
-
-    if done == 0:
-        before = measure_sets()
-        measure(0)
-    bar = tqdm(total=steps, initial=done, desc="recover", unit="step", disable=not (progress and ctx.main),
+        run.resume()
+    run.scheduler = _schedule(optimizer, cfg, steps, run.done)
+    if run.done == 0:
+        run.before = run.measure_sets()
+        run.measure(0)
+    bar = tqdm(total=steps, initial=run.done, desc="recover", unit="step", disable=not (progress and ctx.main),
                dynamic_ncols=True)
-    start_time, side = time.perf_counter(), [0.0]
-    per = cfg.batch_size // ctx.world
+    run.start_time, run.side = time.perf_counter(), 0.0
     with PeakMemory(device) as peak:
         try:
-            for step in range(done, steps):
-                batch = windows.batch(step, cfg.batch_size)[ctx.rank * per:(ctx.rank + 1) * per].to(device)
-                loss = pair.loss(batch, cfg.alpha)
-                loss.backward()
-                if cfg.max_grad_norm > 0:  # DTensor gradients under FSDP: the norm of the whole gradient
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                value = ctx.mean(float(loss.detach()), device)
-                elapsed = seconds + time.perf_counter() - start_time - side[0]
-                curve.append({"step": step + 1, "tokens": (step + 1) * cfg.window_tokens(), "loss": value,
-                              "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 3)})
-                rate = (step + 1 - done) * cfg.window_tokens() / max(1e-9, elapsed - seconds)
-                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{rate:,.0f}")
-                bar.update(1)
-                last = step + 1 == steps
-                t_side = time.perf_counter()  # measuring and checkpointing are not training time
-                if last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                    measure(step + 1)
-                if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                    checkpoint(step + 1, elapsed)
-                side[0] += time.perf_counter() - t_side
+            for step in range(run.done, steps):
+                run.step(step, bar)
         except KeyboardInterrupt:
             if ctx.main and work_dir is not None:
                 logger.warning("interrupted; the last checkpoint in %s continues with --resume", work_dir)
             raise
         finally:
             bar.close()
-    seconds += time.perf_counter() - start_time - side[0]
-    after = measure_sets()
-    ctx.barrier()
-    full = sharding.full_model(pair.inner if not sharding.sharded else pair.student, rebuild)
-    merged = None if full is None else merge_trainable(getattr(full, "model", full))
-    return TrainResult(model=merged, curve=curve, heldout_curve=heldout_curve, steps=steps, resumed_at=done,
-                       train_seconds=seconds, tokens=steps * cfg.window_tokens(), memory=peak.result,
-                       before=before, after=after)
+    run.seconds += time.perf_counter() - run.start_time - run.side
+    return run.result(rebuild, peak.result)

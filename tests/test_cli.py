@@ -123,18 +123,14 @@ def test_empty_calib_file_fails_before_the_model_loads(tiny_checkpoint, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_refinement_intercept_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
+def test_refinement_and_gram_dtype_flags_reach_the_provenance(tiny_checkpoint, tmp_path):
     out = tmp_path / "refined"
     assert main(_prune_args(tiny_checkpoint, "--method", "ridge", "--pruning_ratio", "0.5", "--eval", "none",
                             "--refine_epochs", "2", "--refine_lr", "5e-4", "--gram_dtype", "float32",
-                            "--intercept", "--save_model", str(out))) == 0
+                            "--save_model", str(out))) == 0
     prov = json.loads((out / "rcpu_provenance.json").read_text())
     cfg = prov["config"]
     assert cfg["refine_epochs"] == 2 and cfg["refine_lr"] == 5e-4 and cfg["gram_dtype"] == "float32"
-    assert cfg["intercept"] is True
-    assert all(layer[part]["intercept"] for layer in prov["layers"] for part in ("attn", "mlp"))
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["attention_bias"] and saved["mlp_bias"]  # the fitted intercepts, on a Llama
     assert "heldout_windows" in prov["calibration"]
     for layer in prov["layers"]:
         log = layer["refine"]
@@ -170,19 +166,19 @@ def test_prune_flags_are_generated_from_the_config_fields(capsys):
     values = _config_values(PruneConfig, _parse(
         "prune", "--method", "flap-ridge", "--pruning-ratio", "0.35", "--no-compensate_attn", "--no-compensate-mlp",
         "--ridge_lambda", "auto", "--ridge-grid", "0.01, 0.1,1", "--ridge_lambda_absolute", "--no-rebalance",
-        "--intercept", "--choice-per-row", "--rotation_proper", "--gram_dtype", "float32", "--head-unit", "group",
-        "--selection", "greedy", "--selection_block", "4", "--refine_epochs", "2", "--refine-lr", "5e-4",
+        "--rotation_proper", "--gram_dtype", "float32", "--head-unit", "group", "--allocation", "error",
+        "--selection_block", "4", "--refine_epochs", "2", "--refine-lr", "5e-4",
         "--nsamples", "16", "--batch_size", "4", "--seed", "7"))
     expect = dict(method="flap-ridge", pruning_ratio=0.35, compensate_attn=False, compensate_mlp=False,
                   ridge_lambda="auto", ridge_grid=(0.01, 0.1, 1.0), ridge_lambda_relative=False, rebalance=False,
-                  intercept=True, choice_per_row=True, rotation_proper=True, gram_dtype="float32", head_unit="group",
-                  selection="greedy", selection_block=4, refine_epochs=2, refine_lr=5e-4, nsamples=16,
+                  rotation_proper=True, gram_dtype="float32", head_unit="group", allocation="error",
+                  selection_block=4, refine_epochs=2, refine_lr=5e-4, nsamples=16,
                   batch_size=4, seed=7, score=None, compensation=None)
     assert {k: values[k] for k in expect} == expect
     cfg = _config_from_args(PruneConfig, _parse("prune", "--method", "ridge", "--ridge-lambda", "0.05",
-                                                "--targets", "dense"))
+                                                "--statistics", "dense"))
     # validated: the preset's settings are plain fields
-    assert (cfg.ridge_lambda, cfg.score, cfg.compensation, cfg.targets, cfg.allocation) == \
+    assert (cfg.ridge_lambda, cfg.score, cfg.compensation, cfg.statistics, cfg.allocation) == \
         (0.05, "rcpu", "ridge", "dense", "uniform")
     for argv, message in ((["--ridge_lambda", "x"], "--ridge_lambda must be a number or 'auto', got 'x'"),
                           (["--ridge_grid", "1,a"], "--ridge_grid must be comma-separated numbers, got '1,a'")):
@@ -197,6 +193,6 @@ def test_validate_resolves_the_preset_once():
         raw = PruneConfig(method=method)
         cfg = raw.validate()
         assert all(getattr(raw, name) is None for name in DEFAULTS)  # the caller's config is left as given
-        assert all(getattr(cfg, name) == getattr(raw, f"resolved_{name}") for name in DEFAULTS)
+        assert all(getattr(cfg, name) == {**DEFAULTS, **PRESETS[method]}[name] for name in DEFAULTS)
         assert cfg.validate() == cfg and cfg.to_dict() == raw.to_dict()
     assert PruneConfig(method="flap", statistics="sequential").validate().statistics == "sequential"

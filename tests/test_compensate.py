@@ -155,10 +155,6 @@ def test_chunked_products_match_direct_formulas(monkeypatch):
     q = u @ vh
     s = torch.trace(q.T @ (y.T @ z)) / z.square().sum()
     torch.testing.assert_close(rs.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)
-    # the target-cross path (blocks of kept columns) gives the same rotation and errors
-    rt = comp.rotation(w, gram, kept, scale=True, target_cross=y.T @ x, target_sq=float(y.square().sum()))
-    torch.testing.assert_close(rt.weight, rs.weight, atol=1e-9, rtol=1e-9)
-    assert rt.info["rel_error"] == pytest.approx(rs.info["rel_error"], rel=1e-9)
     # a float32 weight is converted block by block; the result comes back in float32
     r32 = comp.rotation(w.float(), gram, kept, scale=True)
     assert r32.weight.dtype == torch.float32
@@ -182,101 +178,34 @@ def _stats(x: torch.Tensor) -> InputStats:
     return InputStats(x.shape[1], n=len(x), sum=x.sum(0), gram=x.T @ x, with_gram=True)
 
 
-def _with_intercept(kind: str, w: torch.Tensor, stats: InputStats, kept: torch.Tensor, **cfg_kw):
+def _compensate(w, stats, kept, cfg, heldout=None):
+    """The registry's compensation of a validated ``cfg``, as the pipeline calls it."""
+    from rcpu.compensations import Problem, compensate
+
+    cfg = cfg.validate()
+    return compensate(cfg.compensation, Problem(w, stats, kept, cfg, heldout))
+
+
+@pytest.mark.parametrize("n_calib", [30, 2000])
+def test_ridge_auto_picks_the_best_heldout_lambda(n_calib):
+    """ridge-auto: ridge over the grid, scored on held-out windows; the reported errors equal
+    direct computations on the held-out activations and the lowest one is returned."""
     from rcpu.config import PruneConfig
-    from rcpu.pipeline import _compensate
-
-    cfg = PruneConfig(method="ridge", compensation=kind, intercept=True, **cfg_kw)
-    return _compensate(kind, w, stats, kept, cfg)
-
-
-def test_intercept_equals_least_squares_with_a_constant_feature():
-    """--intercept with ridge at lambda 0: the direct solve of Y on [X_K; 1] from stored activations."""
-    w, x = _data()
-    kept = torch.tensor([0, 1, 3, 4, 6, 9, 10, 12, 15, 16, 18, 19])
-    res = _with_intercept("ridge", w, _stats(x), kept, ridge_lambda=0.0)
-    xd = x
-    design = torch.cat([xd[:, kept], torch.ones(len(xd), 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(design, xd @ w.T).solution.T  # d_out x (|K| + 1)
-    torch.testing.assert_close(res.weight, sol[:, :-1], atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(res.bias, sol[:, -1], atol=1e-9, rtol=1e-9)
-    y, fitted = xd @ w.T, xd[:, kept] @ res.weight.T + res.bias
-    direct = float((y - fitted).square().sum() / y.square().sum())
-    assert res.info["intercept"] and res.info["rel_error"] == pytest.approx(direct, rel=1e-9)
-    without = comp.ridge(w, _stats(x).gram, kept, 0.0, relative=False)
-    assert direct < _objective(w, xd, kept, without.weight) / float(y.square().sum())
-
-
-@pytest.mark.parametrize("kind", ["rotation", "rotation_scale"])
-def test_rotation_with_intercept_is_procrustes_on_centred_outputs(kind):
-    """Rotation plus translation: Q (and s) from the centred Y and Z, c = mean(Y) - s Q mean(Z)."""
-    w, x = _data(d_out=8, d_in=14, n=500, seed=2)
-    kept = torch.tensor([0, 1, 2, 4, 6, 7, 9, 11, 12, 13])
-    res = _with_intercept(kind, w, _stats(x), kept)
-    xd = x
-    y, z = xd @ w.T, xd[:, kept] @ w[:, kept].T
-    yc, zc = y - y.mean(0), z - z.mean(0)
-    u, _, vh = torch.linalg.svd(yc.T @ zc)
-    q = u @ vh
-    s = float(torch.trace(q.T @ (yc.T @ zc)) / zc.square().sum()) if kind == "rotation_scale" else 1.0
-    torch.testing.assert_close(res.weight, s * q @ w[:, kept], atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(res.bias, y.mean(0) - s * (z.mean(0) @ q.T), atol=1e-9, rtol=1e-9)
-    fitted = xd[:, kept] @ res.weight.T + res.bias
-    assert res.info["rel_error"] == pytest.approx(float((y - fitted).square().sum() / y.square().sum()), rel=1e-9)
-    assert res.info["rel_error_uncompensated"] == pytest.approx(
-        float((y - z).square().sum() / y.square().sum()), rel=1e-9)
-
-
-def test_reconstruction_errors_with_biases_match_direct():
-    w, x = _data(seed=4)
-    kept = torch.arange(0, 20, 2)
-    g = torch.Generator().manual_seed(5)
-    cands = [torch.randn(12, 10, generator=g, dtype=torch.float64) for _ in range(2)]
-    biases = [None, torch.randn(12, generator=g, dtype=torch.float64)]
-    got = comp.reconstruction_errors(w, x.T @ x, kept, cands, biases=biases, mean=x.mean(0), n=len(x))
-    y = x @ w.T
-    for err, b, c in zip(got, cands, biases, strict=True):
-        fitted = x[:, kept] @ b.T + (0 if c is None else c)
-        assert err == pytest.approx(float((y - fitted).square().sum() / y.square().sum()), rel=1e-10)
-    with pytest.raises(ValueError, match="mean and count"):
-        comp.reconstruction_errors(w, x.T @ x, kept, cands, biases=biases)
-
-
-def test_intercept_settings_are_validated():
-    from rcpu import RcpuError
-    from rcpu.config import PruneConfig
-
-    for kw, msg in [({"method": "flap", "intercept": True}, "bias compensation fits a bias alone"),
-                    ({"method": "wanda-sp", "intercept": True}, "not none"),
-                    ({"method": "ridge", "intercept": True, "targets": "dense"}, "--targets sequential"),
-                    ({"method": "ridge", "intercept": True, "token_weights": "inverse_rms"}, "--token_weights none")]:
-        with pytest.raises(RcpuError, match=msg):
-            PruneConfig(**kw).validate()
-    PruneConfig(method="flap-ridge", intercept=True).validate()
-
-
-@pytest.mark.parametrize("n_calib,grid", [(30, None), (2000, None), (12, (1e-4,))])
-def test_auto_compensation_picks_the_best_heldout_candidate(n_calib, grid):
-    """compensation auto: ridge over the grid, rotation and rotation+scale, scored on held-out
-    windows; the reported errors equal direct computations and the lowest one is returned."""
-    from rcpu.config import PruneConfig
-    from rcpu.pipeline import _compensate
 
     w, x = _data(d_out=8, d_in=24, n=n_calib + 500, seed=6)
     calib, held = x[:n_calib], x[n_calib:]
     kept = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11, 13, 14, 16, 17, 19, 20, 22, 23])
-    cfg = PruneConfig(method="ridge", compensation="auto", **({"ridge_grid": grid} if grid else {}))
-    res = _compensate("auto", w, _stats(calib), kept, cfg, heldout=_stats(held))
-    if grid:  # 12 tokens for 16 kept inputs: an almost unregularised least-squares fit overfits
-        assert res.info["chosen"].startswith("rotation") and "lambda" not in res.info
+    cfg = PruneConfig(method="ridge-auto")
+    res = _compensate(w, _stats(calib), kept, cfg, heldout=_stats(held))
     errors = res.info["heldout_errors"]
-    assert set(errors) == {f"{lam:g}" for lam in cfg.ridge_grid} | {"rotation", "rotation_scale"}
-    best = min(errors, key=errors.get)
-    assert res.info["chosen"] == (best if best.startswith("rotation") else "ridge")
+    assert set(errors) == {f"{lam:g}" for lam in cfg.ridge_grid} and res.info["lambda_auto"]
     y = held @ w.T
-    rot = comp.rotation(w, calib.T @ calib, kept, n_tokens=n_calib)
-    direct = float((y - held[:, kept] @ rot.weight.T).square().sum() / y.square().sum())
-    assert errors["rotation"] == pytest.approx(direct, rel=1e-9)
+    for lam in cfg.ridge_grid:
+        fit = comp.ridge(w, calib.T @ calib, kept, lam).weight
+        direct = float((y - held[:, kept] @ fit.T).square().sum() / y.square().sum())
+        assert errors[f"{lam:g}"] == pytest.approx(direct, rel=1e-9)
+    best = min(errors, key=errors.get)
+    assert f"{res.info['lambda']:g}" == best
     chosen_direct = float((y - held[:, kept] @ res.weight.T).square().sum() / y.square().sum())
     assert chosen_direct == pytest.approx(errors[best], rel=1e-9)
 
@@ -287,126 +216,35 @@ def test_lambdas_whose_system_is_not_positive_definite_are_skipped_or_refused():
     lambda, or a grid where all fail, gives a one-line error."""
     from rcpu import RcpuError
     from rcpu.config import PruneConfig
-    from rcpu.pipeline import _compensate
-
     w, x = _data(d_out=6, d_in=16, n=40, seed=8)
     stats = _stats(x[:5])  # 5 tokens for 16 inputs: G has a null space
     mean_diag = float(stats.gram.diagonal().mean())
     stats.gram -= 5e-3 * mean_diag * torch.eye(16, dtype=torch.float64)  # eigenvalues down to -5e-3 * mean
     kept = torch.arange(1, 16)
     cfg = PruneConfig(method="ridge", ridge_lambda="auto", ridge_grid=(1e-4, 1e-3, 1e-2, 0.1))
-    res = _compensate("ridge", w, stats, kept, cfg, heldout=_stats(x[5:]))
+    res = _compensate(w, stats, kept, cfg, heldout=_stats(x[5:]))
     assert res.info["lambdas_skipped"] == ["0.0001", "0.001"]
     assert set(res.info["heldout_errors"]) == {"0.01", "0.1"} and f"{res.info['lambda']:g}" in ("0.01", "0.1")
     with pytest.raises(RcpuError, match="not positive definite for any lambda"):
-        _compensate("ridge", w, stats, kept, PruneConfig(method="ridge", ridge_lambda="auto", ridge_grid=(1e-4,)),
+        _compensate(w, stats, kept, PruneConfig(method="ridge", ridge_lambda="auto", ridge_grid=(1e-4,)),
                     heldout=_stats(x[5:]))
     with pytest.raises(RcpuError, match="not positive definite at lambda 0.0001; use a larger --ridge_lambda"):
-        _compensate("ridge", w, stats, kept, PruneConfig(method="ridge", ridge_lambda=1e-4))
+        _compensate(w, stats, kept, PruneConfig(method="ridge", ridge_lambda=1e-4))
 
 
-@pytest.mark.parametrize("intercept", [False, True])
-def test_row_errors_are_direct_row_errors_and_sum_to_the_totals(intercept):
+def test_row_errors_are_direct_row_errors_and_sum_to_the_totals():
     w, x = _data(d_out=9, d_in=20, n=300, seed=11)
     kept = torch.tensor([0, 1, 3, 4, 6, 8, 9, 12, 13, 15, 16, 19])
     gen = torch.Generator().manual_seed(2)
     cands = [w[:, kept] + 0.1 * torch.randn(9, len(kept), generator=gen, dtype=torch.float64) for _ in range(3)]
-    biases = [torch.randn(9, generator=gen, dtype=torch.float64) for _ in cands] if intercept else None
-    kw = {"biases": biases, "mean": x.mean(0), "n": x.shape[0]} if intercept else {}
-    rows, y2 = comp.row_errors(w, x.T @ x, kept, cands, **kw)
+    rows, y2 = comp.row_errors(w, x.T @ x, kept, cands)
     y = x @ w.T
     assert y2 == pytest.approx(float(y.square().sum()), rel=1e-12)
-    totals = comp.reconstruction_errors(w, x.T @ x, kept, cands, **kw)
+    totals = comp.reconstruction_errors(w, x.T @ x, kept, cands)
     for i, (b, r) in enumerate(zip(cands, rows, strict=True)):
-        fitted = x[:, kept] @ b.T + (biases[i] if intercept else 0)
+        fitted = x[:, kept] @ b.T
         torch.testing.assert_close(r, (y - fitted).square().sum(0), rtol=1e-10, atol=1e-9)
         assert totals[i] == pytest.approx(float(r.sum()) / y2, rel=1e-12)
-
-
-@pytest.mark.parametrize("compensation", ["ridge", "auto"])
-def test_choice_per_row_takes_each_row_from_its_best_candidate(compensation):
-    """--choice_per_row: row i of the result is row i of the candidate with the lowest held-out
-    error for output i; the recorded error is the direct one and never above the best whole-matrix
-    candidate's."""
-    from rcpu.config import PruneConfig
-    from rcpu.pipeline import _compensate
-
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(560, 10, generator=g, dtype=torch.float64) @ torch.randn(10, 24, generator=g, dtype=torch.float64)
-    x += 0.3 * torch.randn(560, 24, generator=g, dtype=torch.float64)  # correlated inputs: compensation helps
-    kept = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11, 13, 14, 16, 17, 19, 20, 22, 23])
-    dropped = torch.ones(24, dtype=torch.bool)
-    dropped[kept] = False
-    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
-    w[5:, dropped] *= 0.01  # these outputs barely use the dropped inputs: they want a larger lambda
-    calib, held = x[:40], x[40:]
-    base = {"method": "ridge", "compensation": compensation, "ridge_lambda": "auto"}
-    whole = _compensate(compensation, w, _stats(calib), kept, PruneConfig(**base).validate(), heldout=_stats(held))
-    res = _compensate(compensation, w, _stats(calib), kept, PruneConfig(**base, choice_per_row=True).validate(),
-                      heldout=_stats(held))
-    y = held @ w.T
-    row_err = (y - held[:, kept] @ res.weight.T).square().sum(0)
-    direct = float(row_err.sum() / y.square().sum())
-    assert res.info["heldout_error_per_row"] == pytest.approx(direct, rel=1e-9)
-    assert direct < min(whole.info["heldout_errors"].values())
-    assert sum(res.info["rows_chosen"].values()) == 10 and len(res.info["rows_chosen"]) >= 2
-    assert "lambda" not in res.info
-    # every row is the best of the candidates for that row
-    cfg = PruneConfig(**base).validate()
-    cands = [c.weight for c in comp.ridge_path(w, _stats(calib).gram, kept, list(cfg.ridge_grid)) if c is not None]
-    if compensation == "auto":
-        cands += [comp.rotation(w, calib.T @ calib, kept, scale=s, n_tokens=40).weight for s in (False, True)]
-    per_cand = torch.stack([(y - held[:, kept] @ b.T).square().sum(0) for b in cands])
-    torch.testing.assert_close(row_err, per_cand.min(0).values, rtol=1e-9, atol=1e-9)
-
-
-def test_choice_per_row_needs_a_heldout_choice():
-    from rcpu import RcpuError
-    from rcpu.config import PruneConfig
-
-    with pytest.raises(RcpuError, match="--choice_per_row needs a held-out choice"):
-        PruneConfig(method="rcpu", choice_per_row=True).validate()
-    PruneConfig(method="flap-ridge", choice_per_row=True).validate()
-
-
-def test_score_auto_keeps_the_candidate_with_the_lowest_direct_heldout_error():
-    """--score auto's per-sublayer choice: each candidate kept set is compensated with
-    ridge-auto on the calibration statistics, and the one with the lowest held-out error,
-    computed directly on the held-out activations, wins; equal kept sets are solved once."""
-    from rcpu.config import PruneConfig
-    from rcpu.pipeline import _best_score
-
-    w, x = _data(d_out=8, d_in=24, n=700, seed=13)
-    calib, held = x[:200], x[200:]
-    choice = {"a": (torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]),),
-              "b": (torch.tensor([8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]),),
-              "c": (torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]),)}
-    cfg = PruneConfig(method="ridge-auto").validate()
-    warnings: list[str] = []
-    label, res, info = _best_score(choice, "ridge", True, w, _stats(calib), _stats(held), cfg, 0, "x", warnings)
-    y = held @ w.T
-    direct = {}
-    for name, (kept,) in choice.items():
-        path = comp.ridge_path(w, calib.T @ calib, kept, list(cfg.ridge_grid))
-        direct[name] = min(float((y - held[:, kept] @ c.weight.T).square().sum() / y.square().sum()) for c in path)
-    assert label == min(direct, key=direct.get) and info["score_chosen"] == label
-    for name in choice:
-        assert info["score_heldout_errors"][name] == pytest.approx(direct[name], rel=1e-9)
-    assert info["score_same_selection"] == {"c": "a"}
-    kept = choice[label][0]
-    assert float((y - held[:, kept] @ res.weight.T).square().sum() / y.square().sum()) == pytest.approx(direct[label],
-                                                                                                        rel=1e-9)
-
-
-def test_score_auto_is_validated():
-    from rcpu import RcpuError
-    from rcpu.config import PruneConfig
-
-    with pytest.raises(RcpuError, match="--score auto .* needs --ridge_lambda auto or --compensation auto"):
-        PruneConfig(method="rcpu", score="auto").validate()
-    with pytest.raises(RcpuError, match="cannot be combined with --selection greedy"):
-        PruneConfig(method="flap-ridge", score="auto", selection="greedy").validate()
-    assert PruneConfig(method="flap-ridge", score="auto").validate().allocation_score == "fluctuation"
 
 
 def test_direct_products_equal_the_gram_route():
@@ -440,22 +278,3 @@ def test_direct_products_cost_model():
     assert not comp.direct_products_cheaper(128 * 128, p135, 1536, 576, 1229)
 
 
-def test_proximal_procrustes_moves_from_the_rotation_to_plain_slicing():
-    """polar(M + mu I): mu = 0 is RCPU's rotation, a huge mu keeps W_K (Q = I); in between Q
-    stays orthogonal and the calibration error lies between the two, rising with mu."""
-    w, x = _data()
-    kept = torch.tensor([0, 2, 3, 5, 7, 8, 11, 13, 14, 15, 17, 19])
-    products = comp.rotation_products(w, x.T @ x, kept)
-    errs = []
-    for prox in (0.0, 0.3, 3.0, 1e9):
-        res = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0], proximal=prox)
-        q = res.weight @ torch.linalg.pinv(w[:, kept])
-        torch.testing.assert_close(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-8, rtol=0)
-        assert res.info["rel_error"] == pytest.approx(_objective(w, x, kept, res.weight)
-                                                      / float((x @ w.T).square().sum()), rel=1e-9)
-        errs.append(res.info["rel_error"])
-    rcpu = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0])
-    assert errs[0] == rcpu.info["rel_error"]
-    assert errs[0] < errs[1] < errs[2] < errs[3]
-    plain = comp.rotation_solve(w, kept, products, n_tokens=x.shape[0], proximal=1e9)
-    torch.testing.assert_close(plain.weight, w[:, kept], atol=1e-7, rtol=0)

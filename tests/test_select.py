@@ -5,7 +5,6 @@ from rcpu.select import (
     AttentionGeometry,
     LayerShape,
     allocate_global,
-    allocate_heads_split,
     forced_unit_scores,
     head_unit_scores,
     plan_uniform,
@@ -16,50 +15,6 @@ from rcpu.select import (
 
 SMOL = LayerShape(AttentionGeometry(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576), 1536)
 MHA = LayerShape(AttentionGeometry(num_heads=32, num_kv_heads=32, head_dim=128, hidden_size=4096), 11008)
-
-
-def test_split_allocation_removes_the_ratio_of_heads_weakest_first_and_never_empties_a_layer():
-    """allocation="global_split", heads: ``ratio`` of all query-head units (the nearest whole
-    number), exactly the globally weakest ones counted per layer (a direct computation), with a
-    layer whose units are all weakest keeping one."""
-    gen = torch.Generator().manual_seed(1)
-    qwen = LayerShape(AttentionGeometry(num_heads=12, num_kv_heads=2, head_dim=128, hidden_size=1536), 8960)
-    shapes = [qwen] * 7
-    raw = [torch.randn(12, generator=gen) + 0.4 * i for i in range(len(shapes))]
-    raw[0] = raw[0] - 100.0  # every unit of layer 0 is weaker than any other
-    units = [head_unit_scores(r, qwen.attn, "query") for r in raw]
-    removed = allocate_heads_split(units, shapes, 0.3, "query")
-    n_units = sum(len(u) for u in units)  # 6 units (one head per KV group) per layer
-    assert sum(removed) == round(0.3 * n_units) == 13
-    assert removed[0] == len(units[0]) - 1  # capped: the layer keeps one unit
-    # direct: after layer 0's five, the weakest of the remaining units, counted per layer
-    flat = torch.cat(units[1:])
-    owner = torch.cat([torch.full((len(u),), i + 1) for i, u in enumerate(units[1:])])
-    weakest = owner[torch.argsort(flat, stable=True)[:sum(removed) - removed[0]]]
-    assert [int((weakest == i).sum()) for i in range(1, len(shapes))] == removed[1:]
-    # heads at 0 % and a whole group's worth under group units
-    assert allocate_heads_split(units, shapes, 0.0, "query") == [0] * len(shapes)
-    group_units = [head_unit_scores(r, qwen.attn, "group") for r in raw]
-    assert sum(allocate_heads_split(group_units, shapes, 0.3, "group")) == round(0.3 * 2 * len(shapes))
-
-
-def test_even_split_takes_floor_or_one_more_unit_per_layer_and_the_extra_ones_by_score():
-    """allocation="global_even": every layer loses floor(ratio x units) or one more, the total
-    is the nearest whole number of units, and the layers that lose one more are those whose
-    next unit is weakest (a direct computation)."""
-    gen = torch.Generator().manual_seed(2)
-    qwen = LayerShape(AttentionGeometry(num_heads=12, num_kv_heads=2, head_dim=128, hidden_size=1536), 8960)
-    shapes = [qwen] * 9
-    raw = [torch.randn(12, generator=gen) + 2.0 * (i % 3) for i in range(len(shapes))]
-    units = [head_unit_scores(r, qwen.attn, "query") for r in raw]  # 6 units a layer, 1.2 at 20 %
-    removed = allocate_heads_split(units, shapes, 0.2, "query", even=True)
-    assert sum(removed) == round(0.2 * 6 * len(shapes)) == 11
-    assert set(removed) == {1, 2}
-    second = torch.stack([u[1] for u in units])  # each layer's next unit after the floor's one
-    extra = torch.argsort(second, stable=True)[:sum(removed) - len(shapes)]
-    assert sorted(extra.tolist()) == [i for i, r in enumerate(removed) if r == 2]
-    # uneven without it: the same scores put 3 or more units into some layers
-    assert max(allocate_heads_split(units, shapes, 0.2, "query")) > 2
 
 
 def test_topk_stable_breaks_ties_by_index():

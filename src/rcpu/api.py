@@ -10,21 +10,19 @@ Example::
 from __future__ import annotations
 
 import logging
-import resource
-import time
 
 import torch
 from torch import nn
 
 from .config import PruneConfig
+from .driver import check_saveable, param_summary, planned_biases, planned_shape, run_pruning
 from .errors import RcpuError
-from .layer_io import capture_layer_inputs, hidden_state_storage
-from .models import DecoderAdapter, get_adapter
-from .models.checkpoint import SavedFormat
-from .pipeline import make_plans, run_sequential
-from .report import PeakMemory, PruneReport, count_params
-from .select import LayerPlan, plan_uniform
-from .shapes import AttentionGeometry, LayerShape
+from .models import get_adapter
+from .report import PruneReport
+
+__all__ = ["prune", "check_saveable", "param_summary", "planned_biases", "planned_shape", "resolve_device",
+           "default_device",
+           "check_seqlen", "calibration_windows_for", "resolve_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +62,6 @@ def check_seqlen(config, seqlen: int, flag: str = "--seqlen") -> None:
                         f"use {flag} {limit} or less")
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
                             ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Tokenise the calibration source once and draw ``nsamples`` windows from ``seed``
@@ -89,42 +83,6 @@ def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
     return windows, heldout, info
 
 
-def planned_shape(shape: LayerShape, plan: LayerPlan) -> LayerShape:
-    """The shape a layer of ``shape`` will have after ``plan``."""
-    g = shape.attn
-    attn = AttentionGeometry(g.num_heads - plan.heads_removed(g), g.num_kv_heads - plan.groups_removed,
-                             g.head_dim, g.hidden_size)
-    return LayerShape(attn, shape.intermediate_size - plan.channels_removed, shape.qkv_bias, shape.o_bias,
-                      shape.mlp_bias)
-
-
-def check_saveable(model: nn.Module, cfg: PruneConfig, plans: list[LayerPlan] | None = None,
-                   adapter: DecoderAdapter | None = None) -> SavedFormat:
-    """Build and validate the config the pruned model will be saved with, before any layer
-    is pruned; RcpuError if no stock (or per-layer) config can carry it. Without ``plans``
-    the uniform plan is used (global allocation is checked once its plans exist)."""
-    adapter = adapter or get_adapter(model)
-    layers = adapter.layers
-    if plans is None:
-        shape = adapter.layer_shape(layers[0])
-        plans = [plan_uniform(shape, cfg.pruning_ratio, cfg.head_unit, cfg.rebalance, cfg.round_to)] * len(layers)
-    shapes = [planned_shape(adapter.layer_shape(layer), plan) for layer, plan in zip(layers, plans, strict=True)]
-    attn_bias, mlp_bias = planned_biases(adapter, cfg, plans)
-    return adapter.saved_format(shapes, attn_bias=attn_bias, mlp_bias=mlp_bias)
-
-
-def planned_biases(adapter: DecoderAdapter, cfg: PruneConfig, plans: list[LayerPlan]) -> tuple[bool, bool]:
-    """Whether o_proj / down_proj will carry biases once pruned: the source's own, or bias
-    compensation (or a fitted intercept) of a sublayer that loses units in some layer."""
-    layers = adapter.layers
-    bias = cfg.resolved_compensation == "bias" or cfg.intercept
-    heads_go = any(plan.heads_removed(adapter.geometry(layer)) > 0 for layer, plan in zip(layers, plans, strict=True))
-    channels_go = any(plan.channels_removed > 0 for plan in plans)
-    src_attn, src_mlp = adapter.output_biases()
-    return (src_attn or (bias and cfg.compensate_attn and heads_go),
-            src_mlp or (bias and cfg.compensate_mlp and channels_go))
-
-
 def resolve_windows(cfg: PruneConfig, tokenizer, calib: str, windows: torch.Tensor | None,
                     heldout_windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Calibration (and held-out) windows: the given ones, or drawn from ``calib``; plus their record."""
@@ -139,36 +97,10 @@ def resolve_windows(cfg: PruneConfig, tokenizer, calib: str, windows: torch.Tens
     calib_info = {"source": "windows", "windows_sha256": token_hash(windows),
                   "nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": cfg.seed}
     if cfg.needs_heldout and heldout_windows is None:
-        raise RcpuError("ridge_lambda='auto', allocation='loss' and refine_epochs > 0 with precomputed windows "
-                        "need heldout_windows too")
+        raise RcpuError("ridge_lambda='auto' and refine_epochs > 0 with precomputed windows need heldout_windows too")
     if heldout_windows is not None:
         calib_info["heldout_windows"] = {"n": int(heldout_windows.shape[0]), "sha256": token_hash(heldout_windows)}
     return windows, heldout_windows, calib_info
-
-
-def param_summary(adapter: DecoderAdapter, dense_shapes: list, params_before: int) -> dict:
-    """Parameter counts and widths before and after pruning (for the report)."""
-    layers = adapter.layers
-    new_shapes = [adapter.layer_shape(layer) for layer in layers]
-    shape, new_shape = dense_shapes[0], new_shapes[0]
-    attn_mlp_before = sum(s.attn_params + s.mlp_params for s in dense_shapes)
-    attn_mlp_after = sum(s.attn_params + s.mlp_params for s in new_shapes)
-    params_after = count_params(adapter.model)
-    params = {
-        "total_before": params_before, "total_after": params_after,
-        "attn_mlp_before": attn_mlp_before, "attn_mlp_after": attn_mlp_after,
-        "ratio_total": 1 - params_after / params_before,
-        "ratio_attn_mlp": 1 - attn_mlp_after / attn_mlp_before,
-        "heads_before": shape.attn.num_heads, "heads_after": new_shape.attn.num_heads,
-        "kv_heads_before": shape.attn.num_kv_heads, "kv_heads_after": new_shape.attn.num_kv_heads,
-        "intermediate_before": shape.intermediate_size, "intermediate_after": new_shape.intermediate_size,
-        "uniform": len({(s.attn, s.intermediate_size) for s in new_shapes}) == 1,
-    }
-    if not params["uniform"]:
-        params["heads_after"] = [s.attn.num_heads for s in new_shapes]
-        params["kv_heads_after"] = [s.attn.num_kv_heads for s in new_shapes]
-        params["intermediate_after"] = [s.intermediate_size for s in new_shapes]
-    return params
 
 
 def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenizer=None,
@@ -197,54 +129,19 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
         loaded = load_model(model)
         model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    if cfg.resolved_allocation == "uniform":
+    if cfg.allocation == "uniform":
         check_saveable(model, cfg, adapter=adapter)  # before calibration: fail fast
     device = resolve_device(device)
 
     windows, heldout_windows, calib_info = resolve_windows(cfg, tokenizer, calib, windows, heldout_windows)
     check_seqlen(model.config, int(windows.shape[1]))
-    dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
-    params_before = count_params(model)
-    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    heldout_windows = heldout_windows if cfg.needs_heldout else None
-    storage, hidden_info = hidden_state_storage(
-        hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
-        model.config.hidden_size, next(model.parameters()).dtype, max_hidden_gib)
-    with PeakMemory(device) as peak:
-        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, storage)
-        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device, storage)
-                   if heldout_windows is not None else None)
-        plans = make_plans(model, adapter, batches, cfg, device, progress=progress, heldout=heldout,
-                           heldout_ids=heldout_windows)
-        saved = check_saveable(model, cfg, plans, adapter)  # before the first layer is pruned
-        if saved.note:
-            logger.warning(saved.note)
-        for note in dict.fromkeys(n for p in plans for n in p.notes):
-            logger.warning(note)
-        results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                           batches=batches, heldout=heldout if cfg.heldout_in_loop else None)
-        del batches, heldout
+    run = run_pruning(model, adapter, cfg, windows, heldout_windows, device, progress=progress,
+                      hidden_states=hidden_states, max_hidden_gib=max_hidden_gib)
     model.train(was_training)
     adapter.finalize()
-    prune_s = time.perf_counter() - t0
-    params = param_summary(adapter, dense_shapes, params_before)
-    memory = {**peak.result, "process_peak_rss_mib": round(_peak_rss_mib(), 1), **hidden_info}
-    report = PruneReport(
-        config=cfg.to_dict(),
-        model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
-               "adapter": adapter.name, "num_layers": len(adapter.layers), "device": str(device),
-               "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
-        calibration=calib_info,
-        checkpoint=saved.to_dict(),
-        plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
-              "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
-              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation != "uniform" else plans[0].to_dict()},
-        params=params,
-        layers=[r.to_dict() for r in results],
-        timings={"prune_s": round(prune_s, 3)},
-        memory=memory,
-        warnings=warnings,
-    )
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    report = run.report(cfg, adapter, {"source": source or getattr(model.config, "_name_or_path", ""),
+                                       "device": str(device), "dtype": dtype}, calib_info)
     return model, report

@@ -159,15 +159,9 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     this process writes results.json, after every finished cell. ``gpus`` spawns its
     workers, so a script that calls this needs the usual ``if __name__ == "__main__":``.
     """
-    from .loading import check_supported_architecture, load_model
+    from .loading import load_model
 
-    check_supported_architecture(model_source)  # from the config: an architecture rcpu cannot prune fails now
-    specs = {m: parse_method(m) for m in methods}
-    for ratio in ratios:
-        if not 0 <= ratio < 1:
-            raise RcpuError(f"pruning ratios must be in [0, 1), got {ratio}")
-    for kwargs in specs.values():  # fail fast on bad combinations
-        PruneConfig(**kwargs, pruning_ratio=ratios[0]).validate()
+    specs = _checked_specs(model_source, methods, ratios)
     device = torch.device(device)
     execute = executors.make(executor, device, gpus=gpus, ray_address=ray_address, ray_num_cpus=ray_num_cpus)
     out = Path(output)
@@ -176,19 +170,14 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     protocol = {"model": model_source, "calib": calib, "eval": eval_source, "seqlen": seqlen, "seed": seed,
                 "eval_seqlens": list(eval_seqlens), "max_eval_tokens": max_eval_tokens,
                 "dtype": str(dtype).replace("torch.", "")}
-    results = json.loads(path.read_text()) if path.exists() else {}
-    if results and results.get("protocol") != protocol:
-        raise RcpuError(f"{path} was made with another protocol {results.get('protocol')}; "
-                        "use another --output or delete it")
-    results.setdefault("protocol", protocol)
-    results.setdefault("cells", {})
+    results = _open_results(path, protocol)
 
     loaded = load_model(model_source, dtype=dtype, device="cpu")
     dense, tok = loaded.model, loaded.tokenizer
     for kwargs in specs.values():  # uniform widths this architecture cannot save fail now, not cells later
         for ratio in ratios:
             cfg = PruneConfig(**kwargs, pruning_ratio=ratio)
-            if cfg.resolved_allocation == "uniform":
+            if cfg.resolve().allocation == "uniform":
                 check_saveable(dense, cfg)
     calib_ids = data.tokenize(tok, data.load_text(calib, "calib"))
     eval_ids = data.tokenize(tok, data.load_text(eval_source, "eval"))
@@ -201,7 +190,6 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
         "device": str(device) + (f" ({cuda_name})" if cuda_name else ""), "executor": executor,
     }
 
-    # The jobs, in table order; the tensors they name are built once, here.
     local = executor == "local"
     job_device = str(device) if local or device.type != "cuda" else "cuda"  # workers see their own GPU as cuda
     source_path = Path(os.path.expanduser(model_source))
@@ -209,24 +197,8 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     common = dict(model_source=job_source, dtype=protocol["dtype"], device=job_device,
                   eval_seqlens=tuple(eval_seqlens), max_eval_tokens=max_eval_tokens,
                   eval_label=f"{eval_source}:eval", progress=progress and local)
-    tensors: dict[str, torch.Tensor] = {"eval": eval_ids}
-    jobs = [CellJob(key="dense", method="dense", config=None, **common)]
-    for n in nsamples:
-        tensors[f"windows/n{n}"] = all_windows[:n].clone()
-        for method, kwargs in specs.items():
-            for ratio in ratios:
-                # a method's own batch_size (``+batch_size=2``) overrides the run's: with layer
-                # refinement it sets the optimiser steps per epoch
-                cfg = PruneConfig(**{"batch_size": batch_size, **kwargs}, pruning_ratio=ratio, nsamples=n,
-                                  seqlen=seqlen, seed=seed)
-                heldout = None
-                if cfg.needs_heldout:
-                    heldout = f"heldout/{cfg.nholdout}"
-                    if heldout not in tensors:
-                        tensors[heldout] = data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples), seqlen, seed)
-                jobs.append(CellJob(key=cell_key(method, ratio, n), method=method,
-                                    config=dataclasses.asdict(cfg), windows=f"windows/n{n}", heldout=heldout,
-                                    **common))
+    jobs, tensors = _jobs(specs, ratios, nsamples, all_windows, calib_ids, eval_ids,
+                          dict(batch_size=batch_size, seqlen=seqlen, seed=seed), common)
     for job in jobs:
         if job.key in results["cells"]:
             logger.info("%s: done earlier, skipped", job.key)
@@ -254,6 +226,64 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     results["cells_this_run"] = [job.key for job in todo]
     results["wall_s_this_run"] = round(time.perf_counter() - t_all, 1)
     _atomic_json(path, results)
+    return _write_outputs(results, out)
+
+
+def _checked_specs(model_source: str, methods: list[str], ratios: list[float]) -> dict[str, dict]:
+    """method spec -> PruneConfig keyword arguments, every combination validated before any
+    model loads (an architecture rcpu cannot prune fails too, from its config)."""
+    from .loading import check_supported_architecture
+
+    check_supported_architecture(model_source)
+    specs = {m: parse_method(m) for m in methods}
+    for ratio in ratios:
+        if not 0 <= ratio < 1:
+            raise RcpuError(f"pruning ratios must be in [0, 1), got {ratio}")
+    for kwargs in specs.values():  # fail fast on bad combinations
+        PruneConfig(**kwargs, pruning_ratio=ratios[0]).validate()
+    return specs
+
+
+def _open_results(path: Path, protocol: dict) -> dict:
+    """The results of earlier runs at ``path`` (refused if made with another protocol), or a new record."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results and results.get("protocol") != protocol:
+        raise RcpuError(f"{path} was made with another protocol {results.get('protocol')}; "
+                        "use another --output or delete it")
+    results.setdefault("protocol", protocol)
+    results.setdefault("cells", {})
+    return results
+
+
+def _jobs(specs: dict[str, dict], ratios: list[float], nsamples: list[int], all_windows: torch.Tensor,
+          calib_ids: torch.Tensor, eval_ids: torch.Tensor, run: dict, common: dict
+          ) -> tuple[list[CellJob], dict[str, torch.Tensor]]:
+    """The jobs, in table order, and the tensors they name (built once, here). ``run``: the
+    run's batch_size, seqlen and seed."""
+    tensors: dict[str, torch.Tensor] = {"eval": eval_ids}
+    jobs = [CellJob(key="dense", method="dense", config=None, **common)]
+    for n in nsamples:
+        tensors[f"windows/n{n}"] = all_windows[:n].clone()
+        for method, kwargs in specs.items():
+            for ratio in ratios:
+                # a method's own batch_size (``+batch_size=2``) overrides the run's: with layer
+                # refinement it sets the optimiser steps per epoch
+                cfg = PruneConfig(**{"batch_size": run["batch_size"], **kwargs}, pruning_ratio=ratio, nsamples=n,
+                                  seqlen=run["seqlen"], seed=run["seed"])
+                heldout = None
+                if cfg.needs_heldout:
+                    heldout = f"heldout/{cfg.nholdout}"
+                    if heldout not in tensors:
+                        tensors[heldout] = data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples),
+                                                                run["seqlen"], run["seed"])
+                jobs.append(CellJob(key=cell_key(method, ratio, n), method=method,
+                                    config=dataclasses.asdict(cfg), windows=f"windows/n{n}", heldout=heldout,
+                                    **common))
+    return jobs, tensors
+
+
+def _write_outputs(results: dict, out: Path) -> dict:
+    """results.md and the plot beside results.json; returns ``results``."""
     write_table(results, out / "results.md")
     try:
         plot(results, out / "ppl.png")

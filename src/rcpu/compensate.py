@@ -7,9 +7,6 @@ needed is a function of W and G, so no activation is stored:
 
     Y Z^T = W G[:, K] W_K^T      ||Z||_F^2 = tr(W_K G[K, K] W_K^T)
 
-With other targets Y (the dense model's outputs W X_d on its own inputs X_d, plus
-possibly the residual-stream error), the same formulas hold with W G replaced by the
-streamed target cross-product Y X^T (``target_cross``) and ||Y||^2 streamed as a number.
 The rotation needs only M = Y Z^T, ||Y||^2 and ||Z||^2 once K is known, which
 :class:`DirectProducts` streams from a second pass instead (no d_in x d_in Gram matrix).
 
@@ -27,12 +24,6 @@ import torch
 from .stats import InputStats, _accumulate
 
 logger = logging.getLogger(__name__)
-
-#: "auto": per sublayer, whichever of ridge (over the lambda grid), rotation and rotation+scale
-#: reconstructs held-out calibration windows best
-COMPENSATIONS = ("none", "bias", "ridge", "rotation", "rotation_scale", "auto")
-NEEDS_GRAM = {"ridge", "rotation", "rotation_scale", "auto"}
-ROTATIONS = ("rotation", "rotation_scale")
 
 
 def rotation_tokens_needed(d_out: int, n_kept: int) -> int:
@@ -130,74 +121,33 @@ def _quadratic(b: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, b_cols: tor
 
 
 def reconstruction_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-                          candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
-                          target_sq: float | None = None, biases: list[torch.Tensor | None] | None = None,
-                          mean: torch.Tensor | None = None, n: int | None = None) -> list[float]:
+                          candidates: list[torch.Tensor]) -> list[float]:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for each B in ``candidates``, from the Gram matrix
-    alone; W G and ||Y||^2 are formed once for all candidates. With ``target_cross``
-    (= Y X^T) and ``target_sq`` (= ||Y||^2) the target is that Y instead of W X.
-
-    ``biases`` (one per candidate, or None) adds an output bias c to B X_K; the error then
-    needs the inputs' ``mean`` and token count ``n`` as well:
-    ||E - c 1^T||^2 = ||E||^2 - 2 n c^T (W mu - B mu_K) + n ||c||^2 with E = W X - B X_K."""
-    rows, y2 = row_errors(weight, gram, kept, candidates, target_cross, target_sq, biases, mean, n)
+    alone; W G and ||Y||^2 are formed once for all candidates."""
+    rows, y2 = row_errors(weight, gram, kept, candidates)
     return [float(r.sum() / y2) for r in rows]
 
 
 def row_errors(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-               candidates: list[torch.Tensor], target_cross: torch.Tensor | None = None,
-               target_sq: float | None = None, biases: list[torch.Tensor | None] | None = None,
-               mean: torch.Tensor | None = None, n: int | None = None) -> tuple[list[torch.Tensor], float]:
+               candidates: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
     """Per output row, ||Y_i - B_i X_K||^2 for each B in ``candidates`` (float64 vectors), and
-    ||Y||_F^2; arguments as :func:`reconstruction_errors`, whose errors are the sums of these.
-    The rows of a least-squares fit are independent regressions, so each row of a
-    compensation can come from whichever candidate fits that output best."""
+    ||Y||_F^2; the errors of :func:`reconstruction_errors` are the sums of these."""
     w = weight.double()
     g = gram.to(w.device).double()
     kept = kept.to(w.device)
-    if target_cross is None:
-        wg_k, y2_rows = _gram_products(w, g, kept, per_row=True)
-    else:
-        # only ||Y||^2 is streamed for other targets: it is spread evenly over the rows, which
-        # leaves the totals exact and does not change which candidate fits a row best
-        wg_k = target_cross.to(w.device).double()[:, kept]
-        y2_rows = torch.full((w.shape[0],), float(target_sq) / w.shape[0], dtype=torch.float64, device=w.device)
+    wg_k, y2_rows = _gram_products(w, g, kept, per_row=True)
     y2 = max(float(y2_rows.sum()), torch.finfo(torch.float64).tiny)
-    if biases is not None and (target_cross is not None or mean is None or n is None):
-        raise ValueError("errors with biases need the inputs' mean and count, and W X as the target")
     out = []
-    for i, b in enumerate(candidates):
+    for b in candidates:
         b = b.to(w.device).double()
-        err = y2_rows - 2 * (wg_k * b).sum(1) + _quadratic(b, g, kept, per_row=True)
-        c = biases[i] if biases is not None else None
-        if c is not None:
-            mu = mean.to(w.device).double()
-            c = c.to(w.device).double()
-            err = err + n * (c * c - 2 * c * (w @ mu - b @ mu[kept]))
-        out.append(err)
+        out.append(y2_rows - 2 * (wg_k * b).sum(1) + _quadratic(b, g, kept, per_row=True))
     return out, y2
 
 
-def centred_gram(gram: torch.Tensor, mean: torch.Tensor, n: int) -> torch.Tensor:
-    """sum_t (x_t - mu)(x_t - mu)^T = G - n mu mu^T, in float64 (a new matrix): least squares
-    (or Procrustes) on it, plus the intercept of :func:`intercept`, fits B X_K + c."""
-    mu = mean.to(gram.device).double()
-    return gram.to(torch.float64, copy=True).addr_(mu, mu, alpha=-float(n))
-
-
-def intercept(weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor, new_kept: torch.Tensor) -> torch.Tensor:
-    """The optimal output bias for kept columns ``new_kept`` fitted on centred inputs:
-    c = W mu - B mu_K (the mean residual), in the weight's dtype."""
-    mu = mean.to(weight.device).double()
-    kept = kept.to(weight.device)
-    return (weight.double() @ mu - new_kept.double() @ mu[kept]).to(weight.dtype)
-
-
 def reconstruction_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
-                         new_kept: torch.Tensor, target_cross: torch.Tensor | None = None,
-                         target_sq: float | None = None) -> float:
+                         new_kept: torch.Tensor) -> float:
     """||Y - B X_K||_F^2 / ||Y||_F^2 for B = new_kept."""
-    return reconstruction_errors(weight, gram, kept, [new_kept], target_cross, target_sq)[0]
+    return reconstruction_errors(weight, gram, kept, [new_kept])[0]
 
 
 def bias_shift(weight: torch.Tensor, stats: InputStats, kept: torch.Tensor) -> torch.Tensor:
@@ -216,14 +166,13 @@ _JITTERS = (1e-10, 1e-8, 1e-6, 1e-4)
 
 
 def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lams: list[float],
-               relative: bool = True, target_cross: torch.Tensor | None = None) -> list[Compensated | None]:
+               relative: bool = True) -> list[Compensated | None]:
     """argmin_B ||Y - B X_K||^2 + lam ||B - W_K||^2 = (W G[:,K] + lam W_K)(G[K,K] + lam I)^-1
     for every lam in ``lams`` (the shared products are formed once).
 
     With ``relative`` the penalty is lam * tr(G) / d_in (the mean squared activation
     times N), so one lam works across layers, models and calibration sizes. Solved
-    with a float64 Cholesky factorisation, never an explicit inverse. ``target_cross``
-    (Y X^T) fits other targets Y instead: it replaces W G, so W G[:, K] -> (Y X^T)[:, K].
+    with a float64 Cholesky factorisation, never an explicit inverse.
 
     A system that is not numerically positive definite gets the smallest jitter of
     ``_JITTERS`` that makes it so (recorded as ``jitter``, with a warning); where none does,
@@ -235,7 +184,7 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
     scale = float(torch.trace(g) / g.shape[0]) if relative else 1.0
     g_kk = g[kept[:, None], kept[None, :]]
     w_k = w[:, kept]
-    wg_k = _gram_products(w, g, kept, False)[0] if target_cross is None else target_cross.to(w.device).double()[:, kept]
+    wg_k = _gram_products(w, g, kept, False)[0]
     mean_diag = max(float(torch.diagonal(g_kk).mean()), 1e-30)
 
     def factor(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +217,9 @@ def ridge_path(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam
 
 
 def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float,
-          relative: bool = True, target_cross: torch.Tensor | None = None) -> Compensated:
+          relative: bool = True) -> Compensated:
     """Ridge compensation for one lam; see :func:`ridge_path`."""
-    result = ridge_path(weight, gram, kept, [lam], relative, target_cross)[0]
+    result = ridge_path(weight, gram, kept, [lam], relative)[0]
     if result is None:
         raise ValueError(f"ridge: the kept Gram matrix is not positive definite at lambda {lam:g}; "
                          "use a larger --ridge_lambda")
@@ -298,30 +247,23 @@ class RotationProducts:
 
 
 def rotation_products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *,
-                      dtype: torch.dtype = torch.float64, target_cross: torch.Tensor | None = None,
-                      target_sq: float | None = None) -> RotationProducts:
-    """M = (W G)[:, K] W_K^T (or (Y X^T)[:, K] W_K^T), ||Y||^2 and ||Z||^2 = tr(W_K G_KK W_K^T),
+                      dtype: torch.dtype = torch.float64) -> RotationProducts:
+    """M = (W G)[:, K] W_K^T, ||Y||^2 and ||Z||^2 = tr(W_K G_KK W_K^T),
     accumulated one block of G's columns at a time: no d_out x |K| product and no
     full-precision copy of W is held (at 13B MLP widths each is about half a GiB)."""
     g = gram.to(weight.device)  # any dtype: blocks are converted to ``dtype`` on the fly
     kept = kept.to(weight.device)
     d_out = weight.shape[0]
     m = torch.zeros(d_out, d_out, dtype=dtype, device=weight.device)
-    if target_cross is None:
-        y2 = torch.zeros((), dtype=dtype, device=g.device)
-        for part, w_cols, where in _column_blocks(weight, g, kept, dtype):
-            y2 += _dot(part, w_cols)
-            sel = where >= 0
-            if bool(sel.all()):
-                m.addmm_(part, w_cols.T)
-            elif bool(sel.any()):
-                m.addmm_(part[:, sel], w_cols[:, sel].T)
-        y2 = float(y2)
-    else:
-        for block in _blocks(len(kept), g.device):
-            cols = kept[block]
-            m.addmm_(target_cross[:, cols].to(device=weight.device, dtype=dtype), weight[:, cols].to(dtype).T)
-        y2 = float(target_sq) if target_sq is not None else float("nan")
+    y2 = torch.zeros((), dtype=dtype, device=g.device)
+    for part, w_cols, where in _column_blocks(weight, g, kept, dtype):
+        y2 += _dot(part, w_cols)
+        sel = where >= 0
+        if bool(sel.all()):
+            m.addmm_(part, w_cols.T)
+        elif bool(sel.any()):
+            m.addmm_(part[:, sel], w_cols[:, sel].T)
+    y2 = float(y2)
     z2 = float(_quadratic(weight, g, kept, b_cols=kept, dtype=dtype))
     return RotationProducts(m, max(y2, torch.finfo(dtype).tiny), z2)
 
@@ -385,13 +327,8 @@ def direct_products_cheaper(n_tokens: int, layer_params: int, d_in: int, d_out: 
 
 
 def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationProducts, *, scale: bool = False,
-                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None,
-                   proximal: float = 0.0) -> Compensated:
-    """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`.
-
-    ``proximal`` > 0: proximal Procrustes, argmin ||Y - Q Z||^2 + mu ||Q - I||^2 = polar(M + mu I)
-    with mu = ``proximal`` x the mean singular value of M, which pulls the rotation towards the
-    identity (plain slicing) where the calibration data say little."""
+                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None) -> Compensated:
+    """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`."""
     m, y2, z2 = products.m, products.y2, products.z2
     dtype = m.dtype
     d_out = weight.shape[0]
@@ -417,10 +354,6 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
         info["reason"] = (f"rank-deficient target (rank {rank} < {needed}{tokens})" if rank < needed else
                           f"rank-deficient target ({n_tokens} calibration tokens < {needed} needed)")
         return Compensated(weight[:, kept].clone(), info=info)
-    if proximal > 0:
-        mu = proximal * float(s.mean())
-        q, _ = procrustes(m + mu * torch.eye(d_out, dtype=dtype, device=m.device), proper=proper)
-        info["proximal_mu"] = mu
     tr_qm = float(torch.trace(q.T @ m))
     s_star = tr_qm / z2 if scale else 1.0
     if scale:
@@ -435,8 +368,7 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
 
 def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
              proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
-             rank_rtol: float | None = None, target_cross: torch.Tensor | None = None,
-             target_sq: float | None = None) -> Compensated:
+             rank_rtol: float | None = None) -> Compensated:
     """RCPU: W_K <- s* Q* W_K with Q* = U V^T from M = Y Z^T = U S V^T.
 
     ``scale`` adds the optimal scalar s* = tr(Q^T M) / ||Z||^2 (RCPU "Rot.+Scale").
@@ -448,9 +380,9 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
 
     The relative errors before and after (``rel_error_uncompensated``, ``rel_error``) come
     from the same products, ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2 (Q is
-    orthogonal), so no second pass over the Gram matrix is needed (``target_sq`` = ||Y||^2
-    with ``target_cross``). :func:`rotation_products` and :func:`rotation_solve` are the two
+    orthogonal), so no second pass over the Gram matrix is needed. :func:`rotation_products`
+    and :func:`rotation_solve` are the two
     halves, for callers that free the Gram matrix in between.
     """
-    products = rotation_products(weight, gram, kept, dtype=dtype, target_cross=target_cross, target_sq=target_sq)
+    products = rotation_products(weight, gram, kept, dtype=dtype)
     return rotation_solve(weight, kept, products, scale=scale, proper=proper, n_tokens=n_tokens, rank_rtol=rank_rtol)

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from .compensate import COMPENSATIONS, NEEDS_GRAM, ROTATIONS
+from .allocation import ALLOCATIONS
+from .compensations import COMPENSATIONS
 from .errors import RcpuError
 from .scores import SCORES
 from .select import HEAD_UNITS
@@ -32,44 +33,19 @@ PRESETS: dict[str, dict[str, str | float]] = {
     "flap": {"score": "fluctuation", "compensation": "bias", "allocation": "global", "statistics": "dense"},
     # the strongest combination of shipped parts: FLAP's global allocation with ridge-auto
     "flap-ridge": {"score": "fluctuation", "compensation": "ridge", "allocation": "global", "ridge_lambda": "auto"},
-    # ours: FLAP's global allocation; heads and channels removed greedily by the error left
-    # after least-squares compensation; kept weights fitted to the dense model's outputs
-    # (cross-Gram), MLP statistics re-captured after the layer's attention is pruned;
-    # ridge lambda chosen on held-out calibration windows
-    "obs-ridge": {"score": "fluctuation", "compensation": "ridge", "allocation": "global", "ridge_lambda": "auto",
-                  "selection": "greedy", "targets": "dense", "mlp_stats": "after_attention"},
 }
 DEFAULTS = {"score": "rcpu", "compensation": "rotation", "allocation": "uniform", "statistics": "sequential",
-            "ridge_lambda": 1e-2, "selection": "score", "targets": "sequential", "mlp_stats": "before_attention",
-            "token_weights": "none"}
-#: the scores ``--score auto`` chooses among, per sublayer, by held-out error after compensation
-SCORE_CANDIDATES = ("fluctuation", "wanda-sp", "rcpu")
+            "ridge_lambda": 1e-2}
 #: relative ridge penalties tried by ``ridge_lambda="auto"`` (on held-out calibration windows)
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-#: "global": FLAP's standardised scores; "global_mlp": the same for MLP channels only, with the
-#: uniform plan's heads; "global_split": FLAP's ranking within heads and within MLP channels,
-#: each losing the ratio of its own parameters; "global_even": the same with every layer losing
-#: floor(ratio x its head units) or one more; "error": error left after compensation (rcpu.obs);
-#: "loss": probed next-token loss on held-out calibration windows (rcpu.sensitivity)
-ALLOCATIONS = ("uniform", "global", "global_mlp", "global_split", "global_even", "error", "loss")
 STATISTICS = ("sequential", "dense")
-#: "score": top-k of the importance score; "greedy": remove the unit with the smallest
-#: error left after least-squares compensation, one at a time (see rcpu.obs)
-SELECTIONS = ("score", "greedy")
-#: compensation targets: the unpruned sublayer on the pruned model's inputs (RCPU); the
-#: dense model's sublayer outputs on dense inputs ("dense"); or those plus the residual-stream
-#: error before the sublayer ("residual": each sublayer also undoes the error of the layers below)
-TARGETS = ("sequential", "dense", "residual")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
-MLP_STATS = ("before_attention", "after_attention")
 #: how a rotation gets M = Y Z^T: from the Gram matrix, streamed from a second pass over the
 #: inputs (no d_in^2 Gram matrix), or whichever costs fewer multiply-adds (MLP only)
 ROTATION_PRODUCTS = ("auto", "gram", "direct")
-#: per-token weights of the least-squares statistics: none, or 1 / rms(residual stream)^2
-TOKEN_WEIGHTS = ("none", "inverse_rms")
 
 
 def _number_or_auto(value: str) -> float | str:
@@ -80,11 +56,6 @@ def _number_or_auto(value: str) -> float | str:
         return float(value)
     except ValueError:
         raise RcpuError(f"--ridge_lambda must be a number or 'auto', got {value!r}") from None
-
-
-def _resolved(name: str) -> property:
-    return property(lambda self: self._resolve(name),
-                    doc=f"``{name}`` after the preset (on a validated config: the field itself)")
 
 
 @dataclass
@@ -102,18 +73,13 @@ class PruneConfig:
     method: str = field(default="rcpu", metadata={"help": f"preset: {', '.join(PRESETS)} (default rcpu)"})
     pruning_ratio: float = field(default=0.2, metadata={"help": "fraction of heads/channels to remove"})
     score: str | None = field(default=None, metadata={
-        "help": "override the preset's score: magnitude, wanda-sp, fluctuation, rcpu, rcpu-l2, or auto (per sublayer, "
-                "whichever of fluctuation / wanda-sp / rcpu leaves the lowest held-out error after compensation; "
-                "needs a held-out choice, e.g. --ridge_lambda auto)"})
+        "help": f"override the preset's importance score: {', '.join(SCORES)}"})
     compensation: str | None = field(default=None, metadata={
-        "help": "override the preset's compensation: none, bias, ridge, rotation, rotation_scale, or auto "
-                "(per sublayer, whichever of ridge-auto, rotation and rotation_scale does best on held-out windows)"})
-    allocation: str | None = field(default=None, metadata={"choices": ALLOCATIONS, "help": (
+        "help": f"override the preset's compensation: {', '.join(COMPENSATIONS)}"})
+    allocation: str | None = field(default=None, metadata={"choices": tuple(ALLOCATIONS), "help": (
         "same widths in every layer (RCPU), FLAP's global allocation, the same for MLP channels only "
-        "(global_mlp: every layer loses the uniform plan's heads), FLAP's ranking within heads and within "
-        "channels, each losing the ratio of its own parameters (global_split; global_even: with the heads "
-        "spread as evenly as whole units allow), global allocation by the error left "
-        "after compensation, or by probed loss on held-out windows (default: the preset's)")})
+        "(global_mlp: every layer loses the uniform plan's heads), or global allocation by the error left "
+        "after compensation (default: the preset's)")})
     statistics: str | None = field(default=None, metadata={
         "choices": STATISTICS, "help": "statistics from the partly pruned model (RCPU) or the dense model (FLAP)"})
     compensate_attn: bool = field(default=True, metadata={"help": "compensate o_proj (default on)"})
@@ -123,7 +89,8 @@ class PruneConfig:
         "ridge penalty, relative to tr(G)/d_in unless --ridge_lambda_absolute (default 0.01), or 'auto': "
         "chosen per sublayer on held-out calibration windows from --ridge_grid")})
     ridge_grid: tuple[float, ...] = field(default=RIDGE_GRID, metadata={"help": "comma-separated lambdas for auto"})
-    nholdout: int = field(default=32, metadata={"help": "held-out calibration windows for --ridge_lambda auto"})
+    nholdout: int = field(default=32, metadata={
+        "help": "held-out calibration windows for --ridge_lambda auto and --refine_epochs"})
     ridge_lambda_relative: bool = field(default=True, metadata={
         "flag": "ridge_lambda_absolute", "inverse": True, "help": "use --ridge_lambda as an absolute penalty"})
     rotation_dtype: str = field(default="float64", metadata={
@@ -135,39 +102,16 @@ class PruneConfig:
         "how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
         "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
         "whichever costs fewer multiply-adds")})
-    #: proximal Procrustes: pull Q towards I by this multiple of M's mean singular value (0: RCPU)
-    rotation_proximal: float = field(default=0.0, metadata={"help": (
-        "proximal Procrustes: Q = polar(M + mu I), mu = this x M's mean singular value, which pulls the "
-        "rotation towards the identity (0: RCPU's rotation)")})
     rotation_proper: bool = field(default=False, metadata={
         "negatable": False, "help": "restrict Q to rotations, det(Q) = +1 (SO(d))"})
     head_unit: str = field(default="auto", metadata={
         "choices": HEAD_UNITS, "help": "GQA: remove query heads evenly from every KV group, or whole KV groups"})
     rebalance: bool = field(default=True, metadata={
         "help": "move the budget heads are too coarse for to the MLP (default on)"})
-    mlp_stats: str | None = field(default=None, metadata={"choices": MLP_STATS, "help": (
-        "down_proj statistics captured before (reference) or after pruning the layer's attention "
-        "(default: the preset's)")})
-    selection: str | None = field(default=None, metadata={"choices": SELECTIONS, "help": (
-        "top-k of the score, or greedy removal by the error left after compensation (default: the preset's)")})
     selection_lambda: float = field(default=1e-3, metadata={
-        "help": "relative ridge penalty of the greedy selection's Gram matrix (default 1e-3)"})
+        "help": "relative ridge penalty of --allocation error's greedy removal (default 1e-3)"})
     selection_block: int = field(default=32, metadata={
-        "help": "MLP channels removed per greedy step (default 32; 1 = strictly one at a time)"})
-    targets: str | None = field(default=None, metadata={"choices": TARGETS, "help": (
-        "fit the unpruned sublayer on pruned inputs (RCPU), the dense model's outputs, or those plus "
-        "the residual-stream error below the sublayer (default: the preset's)")})
-    token_weights: str | None = field(default=None, metadata={"choices": TOKEN_WEIGHTS, "help": (
-        "weigh each calibration token in the least-squares statistics by 1/rms(residual stream)^2, "
-        "the scale the next norm divides by (default: the preset's)")})
-    #: fit an output bias with the least-squares / rotation compensation (on centred statistics)
-    intercept: bool = field(default=False, metadata={"negatable": False, "help": (
-        "fit an output bias with the ridge / rotation compensation (least squares or Procrustes on "
-        "centred statistics plus the mean residual), saved as o_proj / down_proj biases")})
-    #: with a held-out choice (ridge-auto, compensation auto): choose per output row, not per matrix
-    choice_per_row: bool = field(default=False, metadata={"negatable": False, "help": (
-        "with --ridge_lambda auto or --compensation auto: choose lambda (or rotation) per output row on "
-        "the held-out windows, not one per matrix (each row of the fit is its own regression)")})
+        "help": "MLP channels removed per greedy step of --allocation error (default 32; 1 = one at a time)"})
     refine_epochs: int = field(default=0, metadata={"help": (
         "after compensation, passes of Adam over the calibration batches that pull each pruned layer's "
         "outputs towards the unpruned layer's (0 = off, the default)")})
@@ -180,7 +124,7 @@ class PruneConfig:
     seed: int = field(default=0, metadata={"help": "seed for drawing calibration windows (default 0)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
 
-    def _resolve(self, name: str) -> str:
+    def _resolve(self, name: str) -> str | float:
         explicit = getattr(self, name)
         if explicit is not None:
             return explicit
@@ -192,53 +136,25 @@ class PruneConfig:
         the others from the method's preset, else DEFAULTS. Idempotent; ``validate`` returns it."""
         return replace(self, **{name: self._resolve(name) for name in DEFAULTS})
 
-    # The preset-dependent settings of a config that may not be validated yet (on a validated
-    # one each is its field).
-    resolved_score = _resolved("score")
-    resolved_compensation = _resolved("compensation")
-    resolved_allocation = _resolved("allocation")
-    resolved_statistics = _resolved("statistics")
-    resolved_ridge_lambda = _resolved("ridge_lambda")
-    resolved_selection = _resolved("selection")
-    resolved_targets = _resolved("targets")
-    resolved_mlp_stats = _resolved("mlp_stats")
-    resolved_token_weights = _resolved("token_weights")
-
-    @property
-    def allocation_score(self) -> str:
-        """The score that global allocation standardises: with ``--score auto``, FLAP's."""
-        score = self.resolved_score
-        return "fluctuation" if score == "auto" else score
-
     @property
     def ridge_auto(self) -> bool:
-        """Ridge with lambda picked on held-out windows: ridge-auto, or among compensation auto's candidates."""
-        comp = self.resolved_compensation
-        return (comp == "ridge" and self.resolved_ridge_lambda == "auto") or comp == "auto"
-
-    @property
-    def heldout_in_loop(self) -> bool:
-        """The layer loop carries held-out hidden states: for ridge-auto's lambda and to
-        measure the layer refinement on windows it was not fitted to."""
-        return self.ridge_auto or self.refine_epochs > 0
+        """Ridge with lambda picked on held-out windows."""
+        return self._resolve("compensation") == "ridge" and self._resolve("ridge_lambda") == "auto"
 
     @property
     def needs_heldout(self) -> bool:
-        """Held-out calibration windows are drawn for the layer loop and for loss allocation."""
-        return self.heldout_in_loop or self.resolved_allocation == "loss"
+        """Held-out calibration windows travel through the layer loop: for ridge-auto's lambda
+        and to measure the layer refinement on windows it was not fitted to."""
+        return self.ridge_auto or self.refine_epochs > 0
 
     @property
     def direct_products_blocker(self) -> str | None:
         """Why the MLP's rotation products cannot be streamed from a second pass (None: they can).
         That pass sees the plain inputs of the unpruned layer's down_proj, nothing else."""
-        needs = [(self.resolved_compensation in ROTATIONS, "--compensation rotation or rotation_scale"),
-                 (self.resolved_selection == "score" and self.resolved_score != "auto",
-                  "--selection score with a fixed --score"),
-                 (not self.intercept, "no --intercept"),
-                 (self.resolved_targets == "sequential", "--targets sequential"),
-                 (self.resolved_statistics == "sequential", "--statistics sequential"),
-                 (self.resolved_token_weights == "none", "--token_weights none"),
-                 (self.resolved_mlp_stats == "before_attention", "--mlp_stats before_attention")]
+        needs = [(COMPENSATIONS.get(self._resolve("compensation")) is not None
+                  and COMPENSATIONS[self._resolve("compensation")].rotation,
+                  "--compensation rotation or rotation_scale"),
+                 (self._resolve("statistics") == "sequential", "--statistics sequential")]
         missing = [what for ok, what in needs if not ok]
         return f"needs {', '.join(missing)}" if missing else None
 
@@ -258,53 +174,25 @@ class PruneConfig:
         once those before it passed."""
         yield (isinstance(self.pruning_ratio, (int, float)) and 0 <= self.pruning_ratio < 1,
                f"--pruning_ratio must be in [0, 1), got {self.pruning_ratio}")
-        score, comp, targets, lam = self.score, self.compensation, self.targets, self.ridge_lambda
-        yield score in (*SCORES, "auto"), f"unknown score {score!r}; choose from {', '.join(SCORES)}, auto"
-        yield (score != "auto" or self.ridge_auto,
-               "--score auto compares the candidate scores by held-out error after compensation: "
-               "it needs --ridge_lambda auto or --compensation auto")
-        yield (score != "auto" or self.selection == "score",
-               "--score auto chooses among scores; it cannot be combined with --selection greedy")
-        yield comp in COMPENSATIONS, f"unknown compensation {comp!r}; choose from {', '.join(COMPENSATIONS)}"
-        for name, allowed in (("allocation", ALLOCATIONS), ("statistics", STATISTICS)):
+        lam = self.ridge_lambda
+        for name, allowed in (("score", tuple(SCORES)), ("compensation", tuple(COMPENSATIONS))):
+            yield (getattr(self, name) in allowed,
+                   f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        for name, allowed in (("allocation", tuple(ALLOCATIONS)), ("statistics", STATISTICS),
+                              ("head_unit", HEAD_UNITS), ("rotation_products", ROTATION_PRODUCTS)):
             yield (getattr(self, name) in allowed,
                    f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        yield (not (self.statistics == "dense" and self.mlp_stats == "after_attention"),
-               "--mlp_stats after_attention needs --statistics sequential")
-        for name, allowed in (("selection", SELECTIONS), ("targets", TARGETS)):
-            yield (getattr(self, name) in allowed,
-                   f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        yield (targets == "sequential" or self.statistics != "dense",
-               f"--targets {targets} needs --statistics sequential (dense statistics already fit the dense model)")
-        fitted = ", ".join(c for c in COMPENSATIONS if c in NEEDS_GRAM)
-        yield (targets == "sequential" or comp in NEEDS_GRAM,
-               f"--targets {targets} needs a least-squares or rotation compensation ({fitted})")
-        yield (not self.intercept or comp in NEEDS_GRAM,
-               f"--intercept needs a least-squares or rotation compensation ({fitted}), not {comp}; "
-               "bias compensation fits a bias alone")
-        yield (not self.intercept or (targets == "sequential" and self.token_weights == "none"),
-               "--intercept needs --targets sequential and --token_weights none (it centres the "
-               "statistics with the inputs' unweighted mean)")
         yield (isinstance(self.selection_lambda, (int, float)) and self.selection_lambda >= 0,
                f"--selection_lambda must be a number >= 0, got {self.selection_lambda!r}")
-        for name, allowed in (("head_unit", HEAD_UNITS), ("token_weights", TOKEN_WEIGHTS), ("mlp_stats", MLP_STATS)):
-            yield (getattr(self, name) in allowed,
-                   f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("gram_dtype", "rotation_dtype"):
             yield (getattr(self, name) in ("float32", "float64"),
                    f"--{name} must be float32 or float64, got {getattr(self, name)!r}")
-        yield (isinstance(self.rotation_proximal, (int, float)) and self.rotation_proximal >= 0,
-               f"--rotation_proximal must be a number >= 0, got {self.rotation_proximal!r}")
-        yield (self.rotation_products in ROTATION_PRODUCTS,
-               f"--rotation_products must be one of {', '.join(ROTATION_PRODUCTS)}, got {self.rotation_products!r}")
         yield (not (self.rotation_products == "direct" and self.direct_products_blocker),
                f"--rotation_products direct {self.direct_products_blocker}")
         yield (lam == "auto" or not (isinstance(lam, str) or lam < 0),
                f"--ridge_lambda must be a number >= 0 or 'auto', got {lam!r}")
         yield (not (self.ridge_auto and (not self.ridge_grid or min(self.ridge_grid) < 0)),  # --nholdout: below
                "--ridge_lambda auto needs a non-empty grid of lambdas >= 0")
-        yield (not self.choice_per_row or self.ridge_auto,
-               "--choice_per_row needs a held-out choice: --ridge_lambda auto or --compensation auto")
         for name in ("nsamples", "batch_size", "nholdout", "round_to", "selection_block"):
             yield getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}"
         yield (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0,

@@ -19,11 +19,6 @@ the costs add up to E of the final set. A ridge penalty lam ||B - W_K||^2 is the
 problem on G + lam I (it equals least squares on data augmented with sqrt(lam) I), so
 the weights left at the end are exactly ridge compensation of the kept columns.
 
-Other targets replace Y = W X (the unpruned sublayer on the pruned model's inputs),
-e.g. Y = W X_d (the dense model's outputs on its own inputs). With the streamed
-target cross-product Y X^T, ||Y - B X_K||^2 = const + ||W* X - B X_K||^2 with
-W* = Y X^T G^-1, so the same greedy run on W* fits those targets.
-
 Everything runs in float64 and knows nothing about transformers.
 """
 
@@ -61,22 +56,9 @@ def _inverse(g: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, target_cross: torch.Tensor, lam: float = 0.0,
-                        relative: bool = True) -> torch.Tensor:
-    """W* = (Y X^T + lam' W)(G + lam' I)^-1: the full-width weight whose outputs on the
-    pruned inputs X best match the targets Y (``target_cross`` = Y X^T, G = X X^T)."""
-    g, lam_abs = regularised_gram(gram, lam, relative)
-    w = weight.double().to(g.device)
-    rhs = target_cross.double().to(g.device) + lam_abs * w
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        raise ValueError("the (regularised) Gram matrix is not positive definite; use a larger lambda")
-    return torch.cholesky_solve(rhs.T, chol).T
-
-
 def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor, *, n_remove: int | None = None,
                   groups: torch.Tensor | None = None, per_group: int | None = None, lam: float = 0.0,
-                  relative: bool = True, block: int = 1, target_cross: torch.Tensor | None = None) -> GreedyResult:
+                  relative: bool = True, block: int = 1) -> GreedyResult:
     """Greedily remove units (rows of ``units``: equal-sized sets of input columns) with
     the smallest post-compensation error.
 
@@ -84,15 +66,12 @@ def greedy_remove(weight: torch.Tensor, gram: torch.Tensor, units: torch.Tensor,
     (``groups[u]`` = group of unit u; used to keep GQA groups equal). With single-column
     units, ``block`` > 1 removes the ``block`` cheapest columns per step with one block
     downdate (fewer passes over H; each step's cost is still exact for what it removes).
-    Ties go to the lower unit index. ``target_cross`` (Y X^T) fits other targets Y: the
-    run starts from W* = (Y X^T + lam' W) H (see :func:`dense_target_weight`).
+    Ties go to the lower unit index.
     """
     w = weight.detach().double().clone()
-    g_reg, lam_abs = regularised_gram(gram.to(w.device), lam, relative)
+    g_reg, _ = regularised_gram(gram.to(w.device), lam, relative)
     h = _inverse(g_reg)
     del g_reg
-    if target_cross is not None:
-        w = (target_cross.to(w.device).double() + lam_abs * w) @ h
     units = units.to(w.device).long()
     n_units, size = units.shape
     active = torch.ones(n_units, dtype=torch.bool, device=w.device)

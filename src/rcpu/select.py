@@ -29,8 +29,6 @@ class LayerPlan:
     groups_removed: int = 0
     channels_removed: int = 0
     notes: list[str] = field(default_factory=list)
-    #: allocation="loss": the probed loss increases that decided this layer's widths
-    probe_loss: dict = field(default_factory=dict)
 
     def heads_removed(self, geom: AttentionGeometry) -> int:
         if self.head_unit == "group":
@@ -166,55 +164,14 @@ def head_unit_scores(head_scores: torch.Tensor, geom: AttentionGeometry, head_un
 def forced_unit_scores(unit_scores: torch.Tensor, n_removed: int) -> torch.Tensor:
     """Scores that make :func:`allocate_global` remove exactly ``n_removed`` of these units
     (the weakest: :func:`head_unit_scores` sorts them ascending) and keep the others,
-    whatever the global threshold (the allocations that fix head counts: ``global_mlp``,
-    ``global_split``, ``global_even``)."""
+    whatever the global threshold (``global_mlp`` fixes head counts this way)."""
     forced = torch.full_like(unit_scores, math.inf)
     forced[:n_removed] = -math.inf
     return forced
 
 
-def allocate_heads_split(attn_scores: list[torch.Tensor], shapes: list[LayerShape], ratio: float,
-                         head_unit: str, even: bool = False) -> list[int]:
-    """Attention units to remove per layer when heads get their own share of the budget
-    (``allocation="global_split"``): ``ratio`` of the removable attention parameters (all
-    units' weights: under GQA a query unit leaves the shared k/v), filled with the globally
-    weakest units of :func:`head_unit_scores` (the nearest whole number of units; every
-    layer keeps one). FLAP's one ranking across modules weighs a head's mean standardised
-    score against a channel's, two numbers on no common scale; at a 20 % ratio it removed
-    29 % of Qwen2.5-1.5B's query heads and 19 % of SmolLM2's. Fixing the split keeps FLAP's
-    choice of *where* heads go without letting it decide *how many*.
-
-    ``even`` (``allocation="global_even"``): every layer loses floor(ratio x its units) or
-    one more, and the ranking only picks which layers lose the extra one. On Qwen2.5-1.5B
-    at 20 % neither helps: the split gave 6 to 12 of 12 heads per layer and 33.47, the even
-    split 8 or 10 and 34.71, against 24.17 with 2 of 12 heads taken from every layer
-    (``global_mlp``). The few layers FLAP's score sends the extra heads to (0 and 1 among
-    them) are the ones that cannot spare them."""
-    unit_w = [float(sh.params_per_head_unit(head_unit)) for sh in shapes]
-    budget = ratio * sum(len(s) * w for s, w in zip(attn_scores, unit_w, strict=True))
-    cap = [len(s) - 1 for s in attn_scores]  # every layer keeps one unit
-    floor = [0] * len(attn_scores)
-    if even:
-        floor = [min(math.floor(ratio * len(s)), c) for s, c in zip(attn_scores, cap, strict=True)]
-        cap = [min(f + 1, c) for f, c in zip(floor, cap, strict=True)]
-    removed = list(floor)
-    spent = sum(f * w for f, w in zip(floor, unit_w, strict=True))
-    flat = torch.cat([s.double() for s in attn_scores])
-    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(attn_scores)])
-    position = torch.cat([torch.arange(len(s)) for s in attn_scores])  # rank within its layer
-    for j in torch.argsort(flat, stable=True).tolist():  # weakest first
-        i = int(owner[j])
-        if int(position[j]) < floor[i] or removed[i] >= cap[i]:
-            continue
-        if spent + unit_w[i] / 2 > budget:  # nearest whole unit: stop past half of one
-            break
-        removed[i] += 1
-        spent += unit_w[i]
-    return removed
-
-
 def max_channels_removed(d_ff: int, ratio: float) -> int:
-    """The most MLP channels the error and loss allocations may take from one layer:
+    """The most MLP channels the error allocation may take from one layer:
     3x the global ratio, and never the last channel."""
     return min(d_ff - 1, math.ceil(min(1.0, 3 * ratio) * d_ff))
 

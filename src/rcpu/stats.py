@@ -43,15 +43,9 @@ class InputStats:
     #: float64 by default; float32 halves the largest buffer of a layer (d_in^2) at a small
     #: cost in accumulation precision (each batch's product is float32 either way)
     gram_dtype: torch.dtype = torch.float64
-    # dense-model targets: the target outputs Y of the same tokens (the dense sublayer's
-    # W X_d, plus the residual-stream error for "residual" targets) enter only through
-    # target_cross = Y X^T (d_out x d_in, streamed like the Gram) and target_sq = ||Y||_F^2
-    target_cross: torch.Tensor | None = None
-    target_sq: float | None = None
 
-    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs with shape (..., d_in). ``weight`` (one per token) weighs
-        the tokens in the Gram matrix only; the per-channel moments (scores) stay unweighted."""
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs with shape (..., d_in)."""
         x32 = x.detach().reshape(-1, self.d_in).float()
         if self.sum is None:
             zeros = torch.zeros(self.d_in, dtype=torch.float64, device=x32.device)
@@ -71,21 +65,7 @@ class InputStats:
         self.sum_sq += x32.square().sum(0).double()
         self.sum_abs += x32.abs().sum(0).double()
         if self.with_gram:
-            xw = x32 if weight is None else x32 * weight.reshape(-1, 1).to(x32)
-            _accumulate(self.gram, xw, x32)
-
-    def update_target(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Add one batch of target outputs ``y`` (..., d_out) for this model's inputs ``x``
-        (..., d_in) of the same tokens: Y X^T and ||Y||^2 (tokens weighted like the Gram)."""
-        y32 = y.detach().reshape(-1, y.shape[-1]).float()
-        x32 = x.detach().reshape(-1, self.d_in).float()
-        if y32.shape[0] != x32.shape[0]:
-            raise ValueError("target outputs and inputs of a sublayer must cover the same tokens")
-        yw = y32 if weight is None else y32 * weight.reshape(-1, 1).to(y32)
-        if self.target_cross is None:
-            self.target_cross = torch.zeros(y32.shape[1], self.d_in, dtype=self.gram_dtype, device=x32.device)
-        _accumulate(self.target_cross, yw, x32)
-        self.target_sq = (self.target_sq or 0.0) + float((yw.double() * y32.double()).sum())
+            _accumulate(self.gram, x32, x32)
 
     def _require(self) -> None:
         if self.n == 0:
@@ -122,7 +102,7 @@ class InputStats:
         return (self.var_population * (self.n / (self.n - 1))).clamp_min(0)
 
     def to(self, device: torch.device | str) -> InputStats:
-        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram", "target_cross"):
+        for name in ("sum", "sum_sq", "sum_abs", "m2", "gram"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -141,85 +121,17 @@ class InputStats:
 
 
 class StatsCollector:
-    """Forward pre-hooks that feed the inputs of named linear modules into InputStats.
-
-    With ``dense_modules`` (the same sublayers of an unpruned copy of the layer), each
-    batch must be run through the dense copy first: its sublayer outputs (bias removed)
-    are held for that one batch and become the targets of this model's inputs (dense-model
-    targets). With ``residuals`` (name -> (this layer's module, the dense copy's module)
-    whose inputs are the residual stream before that sublayer, i.e. its pre-norm), the
-    residual-stream error dense - pruned is added to the targets, so the sublayer also
-    undoes the error accumulated below it. With ``token_weights`` (name -> the pre-norm whose
-    input is the residual stream that sublayer writes into), each token t enters the Gram and
-    target products with weight 1 / rms(h_t)^2: the next norm divides the residual stream by
-    its RMS, so an output error matters relative to it, and a few tokens with huge residual
-    norms (attention sinks, massive activations) stop dominating the least-squares fit.
-    """
+    """Forward pre-hooks that feed the inputs of named linear modules into InputStats."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear], with_gram: dict[str, bool],
-                 dense_modules: dict[str, torch.nn.Linear] | None = None,
-                 residuals: dict[str, tuple[torch.nn.Module, torch.nn.Module]] | None = None,
-                 token_weights: dict[str, torch.nn.Module] | None = None, gram_dtype: torch.dtype = torch.float64):
+                 gram_dtype: torch.dtype = torch.float64):
         self.stats = {name: InputStats(m.in_features, with_gram=with_gram.get(name, False), gram_dtype=gram_dtype)
                       for name, m in modules.items()}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_res: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
-        for name, m in (dense_modules or {}).items():
-            self._handles.append(m.register_forward_hook(self._dense_hook(name)))
-        self._residual = set()
-        for name, (mine, dense) in (residuals or {}).items():
-            if name not in (dense_modules or {}):
-                raise ValueError("residual-stream targets need the dense copy's sublayer too")
-            self._residual.add(name)
-            self._handles.append(dense.register_forward_pre_hook(self._stash(f"dense_res:{name}")))
-            self._handles.append(mine.register_forward_pre_hook(self._residual_hook(name)))
-        self._paired = set(dense_modules or ())
-        self._weights: dict[str, torch.Tensor] = {}
-        for name, norm in (token_weights or {}).items():
-            self._handles.append(norm.register_forward_pre_hook(self._weight_hook(name)))
-        self._weighted = set(token_weights or ())
-
-    def _weight_hook(self, name: str):
-        def hook(_module, args):
-            h = args[0].detach().float()
-            self._weights[name] = 1.0 / (h.square().mean(-1) + 1e-6)
-        return hook
 
     def _hook(self, name: str):
         def hook(_module, args):
-            weight = None
-            if name in self._weighted:
-                weight = self._weights.pop(name, None)
-                if weight is None:
-                    raise RuntimeError(f"no token weights for {name}: its norm did not run before it")
-            self.stats[name].update(args[0], weight)
-            if name in self._paired:
-                if name not in self._pending:
-                    raise RuntimeError("run the dense copy of the layer on a batch before the pruned one")
-                y = self._pending.pop(name)
-                if name in self._residual:
-                    y = y + self._pending_res.pop(name)
-                self.stats[name].update_target(y, args[0], weight)
-        return hook
-
-    def _stash(self, key: str):
-        def hook(_module, args):
-            self._pending[key] = args[0].detach()
-        return hook
-
-    def _residual_hook(self, name: str):
-        def hook(_module, args):
-            dense = self._pending.pop(f"dense_res:{name}", None)
-            if dense is None:
-                raise RuntimeError("run the dense copy of the layer on a batch before the pruned one")
-            self._pending_res[name] = (dense.float() - args[0].detach().float()).to(args[0].device)
-        return hook
-
-    def _dense_hook(self, name: str):
-        def hook(module, args, output):
-            y = output if module.bias is None else output - module.bias
-            self._pending[name] = y.detach().float()
+            self.stats[name].update(args[0])
         return hook
 
     def remove(self) -> None:

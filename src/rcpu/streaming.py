@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .config import PruneConfig
 from .errors import RcpuError
-from .layer_io import capture_layer_inputs, hidden_state_storage
 from .loading import SafetensorsCheckpoint, rcpu_class_for_type, rcpu_model_class
 from .models import DecoderAdapter, get_adapter
-from .pipeline import LayerResult, LayerStore, make_plans, run_sequential
-from .report import PeakMemory, PruneReport, count_params, release_free_memory, versions
+from .pipeline import LayerResult, LayerStore
+from .report import PruneReport, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +138,14 @@ def shard_name(k: int, n: int) -> str:
 
 
 class StreamingStore(LayerStore):
-    """Reads each decoder layer from disk; writes pruned layers as output shards."""
+    """Reads each decoder layer from disk; writes pruned layers as output shards, and after
+    every layer the next layer's inputs and the resume record, so a killed run continues."""
 
     def __init__(self, adapter: DecoderAdapter, reader: SafetensorsCheckpoint | GGUFCheckpoint, work: Path,
-                 biases: tuple[bool, bool], state: dict):
+                 state: dict):
         super().__init__(adapter)
-        self.reader, self.work, self.biases, self.state = reader, work, biases, state
+        self.reader, self.work, self.state = reader, work, state
+        self.biases = (False, False)
         self.n_shards = len(adapter.layers) + 1
 
     def load(self, index: int) -> nn.Module:
@@ -157,7 +157,45 @@ class StreamingStore(LayerStore):
     def unload(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
 
-    def finish(self, index, layer, result, batches, heldout, warnings, dense=None) -> None:
+    def open(self, model: nn.Module) -> None:
+        # embeddings and rotary frequencies: the only non-layer modules the loop runs
+        base = self.adapter.base
+        _assign(base.embed_tokens, self.reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is not None:
+            with torch.device("cpu"):
+                base.rotary_emb = type(rotary)(model.config)
+
+    def captured(self, model: nn.Module) -> None:
+        self.adapter.base.embed_tokens.to("meta")
+        if model.config.tie_word_embeddings:
+            model.tie_weights()  # assign and .to("meta") replaced the shared parameter
+
+    def resume(self, batches, heldout, storage):
+        from .driver import Resumed
+        from .select import LayerPlan
+
+        start = self.state["next_layer"]
+        if not start:
+            return None
+        with safe_open(str(self.work / HIDDEN_FILE), framework="pt", device="cpu") as fh:
+            saved = {k: fh.get_tensor(k) for k in fh.keys()}
+
+        def restored(prefix: str, like: list | None) -> list | None:
+            return None if like is None else [(saved[f"{prefix}.{i}"].to(storage), kw)
+                                              for i, (_, kw) in enumerate(like)]
+
+        return Resumed(start, [LayerPlan(**p) for p in self.state["plans"]], restored("calib", batches),
+                       restored("heldout", heldout), [LayerResult(**r) for r in self.state["layers"]],
+                       list(self.state["warnings"]))
+
+    def planned(self, plans, biases, done) -> None:
+        self.state["plans"] = [p.to_dict() for p in plans]
+        self.biases = biases
+        for i, res in enumerate(done):  # layers written before the interruption get their pruned shapes
+            _restore_layer(self.adapter, self.adapter.layers[i], res.to_dict())
+
+    def finish(self, index, layer, result, batches, heldout, warnings) -> None:
         self.adapter.finalize_layer(layer, *self.biases)
         prefix = f"{LAYER_PREFIX}{index}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
@@ -168,8 +206,6 @@ class StreamingStore(LayerStore):
         hidden = {f"calib.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(batches)}
         if heldout is not None:
             hidden.update({f"heldout.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(heldout)})
-        for part, lst in (dense or {}).items():  # the dense model's hidden states (dense targets)
-            hidden.update({f"dense_{part}.{i}": h.to("cpu").contiguous() for i, (h, _) in enumerate(lst or [])})
         _atomic_save(hidden, self.work / HIDDEN_FILE)
         self.state["next_layer"] = index + 1
         self.state["layers"].append(result.to_dict())
@@ -177,6 +213,13 @@ class StreamingStore(LayerStore):
         _atomic_json(self.state, self.work / RESUME_FILE)
         logger.info("layer %d written (%.1f s, peak RSS %.0f MiB)", index, result.seconds,
                     result.memory.get("peak_rss_mib", 0))
+
+    def close(self) -> None:
+        """The rest of the weights (final norm, head), as they are."""
+        n = len(self.adapter.layers)
+        tied = self.adapter.config.tie_word_embeddings
+        rest = [k for k in self.reader.names() if not k.startswith(LAYER_PREFIX) and not (k == "lm_head.weight" and tied)]
+        _atomic_save(self.reader.read(rest), self.work / shard_name(n, n + 1))
 
 
 @dataclass
@@ -222,12 +265,10 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
     ``announce`` receives the "resuming at layer N of M" line (default: the log).
     """
-    from .api import check_saveable, planned_biases
+    from .driver import check_saveable, run_pruning
     from .export import check_output_dir, finish_checkpoint
 
     cfg = cfg.validate()
-    if cfg.resolved_allocation == "loss":  # its probes run the whole model above each layer
-        raise RcpuError("--allocation loss needs the model in memory; use --no-stream")
     src = Path(source)
     out = check_output_dir(out, overwrite)
     device = torch.device(device)
@@ -241,10 +282,8 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
               else SafetensorsCheckpoint(src, dtype))
     adapter = get_adapter(model)
-    if cfg.resolved_allocation == "uniform":
+    if cfg.allocation == "uniform":
         check_saveable(model, cfg, adapter=adapter)  # fail fast
-    dense_shapes = [adapter.layer_shape(layer) for layer in adapter.layers]
-    params_before = count_params(model)
 
     work = work_dir_for(out)
     key = _run_key(reader, config_json, cfg, windows, heldout_windows, dtype, device)
@@ -260,92 +299,17 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     elif resume:
         logger.info("nothing to resume at %s; starting from the first layer", work)
     work.mkdir(parents=True, exist_ok=True)
-    start = state["next_layer"]
     n_layers = len(adapter.layers)
-    if start:
-        (announce or logger.info)(f"resuming at layer {start} of {n_layers}")
+    if state["next_layer"]:
+        (announce or logger.info)(f"resuming at layer {state['next_layer']} of {n_layers}")
 
-    heldout_windows = heldout_windows if cfg.heldout_in_loop else None
-    storage, hidden_info = hidden_state_storage(
-        hidden_states, device, windows.numel() + (heldout_windows.numel() if heldout_windows is not None else 0),
-        config.hidden_size, dtype, max_hidden_gib)
-    t0 = time.perf_counter()
-    with PeakMemory(device) as peak:
-        # embeddings and rotary frequencies: the only non-layer modules the loop runs
-        embed = adapter.base.embed_tokens
-        _assign(embed, reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
-        rotary = getattr(adapter.base, "rotary_emb", None)
-        if rotary is not None:
-            with torch.device("cpu"):
-                adapter.base.rotary_emb = type(rotary)(config)
-        batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, storage)
-        heldout = (capture_layer_inputs(model, adapter, heldout_windows, cfg.batch_size, device, storage)
-                   if heldout_windows is not None else None)
-        embed.to("meta")
-        if config.tie_word_embeddings:
-            model.tie_weights()  # assign and .to("meta") replaced the shared parameter
-        store = StreamingStore(adapter, reader, work, (False, False), state)
-        dense = None
-        if start == 0:
-            plans = make_plans(model, adapter, batches, cfg, device, progress=progress, store=store)
-            state["plans"] = [p.to_dict() for p in plans]
-        else:
-            from .select import LayerPlan
-
-            plans = [LayerPlan(**p) for p in state["plans"]]
-            with safe_open(str(work / HIDDEN_FILE), framework="pt", device="cpu") as fh:
-                saved = {k: fh.get_tensor(k) for k in fh.keys()}
-            def restored(prefix: str, like: list | None) -> list | None:
-                return None if like is None else [(saved[f"{prefix}.{i}"].to(storage), kw)
-                                                  for i, (_, kw) in enumerate(like)]
-
-            if cfg.resolved_targets in ("dense", "residual"):
-                dense = {"calib": restored("dense_calib", batches), "heldout": restored("dense_heldout", heldout)}
-            batches, heldout = restored("calib", batches), restored("heldout", heldout)
-            del saved
-        saved_fmt = check_saveable(model, cfg, plans, adapter)  # on the dense shapes, before any restore
-        store.biases = planned_biases(adapter, cfg, plans)
-        for i, res in enumerate(state["layers"]):  # layers written before the interruption
-            _restore_layer(adapter, adapter.layers[i], res)
-        results = [LayerResult(**r) for r in state["layers"]]
-        results, warnings = run_sequential(model, adapter, windows, plans, cfg, device, progress=progress,
-                                           batches=batches, store=store, start=start, heldout=heldout,
-                                           results=results, warnings=list(state["warnings"]), dense=dense)
-        del batches, heldout
-        # the rest of the weights (final norm, head), as they are
-        rest = [n for n in reader.names() if not n.startswith(LAYER_PREFIX)
-                and not (n == "lm_head.weight" and config.tie_word_embeddings)]
-        _atomic_save(reader.read(rest), work / shard_name(n_layers, n_layers + 1))
-    prune_s = time.perf_counter() - t0
-
+    store = StreamingStore(adapter, reader, work, state)
+    run = run_pruning(model, adapter, cfg, windows, heldout_windows, device, store, progress=progress,
+                      hidden_states=hidden_states, max_hidden_gib=max_hidden_gib)
     adapter.finalize(store.biases)
-    report = _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt,
-                     prune_s, {**peak.result, **hidden_info}, device, dtype, dense_shapes, params_before)
+    report = run.report(cfg, adapter, {"source": str(src), "device": str(device),
+                                       "dtype": str(dtype).replace("torch.", ""), "streamed": True}, calib_info or {})
     final = finish_checkpoint(model, work, out, report.to_dict(), tokenizer=tokenizer, generation_config=generation,
                               shards=[shard_name(k, n_layers + 1) for k in range(n_layers + 1)], dtype=dtype,
                               remove=[RESUME_FILE, HIDDEN_FILE], overwrite=overwrite)
     return StreamResult(final, report)
-
-
-def _report(adapter, config, src, cfg, calib_info, plans, results, warnings, saved_fmt, prune_s, memory,
-            device, dtype, dense_shapes, params_before) -> PruneReport:
-    from .api import param_summary
-
-    report = PruneReport(
-        config=cfg.to_dict(),
-        model={"source": str(src), "model_type": config.model_type, "adapter": adapter.name,
-               "num_layers": len(adapter.layers), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-               "streamed": True},
-        calibration=calib_info or {},
-        plan={"allocation": cfg.resolved_allocation, "head_unit": plans[0].head_unit,
-              "notes": list(dict.fromkeys(n for p in plans for n in p.notes)),
-              "layers": [p.to_dict() for p in plans] if cfg.resolved_allocation != "uniform" else plans[0].to_dict()},
-        params=param_summary(adapter, dense_shapes, params_before),
-        checkpoint=saved_fmt.to_dict(),
-        layers=[r.to_dict() for r in results],
-        timings={"prune_s": round(prune_s, 3)},
-        memory=memory,
-        warnings=warnings,
-        versions=versions(),
-    )
-    return report

@@ -1,6 +1,6 @@
 """Recovery after pruning on SmolLM2-135M: budgets, an ablation of loss and trained parameters, cost.
 
-    python benchmarks/recovery.py [--parts cost,ablation_quick,budget20,budget30,ablation] [--device cuda] [--redo CELL,...]
+    python benchmarks/recovery.py [--parts cost,ablation_quick,budget20,budget30,ablation] [--device cuda] [--redo CELL,...] [--cells CELL,...]
 
 Every model is written under outputs/recovery/ (not in git): pruned models with `rcpu prune`,
 recovered ones with `rcpu recover --resume` (so a killed benchmark continues inside a training
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--redo", default="", help="comma-separated cell names to recompute")
     p.add_argument("--variants", default="", help="run only these variants of the parts (comma-separated)")
+    p.add_argument("--cells", default="", help="run only these cells, named method-ratio/tokens/variant (comma-separated)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "log.txt"
@@ -203,6 +204,8 @@ def main() -> None:
     for part in args.parts.split(","):
         for pruned_key, tokens, variant, flags in PARTS[part]:
             if args.variants and variant not in args.variants.split(","):
+                continue
+            if args.cells and f"{pruned_key}/{tokens}/{variant}" not in args.cells.split(","):
                 continue
             cell(results, pruned_key, tokens, variant, flags, args.device, log, redo)
 

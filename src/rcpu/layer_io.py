@@ -1,6 +1,6 @@
 """Running decoder layers on calibration batches (layer input/output).
 
-Pruning, allocation, loss-sensitivity probes and the streamed run all move calibration
+Pruning, allocation and the streamed run all move calibration
 hidden states through decoder layers the same way: capture the inputs of the first
 decoder layer (:func:`capture_layer_inputs`), run a layer over every batch
 (:func:`run_layer`, :func:`forward_layer`), or only as far as a given module, for hooks

@@ -38,7 +38,7 @@ PARTS = {
     # other combinations of shipped score / allocation / statistics / compensation settings
     "combinations": (["flap-ridge+score=rcpu", "flap-ridge+head_unit=group", "flap-ridge+statistics=dense",
                       "flap-ridge+compensation=rotation_scale", "flap-ridge+score=wanda-sp",
-                      "ridge-auto+score=wanda-sp", "ridge-auto+score=fluctuation", "rcpu+rotation_proper=true"], [0.2]),
+                      "ridge-auto+score=wanda-sp", "ridge-auto+score=fluctuation"], [0.2]),
     # FLAP's allocation for the MLP channels only (uniform head counts), at every ratio
     "global_mlp": (["flap-ridge+allocation=global_mlp"], [0.1, 0.2, 0.3]),
     # few calibration tokens (32 windows), where the rotation could beat least squares

@@ -166,12 +166,12 @@ def test_prune_flags_are_generated_from_the_config_fields(capsys):
     values = _config_values(PruneConfig, _parse(
         "prune", "--method", "flap-ridge", "--pruning-ratio", "0.35", "--no-compensate_attn", "--no-compensate-mlp",
         "--ridge_lambda", "auto", "--ridge-grid", "0.01, 0.1,1", "--ridge_lambda_absolute", "--no-rebalance",
-        "--rotation_proper", "--gram_dtype", "float32", "--head-unit", "group", "--allocation", "error",
+        "--gram_dtype", "float32", "--head-unit", "group", "--allocation", "error",
         "--selection_block", "4", "--refine_epochs", "2", "--refine-lr", "5e-4",
         "--nsamples", "16", "--batch_size", "4", "--seed", "7"))
     expect = dict(method="flap-ridge", pruning_ratio=0.35, compensate_attn=False, compensate_mlp=False,
                   ridge_lambda="auto", ridge_grid=(0.01, 0.1, 1.0), ridge_lambda_relative=False, rebalance=False,
-                  rotation_proper=True, gram_dtype="float32", head_unit="group", allocation="error",
+                  gram_dtype="float32", head_unit="group", allocation="error",
                   selection_block=4, refine_epochs=2, refine_lr=5e-4, nsamples=16,
                   batch_size=4, seed=7, score=None, compensation=None)
     assert {k: values[k] for k in expect} == expect

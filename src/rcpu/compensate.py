@@ -226,13 +226,10 @@ def ridge(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: flo
     return result
 
 
-def procrustes(m: torch.Tensor, proper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def procrustes(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal Q maximising tr(Q^T M) (= argmin ||Y - Q Z|| for M = Y Z^T), and M's
-    singular values. ``proper`` restricts Q to rotations (det = +1)."""
+    singular values."""
     u, s, vh = torch.linalg.svd(m)
-    if proper and torch.linalg.det(u @ vh) < 0:
-        u = u.clone()
-        u[:, -1] = -u[:, -1]
     return u @ vh, s
 
 
@@ -327,7 +324,7 @@ def direct_products_cheaper(n_tokens: int, layer_params: int, d_in: int, d_out: 
 
 
 def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationProducts, *, scale: bool = False,
-                   proper: bool = False, n_tokens: int | None = None, rank_rtol: float | None = None) -> Compensated:
+                   n_tokens: int | None = None, rank_rtol: float | None = None) -> Compensated:
     """Q* = U V^T from M = U S V^T, the optional scale, and W_K <- s* Q* W_K; see :func:`rotation`."""
     m, y2, z2 = products.m, products.y2, products.z2
     dtype = m.dtype
@@ -337,7 +334,7 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
     def rel_error(s_tr: float, s2: float) -> float:
         return (y2 - 2 * s_tr + s2 * z2) / y2
 
-    q, s = procrustes(m, proper=proper)
+    q, s = procrustes(m)
     if rank_rtol is None:  # structural zeros sit at rounding level; real directions far above
         rank_rtol = 1e-11 if dtype == torch.float64 else 1e-5
     rank = int((s > s[0] * rank_rtol).sum()) if s[0] > 0 else 0
@@ -367,7 +364,7 @@ def rotation_solve(weight: torch.Tensor, kept: torch.Tensor, products: RotationP
 
 
 def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, scale: bool = False,
-             proper: bool = False, dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
+             dtype: torch.dtype = torch.float64, n_tokens: int | None = None,
              rank_rtol: float | None = None) -> Compensated:
     """RCPU: W_K <- s* Q* W_K with Q* = U V^T from M = Y Z^T = U S V^T.
 
@@ -385,4 +382,4 @@ def rotation(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *, sc
     halves, for callers that free the Gram matrix in between.
     """
     products = rotation_products(weight, gram, kept, dtype=dtype)
-    return rotation_solve(weight, kept, products, scale=scale, proper=proper, n_tokens=n_tokens, rank_rtol=rank_rtol)
+    return rotation_solve(weight, kept, products, scale=scale, n_tokens=n_tokens, rank_rtol=rank_rtol)

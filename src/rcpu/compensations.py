@@ -103,8 +103,7 @@ def _rotation(scale: bool) -> Callable[[Problem], comp.Compensated]:
         # it before the SVD (at 13B MLP widths it is the largest buffer of the layer)
         p.stats.gram = None
         release_free_memory()
-        return comp.rotation_solve(p.weight, p.kept, products, scale=scale, proper=p.cfg.rotation_proper,
-                                   n_tokens=p.stats.n)
+        return comp.rotation_solve(p.weight, p.kept, products, scale=scale, n_tokens=p.stats.n)
     return solve
 
 

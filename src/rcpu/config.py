@@ -102,8 +102,6 @@ class PruneConfig:
         "how the MLP's rotation gets M = Y Z^T: from the Gram matrix, or from a second pass over the "
         "calibration inputs with no d_ff^2 Gram matrix (cheaper for wide MLPs and few tokens); auto: "
         "whichever costs fewer multiply-adds")})
-    rotation_proper: bool = field(default=False, metadata={
-        "negatable": False, "help": "restrict Q to rotations, det(Q) = +1 (SO(d))"})
     head_unit: str = field(default="auto", metadata={
         "choices": HEAD_UNITS, "help": "GQA: remove query heads evenly from every KV group, or whole KV groups"})
     rebalance: bool = field(default=True, metadata={

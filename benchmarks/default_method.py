@@ -46,7 +46,7 @@ def summarise(models: list[str]) -> dict:
     """Per model and ratio: every method's perplexity (128-token windows), the best, and per
     candidate its ratio to the best and to rcpu. A cell is decided only once every method in it
     is measured; a candidate passes only when every cell is decided in its favour."""
-    cells, verdict = [], {c: {"passes": True, "incomplete": []} for c in CANDIDATES}
+    cells, verdict = [], {c: {"passes": True, "failed": [], "incomplete": []} for c in CANDIDATES}
     for model in models:
         spec = MODELS[model]
         path = spec["output"] / "results.json"
@@ -68,7 +68,9 @@ def summarise(models: list[str]) -> dict:
                 to_best, to_rcpu = p / known[best], p / rcpu
                 row[cand] = {"to_best": round(to_best, 3), "to_rcpu": round(to_rcpu, 3),
                              "passes": to_best <= WITHIN_BEST and to_rcpu <= BEATS_RCPU}
-                verdict[cand]["passes"] &= row[cand]["passes"]
+                if not row[cand]["passes"]:
+                    verdict[cand]["passes"] = False
+                    verdict[cand]["failed"].append(f"{model}@{ratio}")
             cells.append(row)
     return {"bar": {"within_best": WITHIN_BEST, "beats_rcpu": BEATS_RCPU, "windows": 128}, "cells": cells,
             "verdict": verdict}
@@ -83,9 +85,15 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['model']} | {row['ratio']:.0%} | " + " | ".join(vals) + f" | {row['best'] or '–'} |")
     lines.append("")
     for cand, v in summary["verdict"].items():
-        state = "passes" if v["passes"] else ("undecided: cells not yet fully measured: " + ", ".join(v["incomplete"])
-                                               if v["incomplete"] else "fails")
-        lines.append(f"- `{cand}`: {state}")
+        if v["failed"]:
+            state = "fails in " + ", ".join(v["failed"])
+        elif v["incomplete"]:
+            state = "undecided: cells not yet fully measured: " + ", ".join(v["incomplete"])
+        else:
+            state = "passes"
+        ratios = "; ".join(f"{r['model']}@{r['ratio']}: {r[cand]['to_best']:.3f} x best, {r[cand]['to_rcpu']:.3f} x rcpu"
+                           for r in summary["cells"] if cand in r)
+        lines.append(f"- `{cand}`: {state} ({ratios})")
     return "\n".join(lines) + "\n"
 
 

@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
-from .driver import check_saveable, param_summary, planned_biases, planned_shape, run_pruning
+from .driver import check_saveable, run_pruning
 from .errors import RcpuError
 from .models import get_adapter
 from .report import PruneReport
 
-__all__ = ["prune", "check_saveable", "param_summary", "planned_biases", "planned_shape", "resolve_device",
-           "default_device",
-           "check_seqlen", "calibration_windows_for", "resolve_windows"]
+__all__ = ["prune", "check_saveable", "resolve_device", "default_device", "check_seqlen", "calibration_windows_for",
+           "resolve_windows"]
 
 logger = logging.getLogger(__name__)
 

@@ -117,22 +117,25 @@ COMPENSATIONS: dict[str, Compensation] = {c.name: c for c in (
 )}
 
 
+def starved(kind: str, d_out: int, n_kept: int, n_tokens: int) -> bool:
+    """A rotation with fewer calibration tokens than it needs: it falls back to the kept
+    columns as they are, without products or an SVD (known before any statistic is collected)."""
+    return COMPENSATIONS[kind].rotation and n_tokens < comp.rotation_tokens_needed(d_out, n_kept)
+
+
 def needs_gram(kind: str, d_out: int, n_kept: int, n_tokens: int) -> bool:
-    """Whether compensating with ``kind`` reads the Gram matrix; a rotation with too few
-    tokens falls back without touching it."""
-    method = COMPENSATIONS[kind]
-    return method.needs_gram and not (method.rotation and n_tokens < comp.rotation_tokens_needed(d_out, n_kept))
+    """Whether compensating with ``kind`` reads the Gram matrix."""
+    return COMPENSATIONS[kind].needs_gram and not starved(kind, d_out, n_kept, n_tokens)
 
 
 def compensate(kind: str, problem: Problem) -> comp.Compensated:
     """Solve ``problem`` with compensation ``kind``; the result's info records the method and
     the relative output error before and after on the calibration tokens."""
-    method = COMPENSATIONS[kind]
     weight, stats, kept = problem.weight, problem.stats, problem.kept
-    if method.rotation and stats.n < comp.rotation_tokens_needed(weight.shape[0], len(kept)):
-        result = comp.starved_rotation(weight, kept, stats.n)  # would fall back anyway: no products, no SVD
+    if starved(kind, weight.shape[0], len(kept), stats.n):
+        result = comp.starved_rotation(weight, kept, stats.n)
     else:
-        result = method.solve(problem)
+        result = COMPENSATIONS[kind].solve(problem)
     result.info["method"] = kind
     if stats.gram is not None and "rel_error" not in result.info:  # the rotation reports its own
         before, after = comp.reconstruction_errors(weight, stats.gram, kept,

@@ -149,8 +149,7 @@ class PruneConfig:
     def direct_products_blocker(self) -> str | None:
         """Why the MLP's rotation products cannot be streamed from a second pass (None: they can).
         That pass sees the plain inputs of the unpruned layer's down_proj, nothing else."""
-        needs = [(COMPENSATIONS.get(self._resolve("compensation")) is not None
-                  and COMPENSATIONS[self._resolve("compensation")].rotation,
+        needs = [(getattr(COMPENSATIONS.get(self._resolve("compensation")), "rotation", False),
                   "--compensation rotation or rotation_scale"),
                  (self._resolve("statistics") == "sequential", "--statistics sequential")]
         missing = [what for ok, what in needs if not ok]

@@ -117,7 +117,6 @@ class Run:
     saved: SavedFormat
     seconds: float
     memory: dict
-    biases: tuple[bool, bool]
     dense_shapes: list[LayerShape]
     params_before: int
 
@@ -180,4 +179,4 @@ def run_pruning(model: nn.Module, adapter: DecoderAdapter, cfg: PruneConfig, win
     seconds = time.perf_counter() - t0
     memory = {**peak.result, "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               **hidden_info}
-    return Run(plans, results, warnings, saved, seconds, memory, biases, dense_shapes, params_before)
+    return Run(plans, results, warnings, saved, seconds, memory, dense_shapes, params_before)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import compensate as comp
 from . import refine
-from .compensations import COMPENSATIONS, Problem, compensate, needs_gram
+from .compensations import COMPENSATIONS, Problem, compensate, needs_gram, starved
 from .config import PruneConfig
 from .layer_io import capture_layer_inputs, forward_layer, module_device, run_layer, run_until
 from .models import DecoderAdapter
@@ -125,7 +125,6 @@ class Sublayer:
     """One prunable sublayer, seen through the linear layer whose input columns go: the
     attention's heads (o_proj) or the MLP's channels (down_proj)."""
 
-    name: str  #: "attn" or "mlp" (report key)
     label: str  #: "o_proj" or "down_proj" (warnings)
     module: nn.Linear  #: o_proj / down_proj
     n_kept: int  #: input columns the plan keeps
@@ -150,9 +149,9 @@ def sublayers(adapter: DecoderAdapter, layer: nn.Module, plan: LayerPlan, cfg: P
         kept = select_channels(scores, plan.channels_removed)
         return kept, (kept,)
 
-    attn = Sublayer("attn", "o_proj", o_proj, (geom.num_heads - plan.heads_removed(geom)) * geom.head_dim, cfg.compensate_attn,
+    attn = Sublayer("o_proj", o_proj, (geom.num_heads - plan.heads_removed(geom)) * geom.head_dim, cfg.compensate_attn,
                     heads, lambda sel, w: adapter.prune_attention(layer, *sel, w))
-    mlp = Sublayer("mlp", "down_proj", down_proj, down_proj.in_features - plan.channels_removed, cfg.compensate_mlp,
+    mlp = Sublayer("down_proj", down_proj, down_proj.in_features - plan.channels_removed, cfg.compensate_mlp,
                    channels, lambda sel, w: adapter.prune_mlp(layer, *sel, w))
     return attn, mlp
 
@@ -222,7 +221,7 @@ def _direct_mlp(cfg: PruneConfig, layer: nn.Module, mlp: Sublayer, n_tokens: int
     formed from a d_ff^2 Gram matrix (``rotation_products``; auto: whichever is cheaper)."""
     down = mlp.module
     if (not COMPENSATIONS[cfg.compensation].rotation or not mlp.enabled or mlp.n_kept == down.in_features
-            or n_tokens < comp.rotation_tokens_needed(down.out_features, mlp.n_kept)
+            or starved(cfg.compensation, down.out_features, mlp.n_kept, n_tokens)
             or cfg.rotation_products == "gram" or cfg.direct_products_blocker is not None):
         return False
     return cfg.rotation_products == "direct" or comp.direct_products_cheaper(

@@ -162,9 +162,41 @@ def test_transformers_reads_llama_export_directly(tmp_path):
     assert abs(ppl_got / ppl_ref - 1) < 1e-3
 
 
-def test_quantised_blocks_and_reported_f16_fallback(tmp_path, caplog):
+def test_padded_mlp_width_computes_the_same_function(tmp_path):
+    """40 kept channels padded to 64 with zeros (f32, so exact): same logits, and the down_proj
+    bias (bias compensation) stays in the hidden dimension."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, mlp_bias=True,
+                                         vocab_size=len(bpe_tokenizer()), max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    adapter = get_adapter(model)
+    for layer in adapter.layers:
+        adapter.prune_mlp(layer, torch.arange(40) * 2)
+    adapter.finalize()
+    path = tmp_path / "padded.gguf"
+    report = export_gguf(model, bpe_tokenizer(), path, quant="f32", pad_to=32)
+    assert report.padded == [{"layer": 0, "from": 40, "to": 64}, {"layer": 1, "from": 40, "to": 64}]
+    assert any("padded with zero channels" in line for line in report.summary_lines())
+    assert fields(path)["llama.feed_forward_length"] == 64
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    down = np.asarray(tensors["blk.0.ffn_down.weight"].data)
+    assert down.shape == (64, 64) and not down[:, 40:].any() and not np.asarray(tensors["blk.0.ffn_up.bias"].data)[40:].any()
+    assert np.asarray(tensors["blk.0.ffn_down.bias"].data).shape == (64,)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(path)).model(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantised_blocks_pad_the_mlp_and_fall_back_to_f16_without_padding(tmp_path, caplog):
     model = pruned("llama", kept_channels=40)  # down_proj rows of 40: not a multiple of 32
-    report = export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf", quant="q8_0")
+    padded = export_gguf(model, bpe_tokenizer(), tmp_path / "p.gguf", quant="q8_0")  # padded to 64 by default
+    assert not padded.fallbacks and [p["to"] for p in padded.padded] == [64, 64]
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "p.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q8_0
+    report = export_gguf(model, bpe_tokenizer(), tmp_path / "q.gguf", quant="q8_0", pad_to=1)
     assert sorted(f["tensor"] for f in report.fallbacks) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
     assert any("not a multiple of 32" in line for line in report.summary_lines())
     assert "stored as f16" in caplog.text

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(x, "model", required=True, help="a checkpoint rcpu wrote, a supported HF directory, or a built-in name")
     _add(x, "gguf", required=True, help="output .gguf file")
     _add(x, "quant", default="f16", choices=GGUF_QUANT_NAMES, help="tensor type of the weight matrices (default f16)")
+    _add(x, "pad_to", type=int, default=None,
+         help="pad MLP widths with zero channels (same function) to a multiple of this (default: 32 for the "
+              "block types q8_0 ... q5_1, so that every matrix quantises; 1 = no padding)")
     _add(x, "tokenizer_gguf", default=None,
          help="copy the tokenizer from this GGUF file (default: the GGUF the model came from, if any, "
               "else built from the HF tokenizer)")
@@ -572,7 +575,7 @@ def cmd_export(args) -> int:
     if tok_gguf is None:  # the GGUF the model came from: the model itself, or the source of a pruning run
         tok_gguf = source_gguf_for(args.model) or source_gguf_for(((provenance or {}).get("model") or {}).get("source"))
     res = export_gguf(loaded.model, loaded.tokenizer, args.gguf, quant=args.quant, tokenizer_gguf=tok_gguf,
-                      provenance=provenance, overwrite=args.overwrite)
+                      provenance=provenance, overwrite=args.overwrite, pad_to=args.pad_to)
     for line in res.summary_lines():
         print(line)
     return 0

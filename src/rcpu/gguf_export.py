@@ -15,9 +15,12 @@ and how it is expressed in llama.cpp's metadata:
 With the 4- and 5-bit types the embedding / output matrix is stored as q8_0, as llama.cpp's own
 quantiser keeps it above the file's type. Quantised types (q8_0, q4_0, q4_1, q5_0, q5_1) store blocks
 of 32 values along a row. A
-pruned row length that is not a multiple of 32 (e.g. an MLP width of 1126 in ``down_proj``)
-cannot be stored that way; such tensors fall back to f16 and every fallback is reported
-(logged and returned). Prune with ``--round_to 32`` to avoid them when a GGUF is the goal.
+pruned MLP width that is not a multiple of 32 (e.g. 1126 channels, so ``down_proj`` rows of 1126
+values) is padded with zero channels up to the next multiple (``pad_to``): zero rows in
+``gate``/``up`` and zero columns in ``down`` add exactly nothing to the output (SiLU(0) * 0 = 0),
+so the file computes the same function and every weight matrix takes the requested type. Any
+other row length that does not fit falls back to f16, and every padding and fallback is reported
+(logged and returned). Prune with ``--round_to 32`` to need no padding at all.
 
 Llama-architecture files (llama, mistral) store q/k rows in llama.cpp's interleaved RoPE
 order; this is the permutation llama.cpp's own converter applies, done per layer with the
@@ -89,6 +92,7 @@ class GGUFExportReport:
     tokenizer: str  #: where the vocabulary came from
     uniform: bool
     fallbacks: list[dict] = field(default_factory=list)  #: {"tensor", "shape", "type", "reason"}
+    padded: list[dict] = field(default_factory=list)  #: {"layer", "from", "to"}: MLP widths padded with zeros
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -101,6 +105,11 @@ class GGUFExportReport:
                          f"(row length not a multiple of 32, the {self.quant} block size; prune with --round_to 32 "
                          f"to avoid): "
                          + ", ".join(f"{f['tensor']} {f['shape']}" for f in self.fallbacks))
+        if self.padded:
+            lines.append(f"MLP widths of {len(self.padded)} layers padded with zero channels to whole "
+                         f"{self.quant} blocks (same function): "
+                         + ", ".join(f"layer {p['layer']} {p['from']} -> {p['to']}" for p in self.padded[:4])
+                         + (", ..." if len(self.padded) > 4 else ""))
         if not self.uniform:
             lines.append("per-layer widths are written as per-layer arrays: llama.cpp (and Ollama, LM Studio) "
                          "load this file, transformers' GGUF reader does not")
@@ -185,9 +194,24 @@ def _rope_scaling(config) -> dict | None:
     return None if kind in (None, "default") else params
 
 
+def _pad_mlp(name: str, data: np.ndarray, widths: list[dict]) -> np.ndarray:
+    """Zero channels up to the layout's (padded) MLP width: rows of gate/up, columns of down."""
+    down = ".ffn_down." in name
+    if not (down or ".ffn_gate." in name or ".ffn_up." in name) or (down and data.ndim == 1):
+        return data  # a down_proj bias lives in the hidden dimension
+    width = widths[int(name.split(".")[1])]["intermediate_size"]
+    axis = 1 if down else 0
+    extra = width - data.shape[axis]
+    if extra <= 0:
+        return data
+    pad = [(0, 0)] * data.ndim
+    pad[axis] = (0, extra)
+    return np.pad(data, pad)
+
+
 def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths: list[dict],
                  zero_o_bias: bool = False):
-    """Yield (gguf name, float32 array) for every tensor, in llama.cpp's naming."""
+    """Yield (gguf name, float32 array) for every tensor, in llama.cpp's naming, MLPs padded to ``widths``."""
     n_layers = len(widths)
     names = gguf.get_tensor_name_map(arch, n_layers)
     state = model.state_dict()
@@ -205,7 +229,7 @@ def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths:
             layer = int(new_name.split(".")[1])
             key = "num_attention_heads" if ".attn_q." in new_name else "num_key_value_heads"
             data = permute_qk(data, widths[layer][key])
-        yield new_name, data
+        yield new_name, _pad_mlp(new_name, data, widths)
         if zero_o_bias and new_name.endswith(".attn_output.weight"):
             # the q/k/v biases need attention_bias in a llama config, which also builds an o_proj bias
             yield new_name.replace(".weight", ".bias"), np.zeros(data.shape[0], dtype=np.float32)
@@ -368,7 +392,7 @@ class _Layout:
     model_type: str  #: HF model_type without an ``rcpu_`` prefix
     arch: gguf.MODEL_ARCH
     permute: bool  #: q/k rows go into llama.cpp's interleaved RoPE order
-    widths: list[dict]  #: per layer: num_attention_heads, num_key_value_heads, intermediate_size
+    widths: list[dict]  #: per layer: num_attention_heads, num_key_value_heads, intermediate_size (padded)
     head_dim: int
     uniform: bool  #: every layer has the same widths
     zero_o_bias: bool  #: write a zero o_proj bias (a qwen2 model written as llama)
@@ -382,14 +406,32 @@ class _Layout:
         return self.widths[0][key] if self.uniform else [w[key] for w in self.widths]
 
 
-def _layout(model: nn.Module) -> _Layout:
-    """Pick the llama.cpp graph that can run ``model`` as pruned."""
+def _padded_widths(widths: list[dict], pad_to: int) -> tuple[list[dict], list[dict]]:
+    """MLP widths rounded up to multiples of ``pad_to``, and the list of layers that changed."""
+    out, padded = [], []
+    for i, w in enumerate(widths):
+        width = w["intermediate_size"]
+        target = -(-width // pad_to) * pad_to
+        if target != width:
+            padded.append({"layer": i, "from": width, "to": target})
+        out.append({**w, "intermediate_size": target})
+    return out, padded
+
+
+def _default_pad_to(quant: str) -> int:
+    """The block length of a block-quantised type (32), 1 (no padding) for the float types."""
+    qtype = GGUF_QUANTS[quant][0]
+    return gguf.GGML_QUANT_SIZES[qtype][0] if qtype in _BLOCK_TYPES else 1
+
+
+def _layout(model: nn.Module, pad_to: int = 1) -> tuple[_Layout, list[dict]]:
+    """Pick the llama.cpp graph that can run ``model`` as pruned, with MLP widths padded to ``pad_to``."""
     config = model.config
     model_type = str(getattr(config, "model_type", "")).removeprefix("rcpu_")
     if model_type not in _ARCHS:
         raise RcpuError(f"GGUF export supports {', '.join(_ARCHS)} models, not {config.model_type!r}")
     arch, permute = _ARCHS[model_type]
-    widths = _layer_widths(model)
+    widths, padded = _padded_widths(_layer_widths(model), pad_to)
     head_dim = model.model.layers[0].self_attn.head_dim
     hidden_size = int(config.hidden_size)
     layers = model.model.layers
@@ -407,7 +449,7 @@ def _layout(model: nn.Module) -> _Layout:
         # layout with per-layer head counts and MLP widths, made for Nemotron-NAS models) takes arrays.
         arch, permute = gguf.MODEL_ARCH.DECI, True
     zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2 and not o_bias
-    return _Layout(model_type, arch, permute, widths, head_dim, uniform, zero_o_bias)
+    return _Layout(model_type, arch, permute, widths, head_dim, uniform, zero_o_bias), padded
 
 
 def _exportable_rope_scaling(config) -> dict | None:
@@ -508,17 +550,22 @@ def export_gguf(
     provenance: dict | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    pad_to: int | None = None,
 ) -> GGUFExportReport:
     """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
 
     ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` metadata is copied unchanged (use the file
     the model came from); otherwise the vocabulary is built from ``tokenizer``. ``provenance`` is
     rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
+    ``pad_to``: MLP widths are padded with zero channels to a multiple of it (default: the block
+    length of a block-quantised ``quant``, 32, so that ``down_proj`` quantises; 1 = never pad).
     """
     if quant not in GGUF_QUANTS:
         raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
+    if pad_to is not None and pad_to < 1:
+        raise RcpuError(f"pad_to is {pad_to}; use a positive channel multiple (1 = no padding)")
     out = check_gguf_target(path, overwrite)
-    layout = _layout(model)
+    layout, padded = _layout(model, _default_pad_to(quant) if pad_to is None else pad_to)
     scaling = _exportable_rope_scaling(model.config)
     embed = model.get_input_embeddings().weight
     n_vocab, hidden = int(embed.shape[0]), int(embed.shape[1])
@@ -546,9 +593,12 @@ def export_gguf(
         raise
     for fb in fallbacks:
         logger.warning("%s %s stored as f16: %s", fb["tensor"], fb["shape"], fb["reason"])
+    if padded:
+        logger.info("MLP widths padded with zero channels: %s",
+                    ", ".join(f"layer {p['layer']} {p['from']} -> {p['to']}" for p in padded))
     report = GGUFExportReport(path=str(out), quant=quant, arch=layout.name, tensors=len(expected),
                               bytes=out.stat().st_size, tokenizer=tok_desc, uniform=layout.uniform,
-                              fallbacks=fallbacks)
+                              fallbacks=fallbacks, padded=padded)
     logger.info("wrote %s", out)
     return report
 

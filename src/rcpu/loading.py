@@ -246,6 +246,8 @@ def _gguf_geometry(path: Path) -> dict:
             out["head_dim"] = int(key_length.contents())
         if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
             out["attention_bias"] = True  # q/k/v biases in the llama layout (e.g. a Qwen2 with pruned heads)
+        if arch == "llama" and any(t.name == "blk.0.ffn_down.bias" for t in reader.tensors):
+            out["mlp_bias"] = True  # MLP output biases (bias compensation): not read unless the config has them
         for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
             fld = reader.fields.get(f"{arch}.{key}")
             if fld is not None and fld.types and fld.types[0] == gguf.GGUFValueType.ARRAY:

@@ -11,6 +11,11 @@
 4. llama.cpp prompt (128 tokens) and generation (64 tokens, greedy) speed, all files in one
    process in alternating order, and a greedy completion of a fixed prompt.
 
+``--recovered NAME=DIR`` (repeatable) adds checkpoints written by ``rcpu recover`` (or any pruned
+checkpoint) as ``--recovered_quants`` files; MLP widths that are not multiples of 32 are padded
+with zero channels by the export. Per-layer widths are written for llama.cpp's ``deci`` graph,
+which transformers' GGUF reader cannot load (its column shows –).
+
 Needs Node 20 and ``npm install node-llama-cpp@3.22.1`` in ``~/.cache/rcpu/node`` (or
 ``$RCPU_NODE_MODULES`` pointing at a node_modules). Writes results.json and results.md to
 ``--output`` and prints the table. Re-running reuses checkpoints and exports.
@@ -67,8 +72,9 @@ def render(rows: list[dict]) -> tuple[str, str]:
     ]
     for r in rows:
         st = f"{r['ppl_safetensors']:.2f}" if r["ppl_safetensors"] else "–"
+        tf = f"{r['ppl_transformers']:.2f}" if r.get("ppl_transformers") else "–"
         lines.append(f"| {r['name']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['ppl_llama_cpp']:.2f} | "
-                     f"{r['ppl_transformers']:.2f} | {st} | {r['prompt_tps']:.0f} ({r['prompt_speedup']:.2f}x) | "
+                     f"{tf} | {st} | {r['prompt_tps']:.0f} ({r['prompt_speedup']:.2f}x) | "
                      f"{r['gen_tps']:.1f} ({r['gen_speedup']:.2f}x) | {r['completion']!r} |")
     pareto = [r for r in rows[1:] if r["bytes"] < base["bytes"] and r["ppl_llama_cpp"] < base["ppl_llama_cpp"]]
     smallest = min(rows[1:], key=lambda r: r["bytes"])
@@ -135,6 +141,33 @@ def _node(job: dict, work: Path) -> dict:
     return json.loads(node_out.read_text())
 
 
+def _recovered_rows(specs: list[str], quants: list[str], work: Path) -> list[dict]:
+    """Rows for checkpoints given as NAME=DIR, exported to each GGUF type (reused when present)."""
+    rows = []
+    for spec in specs:
+        name, sep, ckpt = spec.partition("=")
+        if not sep or not (Path(ckpt) / "config.json").is_file():
+            sys.exit(f"--recovered {spec!r}: give NAME=DIR with a checkpoint directory")
+        prov = json.loads((Path(ckpt) / "rcpu_provenance.json").read_text())
+        for quant in quants:
+            gguf_path = work / f"smollm2-{name.replace(' ', '_').replace('%', 'pc')}-{quant}.gguf"
+            if not gguf_path.is_file():
+                _run(["export", "--model", str(ckpt), "--gguf", str(gguf_path), "--quant", quant, "-q",
+                      "--trust_remote_code"])
+            rows.append({"name": name, "ratio": round(100 * float(prov["config"]["pruning_ratio"])), "quant": quant,
+                         "file": str(gguf_path), "checkpoint": str(Path(ckpt).resolve()),
+                         "recovery_tokens": (prov.get("recovery") or {}).get("config", {}).get("tokens"),
+                         "method": prov["config"].get("method")})
+    return rows
+
+
+def _per_layer(path: str) -> bool:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return reader.fields["general.architecture"].contents() == "deci"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(Path.home() / ".cache" / "rcpu" / "gguf-bench"))
@@ -144,6 +177,9 @@ def main() -> None:
     p.add_argument("--output", default=str(HERE / "results" / "gguf"))
     p.add_argument("--speed_only", action="store_true",
                    help="re-measure only the llama.cpp speed of the files in an existing results.json")
+    p.add_argument("--recovered", action="append", default=[], metavar="NAME=DIR",
+                   help="add a (recovered) checkpoint directory as rows named NAME (repeatable)")
+    p.add_argument("--recovered_quants", default="q8_0,q4_0", help="GGUF types of the --recovered rows")
     args = p.parse_args()
     if args.speed_only:
         speed_only(args)
@@ -168,6 +204,7 @@ def main() -> None:
                 _run(["export", "--model", str(ckpt), "--gguf", str(gguf_path), "--quant", quant, "-q"])
             rows.append({"name": f"ridge-auto {ratio} %", "ratio": ratio, "quant": quant, "file": str(gguf_path),
                          "checkpoint": str(ckpt)})
+    rows += _recovered_rows(args.recovered, args.recovered_quants.split(","), work)
 
     tokenizer = load_model("smollm2-135m").tokenizer
     ids = data.tokenize(tokenizer, data.load_text("builtin", "eval"))
@@ -181,7 +218,11 @@ def main() -> None:
         for key, source in (("ppl_transformers", row["file"]), ("ckpt", row["checkpoint"])):
             if source is None or (key == "ckpt" and source in checkpoints):
                 continue
-            model = load_model(source).model
+            if key == "ppl_transformers" and _per_layer(source):
+                row[key] = None  # transformers' GGUF reader cannot build layers of different widths
+                continue
+            remote = key == "ckpt" and (Path(source) / "modeling_rcpu.py").is_file()  # rcpu's per-layer class
+            model = load_model(source, trust_remote_code=remote).model
             res = perplexity(model, ids, SEQLEN, max_tokens=n_eval, device="cpu", progress=False)
             del model
             if key == "ckpt":
@@ -205,6 +246,7 @@ def main() -> None:
     md, headline = render(rows)
     result = {
         "protocol": {"model": "smollm2-135m", "method": "ridge-auto", "round_to": 32, "eval": "builtin:eval",
+                     "recovered": args.recovered, "recovered_quants": args.recovered_quants,
                      "windows": args.windows, "seqlen": SEQLEN, "scored_tokens": rows[0]["scored_tokens"],
                      "speed": {"prompt_tokens": SEQLEN, "new_tokens": 64, "rounds": args.rounds,
                                "threads": args.threads}},

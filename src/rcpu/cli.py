@@ -43,7 +43,13 @@ def _common(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcpu", description="Structured pruning of LLMs with RCPU and baselines.")
     sub = parser.add_subparsers(dest="command")
+    for add in (_prune_parser, _recover_parser, _eval_parser, _compare_parser, _export_parser, _bench_parser):
+        add(sub)
+    return parser
 
+
+def _prune_parser(sub) -> None:
+    """``rcpu prune``: the config's fields, then inputs, outputs, streaming, GGUF and recovery."""
     p = sub.add_parser("prune", help="prune a model (no flags: the built-in demo)")
     _common(p)
     _add_config_fields(p, PruneConfig)  # --method ... --batch_size, from the fields' metadata
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="then recover the pruned model by distilling the dense one into it for this many tokens "
               "(rcpu recover's defaults; needs --save_model for a streamed run)")
 
+
+def _recover_parser(sub) -> None:
+    """``rcpu recover``: teacher, data, evaluation and the recovery config's fields."""
     r = sub.add_parser("recover", help="distil the dense model into a pruned one (recovery training)")
     _common(r, model_help="the pruned checkpoint to recover (a directory rcpu prune wrote, or any model source)")
     _add(r, "teacher", default=None, help="the dense model (default: the source in the pruned model's provenance)")
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(r, "resume", action="store_true", help="continue an interrupted run into the same --save_model")
     _add(r, "report", default=None, help="also write the recovery record as JSON to this file")
 
+
+def _eval_parser(sub) -> None:
+    """``rcpu eval``: perplexity texts and window lengths, lm-eval tasks."""
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model")
     _common(e)
     _add(e, "ppl", default="builtin", help="evaluation text: builtin, wikitext2, a .txt/.jsonl file, or none")
@@ -100,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(e, "num_fewshot", type=int, default=0, help="few-shot examples (default 0)")
     _add(e, "output", default=None, help="write the results as JSON to this file")
 
+
+def _compare_parser(sub) -> None:
+    """``rcpu compare``: the grid of methods x ratios x sample counts and where its cells run."""
     c = sub.add_parser("compare", help="prune and evaluate several methods x ratios under one protocol")
     _common(c)
     _add(c, "methods", default="wanda-sp,flap,ridge-auto,rcpu,rcpu-scaled",
@@ -120,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="--executor ray: cluster address for ray.init, e.g. auto or HEAD_IP:6379 (default: a local instance)")
     _add(c, "ray_num_cpus", type=float, default=1, help="--executor ray: CPUs reserved per cell (default 1)")
 
+
+def _export_parser(sub) -> None:
+    """``rcpu export``: a model to one GGUF file."""
     x = sub.add_parser("export", help="write a model (e.g. a pruned checkpoint) as a GGUF file for llama.cpp")
     _add(x, "model", required=True, help="a checkpoint rcpu wrote, a supported HF directory, or a built-in name")
     _add(x, "gguf", required=True, help="output .gguf file")
@@ -134,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(x, "overwrite", action="store_true", help="replace an existing output file")
     x.add_argument("-q", "--quiet", action="store_true", help="warnings only")
 
+
+def _bench_parser(sub) -> None:
+    """``rcpu bench``: prefill / decode speed against the dense baseline."""
     b = sub.add_parser("bench", help="prefill/decode speed of a pruned model against its dense baseline")
     _common(b)
     _add(b, "baseline", required=True, help="the dense model (same forms as --model)")
@@ -142,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add(b, "new_tokens", type=int, default=64)
     _add(b, "repeats", type=int, default=5)
     _add(b, "output", default=None, help="write the results as JSON to this file")
-    return parser
-
 
 def _add_config_fields(parser: argparse.ArgumentParser, cls, *, skip=(), choices: dict | None = None,
                        default_in_help: bool = False) -> None:
@@ -266,13 +285,13 @@ def _finish_prune(args, report, dense, pruned, t_start: float) -> None:
     print(f"total time {time.perf_counter() - t_start:.1f} s")
 
 
-def cmd_prune(args) -> int:
-    from .api import check_saveable, check_seqlen, prune, resolve_device
-    from .export import check_output_dir, save_pruned
-    from .loading import check_model_source, check_supported_architecture, load_model, streamable_dir
-    from .report import count_params
+def _check_prune_args(args) -> tuple[PruneConfig, object, str]:
+    """Every input of ``rcpu prune`` checked before a model is loaded: config, model source, outputs,
+    texts. Returns the config, the dtype and the resolved device."""
+    from .api import resolve_device
+    from .export import check_output_dir
+    from .loading import check_model_source, check_supported_architecture
 
-    t_start = time.perf_counter()
     cfg = _config_from_args(PruneConfig, args)
     check_model_source(args.model)
     check_supported_architecture(args.model, args.trust_remote_code)
@@ -295,12 +314,45 @@ def cmd_prune(args) -> int:
     for source, split in ((args.calib, "calib"), (args.eval, "eval")):  # fail fast, before loading
         if source != "none":
             data.describe_source(source, split)
+    return cfg, dtype, device
+
+
+def _print_report(args, report) -> None:
+    report.model["source"] = args.model
+    for line in report.summary_lines():
+        print(line)
+    for w in report.warnings:
+        print(f"warning: {w}")
+
+
+def _eval_label(args) -> str:
+    return f"{args.eval}:eval"
+
+
+def cmd_prune(args) -> int:
+    """Prune in memory, or layer by layer from disk into --save_model (``_prune_streaming``)."""
+    from .loading import streamable_dir
+
+    t_start = time.perf_counter()
+    cfg, dtype, device = _check_prune_args(args)
     stream_dir = streamable_dir(args.model, args.trust_remote_code) if args.save_model and args.stream else None
     if stream_dir is not None:
-        return _prune_streaming(args, cfg, stream_dir, dtype, device, t_start)
-    if args.resume:
+        report, dense, pruned = _prune_streaming(args, cfg, stream_dir, dtype, device)
+    elif args.resume:
         raise RcpuError("--resume needs a streamed run: a local safetensors directory, GGUF file or built-in model "
                         "with --save_model (and without --no-stream)")
+    else:
+        report, dense, pruned = _prune_in_memory(args, cfg, dtype, device)
+    _finish_prune(args, report, dense, pruned, t_start)
+    return 0
+
+
+def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
+    """Load the whole model, prune it, evaluate, recover, save: (report, dense ppl, pruned ppl)."""
+    from .api import check_saveable, check_seqlen, prune
+    from .export import save_pruned
+    from .loading import load_model
+    from .report import count_params
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
@@ -314,19 +366,15 @@ def cmd_prune(args) -> int:
     dense = pruned = None
     if eval_ids is not None:
         model.to(device)
-        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
         model.to("cpu")
         print(f"dense : {dense.format()}")
     model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet,
                           hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib)
-    report.model["source"] = args.model
-    for line in report.summary_lines():
-        print(line)
-    for w in report.warnings:
-        print(f"warning: {w}")
+    _print_report(args, report)
     if eval_ids is not None:
         model.to(device)
-        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
     provenance = report.to_dict()
     if pruned is not None:
         provenance["evaluation"] = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
@@ -345,12 +393,12 @@ def cmd_prune(args) -> int:
             shutil.rmtree(work_dir_for(args.save_model), ignore_errors=True)
     if args.save_gguf:
         _save_gguf(args, model, tok, report)
-    _finish_prune(args, report, dense, pruned, t_start)
-    return 0
+    return report, dense, pruned
 
 
-def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float) -> int:
-    """Layer by layer from disk into --save_model; evaluation (if any) loads whole models."""
+def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
+    """Layer by layer from disk into --save_model; evaluation (if any) loads whole models.
+    Returns (report, dense ppl, pruned ppl)."""
     from .api import calibration_windows_for, check_seqlen
     from .export import PROVENANCE
     from .loading import load_model
@@ -366,7 +414,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
     dense = pruned = None
     if eval_ids is not None:  # evaluation needs the whole model; --eval none keeps memory at one layer
         model = load_model(str(path), dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
-        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
         print(f"dense : {dense.format()}")
         del model
     target = _pruned_dir_for(args.save_model) if args.recover_tokens else args.save_model
@@ -377,16 +425,12 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
                            hidden_states=args.hidden_states,
                            max_hidden_gib=args.max_hidden_gib, announce=print)
     report = res.report
-    report.model["source"] = args.model
-    for line in report.summary_lines():
-        print(line)
-    for w in report.warnings:
-        print(f"warning: {w}")
+    _print_report(args, report)
     print(f"saved to {res.path}")
     if eval_ids is not None:
         remote = args.trust_remote_code or (res.path / "modeling_rcpu.py").is_file()  # our own per-layer file
         model = load_model(str(res.path), dtype=dtype, device=device, trust_remote_code=remote).model
-        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, f"{args.eval}:eval")
+        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
         del model
         report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
         tmp = res.path / (PROVENANCE + ".partial")
@@ -410,8 +454,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device, t_start: float
         pruned_model = load_model(str(res.path), dtype=dtype, trust_remote_code=True).model
         _save_gguf(args, pruned_model, tok, report)
         del pruned_model
-    _finish_prune(args, report, dense, pruned, t_start)
-    return 0
+    return report, dense, pruned
 
 
 def _recover_inputs(args, eval_seqlens):

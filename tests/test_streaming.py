@@ -78,9 +78,11 @@ def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     model, report = prune(loaded.model, cfg, windows=windows, heldout_windows=heldout, device="cpu", progress=False)
     save_pruned(model, loaded.tokenizer, tmp_path / "memory", report.to_dict())
     res = prune_checkpoint(src, cfg, tmp_path / "streamed", windows=windows, heldout_windows=heldout, progress=False,
-                           dtype=dtype)
+                           dtype=dtype, source_name="org/name")
     _assert_same_checkpoint(tmp_path / "memory", res.path)
     assert res.report.params == report.params
+    # the name the user gave (e.g. a built-in), not the resolved path: GGUF export and recovery look it up
+    assert json.loads((res.path / "rcpu_provenance.json").read_text())["model"]["source"] == "org/name"
     assert res.report.model["streamed"] and not work_dir_for(res.path).exists()
     assert all(t.dtype == dtype for t in _tensors(res.path).values())
     assert json.loads((res.path / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")

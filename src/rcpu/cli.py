@@ -423,7 +423,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
                            resume=args.resume, overwrite=args.overwrite or bool(args.recover_tokens),
                            trust_remote_code=args.trust_remote_code, progress=not args.quiet,
                            hidden_states=args.hidden_states,
-                           max_hidden_gib=args.max_hidden_gib, announce=print)
+                           max_hidden_gib=args.max_hidden_gib, announce=print, source_name=args.model)
     report = res.report
     _print_report(args, report)
     print(f"saved to {res.path}")

@@ -162,10 +162,9 @@ def _recovered_rows(specs: list[str], quants: list[str], work: Path) -> list[dic
 
 
 def _per_layer(path: str) -> bool:
-    import gguf
+    from rcpu.loading import _gguf_geometry  # the loader's own test for per-layer widths
 
-    reader = gguf.GGUFReader(path)
-    return reader.fields["general.architecture"].contents() == "deci"
+    return bool(_gguf_geometry(Path(path)).get("per_layer"))
 
 
 def main() -> None:

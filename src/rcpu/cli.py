@@ -317,8 +317,7 @@ def _check_prune_args(args) -> tuple[PruneConfig, object, str]:
     return cfg, dtype, device
 
 
-def _print_report(args, report) -> None:
-    report.model["source"] = args.model
+def _print_report(report) -> None:
     for line in report.summary_lines():
         print(line)
     for w in report.warnings:
@@ -371,7 +370,8 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
         print(f"dense : {dense.format()}")
     model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet,
                           hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib)
-    _print_report(args, report)
+    report.model["source"] = args.model  # the streamed path records it when it writes the provenance
+    _print_report(report)
     if eval_ids is not None:
         model.to(device)
         pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
@@ -425,7 +425,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
                            hidden_states=args.hidden_states,
                            max_hidden_gib=args.max_hidden_gib, announce=print, source_name=args.model)
     report = res.report
-    _print_report(args, report)
+    _print_report(report)
     print(f"saved to {res.path}")
     if eval_ids is not None:
         remote = args.trust_remote_code or (res.path / "modeling_rcpu.py").is_file()  # our own per-layer file

@@ -28,39 +28,42 @@ EVAL_TEXTS = ("builtin", "brown")
 EVAL_SEQLENS = (128, 512)
 MAX_EVAL_TOKENS = 16384
 
-FULL = ["--parameters", "full"]
-LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3"]
+FULL = ["--parameters", "full", "--alpha", "1"]
+#: the first recipe (rcpu recover's default until the recipe part): KL only, fp32, lr 1e-4
+KL_FP32 = ["--alpha", "1", "--lr", "1e-4"]
+LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "1"]
 #: part -> list of (pruned model "method-ratio", tokens, variant name, recover flags)
 PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # tokens/s of each way of training, 8 steps of 8 x 128 tokens (quality comes from the ablation)
     "cost": [("rcpu-0.2", 8192, name, [*flags, "--eval", "none", "--eval_every", "0"]) for name, flags in [
         ("full-fp32", FULL), ("full-bf16", [*FULL, "--autocast", "bfloat16"]), ("lora8-fp32", LORA8),
-        ("lora8-bf16", [*LORA8, "--autocast", "bfloat16"]), ("lora64-fp32", ["--parameters", "lora", "--lora_rank", "64"]),
+        ("lora8-bf16", [*LORA8, "--autocast", "bfloat16"]), ("lora64-fp32", ["--parameters", "lora", "--lora_rank", "64", "--alpha", "1"]),
         ("full-fp32-ckpt", [*FULL, "--gradient_checkpointing"])]],
     # a cheap first look at learning rates and trained parameters (50k tokens)
     "ablation_quick": [("rcpu-0.2", 50_000, name, flags) for name, flags in [
         ("full-lr3e-4", [*FULL, "--lr", "3e-4"]), ("lora8-lr1e-3", LORA8), ("full-lr1e-4", [*FULL, "--lr", "1e-4"]),
         ("full-lr1e-3", [*FULL, "--lr", "1e-3"]),
-        ("lora8-lr3e-3", ["--parameters", "lora", "--lora_rank", "8", "--lr", "3e-3"]),
-        ("allora8-lr1e-3", ["--parameters", "allora", "--lora_rank", "8", "--lr", "1e-3"])]],
+        ("lora8-lr3e-3", ["--parameters", "lora", "--lora_rank", "8", "--lr", "3e-3", "--alpha", "1"]),
+        ("allora8-lr1e-3", ["--parameters", "allora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "1"])]],
     # bf16 autocast at the same budget as ablation_quick (is it as good as fp32?), and its learning rate
-    "recipe": [("rcpu-0.2", 50_000, name, [*FULL, "--autocast", "bfloat16", *flags]) for name, flags in [
-        ("full-bf16-lr1e-4", ["--lr", "1e-4"]), ("full-bf16-lr3e-4", ["--lr", "3e-4"]),
+    "recipe": [("rcpu-0.2", 50_000, name, ["--parameters", "full", "--autocast", "bfloat16", *flags]) for name, flags in [
+        ("full-bf16-lr1e-4", ["--lr", "1e-4", "--alpha", "1"]), ("full-bf16-lr3e-4", ["--lr", "3e-4", "--alpha", "1"]),
         ("mix-bf16-lr3e-4", ["--lr", "3e-4", "--alpha", "0.5"])]],
-    "budget20": [(m, t, "default", []) for m in ("rcpu-0.2", "flap-ridge-0.2") for t in (100_000, 300_000, 1_000_000)],
+    "budget20": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.2", "flap-ridge-0.2") for t in (100_000, 300_000, 1_000_000)],
     # the 1M budget with the recipe part's winner (bf16 autocast: 1.7x the tokens/s at fp32's quality)
     "budget20_bf16": [("flap-ridge-0.2", 1_000_000, "mix-bf16-lr3e-4", ["--autocast", "bfloat16", "--lr", "3e-4",
                                                                           "--alpha", "0.5", "--eval_every", "100",
                                                                           "--save_every", "100"])],
-    "budget30": [(m, t, "default", []) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
-    # bf16 autocast: the recipe part measured it as good as fp32 at 1.7x the tokens/s
+    "budget30": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
+    # bf16 autocast (the recipe part measured it as good as fp32 at 1.7x the tokens/s); the loss (every weight trained, lr 3e-4), then the trained parameters (the mix loss, lr 1e-3 for adapters)
     "ablation": [("rcpu-0.2", 300_000, name, [*flags, "--autocast", "bfloat16"]) for name, flags in [
         ("kl", ["--alpha", "1"]), ("lm", ["--alpha", "0"]), ("mix", ["--alpha", "0.5"]),
-        ("lora8", ["--parameters", "lora", "--lora_rank", "8"]), ("lora64", ["--parameters", "lora", "--lora_rank", "64"]),
-        ("allora8", ["--parameters", "allora", "--lora_rank", "8"]), ("full", ["--parameters", "full"])]],
+        ("lora8", ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3"]),
+        ("lora64", ["--parameters", "lora", "--lora_rank", "64", "--lr", "1e-3"]),
+        ("allora8", ["--parameters", "allora", "--lora_rank", "8", "--lr", "1e-3"])]],
 }
 #: variants plotted as budget curves (perplexity against tokens)
-BUDGET_VARIANTS = ("default", "mix-bf16-lr3e-4")
+BUDGET_VARIANTS = ("kl-fp32-lr1e-4", "mix-bf16-lr3e-4")
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -140,7 +143,7 @@ def cell(results: dict, pruned_key: str, tokens: int, variant: str, flags: list[
         "pruned": pruned_key, "tokens": tokens, "variant": variant, "flags": flags, "evals": evals,
         "config": rec["config"], "timing": rec["timing"], "memory": rec["memory"],
         "heldout_before": rec["evaluation"]["before"]["heldout"], "heldout_after": rec["evaluation"]["after"]["heldout"],
-        "heldout_curve": [{k: h[k] for k in ("tokens", "kl", "loss")} for h in rec["heldout_curve"]],
+        "heldout_curve": [{k: h[k] for k in ("step", "tokens", "kl", "loss")} for h in rec["heldout_curve"]],
         "versions": rec["versions"], "device": rec["distributed"]["device"],
     }
     _save(results)
@@ -174,7 +177,7 @@ def _plot(results: dict) -> None:
     series: dict[str, list[tuple[int, float]]] = {}
     for c in results["cells"].values():
         if c["variant"] in BUDGET_VARIANTS and "builtin@128" in c["evals"]:
-            label = c["pruned"] + ("" if c["variant"] == "default" else f" ({c['variant']})")
+            label = f"{c['pruned']} ({c['variant']})"
             series.setdefault(label, []).append((c["tokens"], c["evals"]["builtin@128"]))
     if not series:
         return

@@ -140,7 +140,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_recover_lowers_heldout_kl_and_reloads_with_identical_logits(pruned, tmp_path, capsys):
     out = tmp_path / "rec"
-    assert main(_recover_args(pruned, out, "--tokens", "8000", "--parameters", "lora", "--lora_rank", "4", "--lr", "2e-2")) == 0
+    assert main(_recover_args(pruned, out, "--tokens", "8000", "--parameters", "lora", "--lora_rank", "4", "--lr", "2e-2",
+                              "--alpha", "1")) == 0
     text = capsys.readouterr().out
     assert "held-out KL to the teacher" in text and "tokens/s" in text
     prov = json.loads((out / "rcpu_provenance.json").read_text())
@@ -153,6 +154,9 @@ def test_recover_lowers_heldout_kl_and_reloads_with_identical_logits(pruned, tmp
     assert after["heldout"]["kl"] < 0.8 * before["heldout"]["kl"]
     assert after["perplexity"][0]["ppl"] < before["perplexity"][0]["ppl"]
     assert len(rec["curve"]) == rec["timing"]["steps"] and rec["timing"]["tokens_per_second"] > 0
+    curve = rec["heldout_curve"]  # training tokens at each measurement, and how many held-out tokens it scored
+    assert [h["tokens"] for h in curve] == [h["step"] * 4 * 32 for h in curve] and curve[-1]["tokens"] > 0
+    assert len({h["heldout_tokens"] for h in curve}) == 1
     assert not work_dir_for(out).exists()
 
     stock = AutoModelForCausalLM.from_pretrained(out)  # uniform widths: stock transformers

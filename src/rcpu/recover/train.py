@@ -245,7 +245,8 @@ class _Run:
             return self.ctx.barrier()
         m = self.pair.measure(self.windows.heldout, self.cfg.batch_size)
         if self.ctx.main:
-            self.heldout_curve.append({"step": step, "tokens": step * self.cfg.window_tokens(), **m})
+            self.heldout_curve.append({**m, "step": step, "tokens": step * self.cfg.window_tokens(),
+                                       "heldout_tokens": m["tokens"]})
             logger.info("step %d: held-out KL %.4f, loss %.4f (teacher %.4f)", step, m["kl"], m["loss"],
                         m["teacher_loss"])
         self.ctx.barrier()

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "outputs" / "recovery"
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery"
+DENSE = "smollm2-135m"
 EVAL_TEXTS = ("builtin", "brown")
 EVAL_SEQLENS = (128, 512)
 MAX_EVAL_TOKENS = 16384
@@ -54,6 +55,9 @@ PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     "budget20_bf16": [("flap-ridge-0.2", 1_000_000, "mix-bf16-lr3e-4", ["--autocast", "bfloat16", "--lr", "3e-4",
                                                                           "--alpha", "0.5", "--eval_every", "100",
                                                                           "--save_every", "100"])],
+    # control: the dense model trained the same way (how much of the gain is adapting to the training text)
+    "control": [("dense", 50_000, "mix-bf16-lr3e-4", ["--teacher", DENSE, "--parameters", "full", "--autocast", "bfloat16",
+                                                     "--lr", "3e-4", "--alpha", "0.5"])],
     "budget30": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
     # bf16 autocast (the recipe part measured it as good as fp32 at 1.7x the tokens/s); the loss (every weight trained, lr 3e-4), then the trained parameters (the mix loss, lr 1e-3 for adapters)
     "ablation": [("rcpu-0.2", 300_000, name, [*flags, "--autocast", "bfloat16"]) for name, flags in [
@@ -123,7 +127,7 @@ def cell(results: dict, pruned_key: str, tokens: int, variant: str, flags: list[
     name = f"{pruned_key}/{tokens}/{variant}"
     if name in results["cells"] and name not in redo:
         return
-    src = pruned_model(pruned_key, device, log)
+    src = DENSE if pruned_key == "dense" else pruned_model(pruned_key, device, log)
     evaluate(results, pruned_key, str(src), device, log)
     dest = OUT / "models" / name.replace("/", "_")
     if name in redo and dest.exists():
@@ -210,11 +214,11 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "log.txt"
     results = _load()
-    results["protocol"] = {"model": "smollm2-135m", "train_data": "builtin (calibration part)",
+    results["protocol"] = {"model": DENSE, "train_data": "builtin (calibration part)",
                            "eval_texts": list(EVAL_TEXTS), "eval_seqlens": list(EVAL_SEQLENS),
                            "max_eval_tokens": MAX_EVAL_TOKENS, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
                            "command": "python benchmarks/recovery.py --parts " + args.parts}
-    evaluate(results, "dense", "smollm2-135m", args.device, log)
+    evaluate(results, "dense", DENSE, args.device, log)
     redo = {x for x in args.redo.split(",") if x}
     for part in args.parts.split(","):
         for pruned_key, tokens, variant, flags in PARTS[part]:

@@ -32,6 +32,9 @@ MAX_EVAL_TOKENS = 16384
 FULL = ["--parameters", "full", "--alpha", "1"]
 #: the first recipe (rcpu recover's default until the recipe part): KL only, fp32, lr 1e-4
 KL_FP32 = ["--alpha", "1", "--lr", "1e-4"]
+#: the recipe part's winner, rcpu recover's default loss and lr since, under bf16 autocast
+MIX = ["--lr", "3e-4", "--alpha", "0.5"]
+MIX_BF16 = ["--parameters", "full", "--autocast", "bfloat16", *MIX]
 LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "1"]
 #: part -> list of (pruned model "method-ratio", tokens, variant name, recover flags)
 PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
@@ -49,17 +52,16 @@ PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # bf16 autocast at the same budget as ablation_quick (is it as good as fp32?), and its learning rate
     "recipe": [("rcpu-0.2", 50_000, name, ["--parameters", "full", "--autocast", "bfloat16", *flags]) for name, flags in [
         ("full-bf16-lr1e-4", ["--lr", "1e-4", "--alpha", "1"]), ("full-bf16-lr3e-4", ["--lr", "3e-4", "--alpha", "1"]),
-        ("mix-bf16-lr3e-4", ["--lr", "3e-4", "--alpha", "0.5"])]],
+        ("mix-bf16-lr3e-4", MIX)]],
     "budget20": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.2", "flap-ridge-0.2") for t in (100_000, 300_000, 1_000_000)],
     # the 1M budget with the recipe part's winner (bf16 autocast: 1.7x the tokens/s at fp32's quality)
-    "budget20_bf16": [("flap-ridge-0.2", 1_000_000, "mix-bf16-lr3e-4", ["--autocast", "bfloat16", "--lr", "3e-4",
-                                                                          "--alpha", "0.5", "--eval_every", "100",
-                                                                          "--save_every", "100"])],
+    "budget20_bf16": [("flap-ridge-0.2", 1_000_000, "mix-bf16-lr3e-4",
+                       [*MIX_BF16, "--eval_every", "100", "--save_every", "100"])],
     # control: the dense model trained the same way (how much of the gain is adapting to the training text)
-    "control": [("dense", 50_000, "mix-bf16-lr3e-4", ["--teacher", DENSE, "--parameters", "full", "--autocast", "bfloat16",
-                                                     "--lr", "3e-4", "--alpha", "0.5"])],
+    "control": [("dense", 50_000, "mix-bf16-lr3e-4", ["--teacher", DENSE, *MIX_BF16])],
     "budget30": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
-    # bf16 autocast (the recipe part measured it as good as fp32 at 1.7x the tokens/s); the loss (every weight trained, lr 3e-4), then the trained parameters (the mix loss, lr 1e-3 for adapters)
+    # under bf16 autocast (as good as fp32 at 1.7x the tokens/s): the loss (every weight, lr 3e-4),
+    # then the trained parameters (the mix loss, lr 1e-3 for adapters)
     "ablation": [("rcpu-0.2", 300_000, name, [*flags, "--autocast", "bfloat16"]) for name, flags in [
         ("kl", ["--alpha", "1"]), ("lm", ["--alpha", "0"]), ("mix", ["--alpha", "0.5"]),
         ("lora8", ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3"]),
@@ -178,18 +180,17 @@ def _plot(results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for c in results["cells"].values():
         if c["variant"] in BUDGET_VARIANTS and "builtin@128" in c["evals"]:
-            label = f"{c['pruned']} ({c['variant']})"
-            series.setdefault(label, []).append((c["tokens"], c["evals"]["builtin@128"]))
+            series.setdefault((c["pruned"], c["variant"]), []).append((c["tokens"], c["evals"]["builtin@128"]))
     if not series:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in sorted(series.items()):
-        before = results["evals"].get(label.split(" ")[0], {}).get("builtin@128")
+    for (pruned, variant), pts in sorted(series.items()):
+        before = results["evals"].get(pruned, {}).get("builtin@128")
         pts = sorted(([(0, before)] if before else []) + pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pruned} ({variant})")
     dense = results["evals"].get("dense", {}).get("builtin@128")
     if dense:
         ax.axhline(dense, color="k", ls="--", label="dense")

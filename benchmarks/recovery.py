@@ -1,6 +1,8 @@
-"""Recovery after pruning on SmolLM2-135M: budgets, an ablation of loss and trained parameters, cost.
+"""Recovery after pruning on SmolLM2-135M: budgets, an ablation of loss and trained parameters, cost;
+and Qwen2.5-Coder-1.5B at a CPU-sized budget.
 
     python benchmarks/recovery.py [--parts cost,ablation_quick,budget20,budget30,ablation] [--device cuda] [--redo CELL,...] [--cells CELL,...]
+    python benchmarks/recovery.py --model qwen2.5-coder-1.5b [--parts qwen] [--device cuda]
 
 Every model is written under outputs/recovery/ (not in git): pruned models with `rcpu prune`,
 recovered ones with `rcpu recover --resume` (so a killed benchmark continues inside a training
@@ -9,6 +11,12 @@ eval part (first 16,384 tokens of each, 128- and 512-token windows; no training 
 either: training uses the built-in text's calibration part). Results accumulate in
 benchmarks/results/recovery/results.json (resumable: finished cells are skipped) with
 results.md and ppl_vs_tokens.png beside it.
+
+Qwen2.5-Coder-1.5B (``--model qwen2.5-coder-1.5b``) follows its pruning table's protocol
+(benchmarks/results/qwen2.5-1.5b: 32 x 128 calibration tokens, first 8,192 tokens of each
+evaluation text, 128-token windows) and is pruned with the best training-free method measured
+there (flap-ridge + global_mlp allocation). Its models go under outputs/recovery_qwen/, its
+results into benchmarks/results/recovery_qwen/.
 """
 
 from __future__ import annotations
@@ -19,22 +27,20 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "outputs" / "recovery"
-RESULTS = Path(__file__).resolve().parent / "results" / "recovery"
 DENSE = "smollm2-135m"
 EVAL_TEXTS = ("builtin", "brown")
-EVAL_SEQLENS = (128, 512)
-MAX_EVAL_TOKENS = 16384
 
 FULL = ["--parameters", "full", "--alpha", "1"]
 #: the first recipe (rcpu recover's default until the recipe part): KL only, fp32, lr 1e-4
 KL_FP32 = ["--alpha", "1", "--lr", "1e-4"]
 #: the recipe part's winner, rcpu recover's default loss and lr since, under bf16 autocast
 MIX = ["--lr", "3e-4", "--alpha", "0.5"]
-MIX_BF16 = ["--parameters", "full", "--autocast", "bfloat16", *MIX]
+BF16 = ["--autocast", "bfloat16"]
+MIX_BF16 = ["--parameters", "full", *BF16, *MIX]
 LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "1"]
 #: part -> list of (pruned model "method-ratio", tokens, variant name, recover flags)
 PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
@@ -60,16 +66,53 @@ PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # control: the dense model trained the same way (how much of the gain is adapting to the training text)
     "control": [("dense", 50_000, "mix-bf16-lr3e-4", ["--teacher", DENSE, *MIX_BF16])],
     "budget30": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
+    # the default recipe at the issue's budgets, both methods, 20 and 30 %
+    "budget_mix": [(m, t, "mix-bf16-lr3e-4", MIX_BF16) for m in ("flap-ridge-0.3", "flap-ridge-0.2", "rcpu-0.3", "rcpu-0.2")
+                   for t in (300_000, 100_000)],
     # under bf16 autocast (as good as fp32 at 1.7x the tokens/s): the loss (every weight, lr 3e-4),
-    # then the trained parameters (the mix loss, lr 1e-3 for adapters)
-    "ablation": [("rcpu-0.2", 300_000, name, [*flags, "--autocast", "bfloat16"]) for name, flags in [
-        ("kl", ["--alpha", "1"]), ("lm", ["--alpha", "0"]), ("mix", ["--alpha", "0.5"]),
-        ("lora8", ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3"]),
-        ("lora64", ["--parameters", "lora", "--lora_rank", "64", "--lr", "1e-3"]),
-        ("allora8", ["--parameters", "allora", "--lora_rank", "8", "--lr", "1e-3"])]],
+    # then the trained parameters (the mix loss, lr 1e-3 for adapters). The mix row is budget_mix's
+    # rcpu-0.2 cell at 300k (same name, same flags: computed once)
+    "ablation": [("rcpu-0.2", 300_000, name, flags) for name, flags in [
+        ("kl-bf16-lr3e-4", ["--parameters", "full", *BF16, "--lr", "3e-4", "--alpha", "1"]),
+        ("lm-bf16-lr3e-4", ["--parameters", "full", *BF16, "--lr", "3e-4", "--alpha", "0"]),
+        ("mix-bf16-lr3e-4", MIX_BF16),
+        ("lora8-mix-bf16-lr1e-3", ["--parameters", "lora", "--lora_rank", "8", *BF16, "--lr", "1e-3", "--alpha", "0.5"]),
+        ("lora64-mix-bf16-lr1e-3", ["--parameters", "lora", "--lora_rank", "64", *BF16, "--lr", "1e-3", "--alpha", "0.5"]),
+        ("allora8-mix-bf16-lr1e-3", ["--parameters", "allora", "--lora_rank", "8", *BF16, "--lr", "1e-3",
+                                     "--alpha", "0.5"])]],
 }
 #: variants plotted as budget curves (perplexity against tokens)
 BUDGET_VARIANTS = ("kl-fp32-lr1e-4", "mix-bf16-lr3e-4")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model's benchmark: where its models and results go, its evaluation protocol, its parts."""
+
+    dense: str
+    out: Path
+    results: Path
+    eval_seqlens: tuple[int, ...]
+    max_eval_tokens: int
+    parts: dict[str, list[tuple[str, int, str, list[str]]]]
+    #: pruned key -> `rcpu prune` flags; keys not listed are "method-ratio" with the defaults
+    prune_flags: dict[str, list[str]] = field(default_factory=dict)
+
+
+QWEN = "qwen2.5-coder-1.5b"
+#: LoRA rank 8 on all seven projections: full-weight AdamW on a 1.5B student (weights, gradients and
+#: two moments in fp32, ~24 GB) plus its teacher does not fit a 24 GB machine; the teacher runs in bf16
+QWEN_LORA = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "0.5", "--autocast", "bfloat16",
+             "--teacher_dtype", "bfloat16", "--eval", "none", "--heldout", "16", "--eval_every", "0",
+             "--save_every", "10"]
+SETUPS = {
+    DENSE: Setup(DENSE, ROOT / "outputs" / "recovery", Path(__file__).resolve().parent / "results" / "recovery",
+                 (128, 512), 16384, PARTS),
+    QWEN: Setup(QWEN, ROOT / "outputs" / "recovery_qwen", Path(__file__).resolve().parent / "results" / "recovery_qwen",
+                (128,), 8192, {"qwen": [("flap-ridge-global_mlp-0.2", 50_000, "lora8-mix-bf16-lr1e-3", QWEN_LORA)]},
+                {"flap-ridge-global_mlp-0.2": ["--method", "flap-ridge", "--allocation", "global_mlp",
+                                               "--pruning_ratio", "0.2", "--nsamples", "32"]}),
+}
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -86,65 +129,67 @@ def _rcpu(*args: str) -> list[str]:
     return [sys.executable, "-m", "rcpu.cli", *args]
 
 
-def _load() -> dict:
-    path = RESULTS / "results.json"
+def _load(s: Setup) -> dict:
+    path = s.results / "results.json"
     return json.loads(path.read_text()) if path.is_file() else {"protocol": {}, "evals": {}, "cells": {}}
 
 
-def _save(results: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / "results.json.partial"
+def _save(s: Setup, results: dict) -> None:
+    s.results.mkdir(parents=True, exist_ok=True)
+    tmp = s.results / "results.json.partial"
     tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(RESULTS / "results.json")
-    (RESULTS / "results.md").write_text(_markdown(results))
-    _plot(results)
+    tmp.replace(s.results / "results.json")
+    (s.results / "results.md").write_text(_markdown(s, results))
+    _plot(s, results)
 
 
-def pruned_model(key: str, device: str, log: Path) -> Path:
-    method, ratio = key.rsplit("-", 1)
-    path = OUT / "pruned" / key
+def pruned_model(s: Setup, key: str, device: str, log: Path) -> Path:
+    path = s.out / "pruned" / key
     if not (path / "rcpu_provenance.json").is_file():
-        _run(_rcpu("prune", "--method", method, "--pruning_ratio", ratio, "--save_model", str(path), "--eval", "none",
+        method, ratio = key.rsplit("-", 1)
+        flags = s.prune_flags.get(key, ["--method", method, "--pruning_ratio", ratio])
+        _run(_rcpu("prune", "--model", s.dense, *flags, "--save_model", str(path), "--eval", "none",
                    "--device", device, "--overwrite", "-q"), log)
     return path
 
 
-def evaluate(results: dict, key: str, model: str, device: str, log: Path) -> dict:
+def evaluate(s: Setup, results: dict, key: str, model: str, device: str, log: Path) -> dict:
     if key in results["evals"]:
         return results["evals"][key]
     out = {}
     for text in EVAL_TEXTS:
-        tmp = OUT / "eval.json"
-        _run(_rcpu("eval", "--model", model, "--ppl", text, "--seqlen", *map(str, EVAL_SEQLENS), "--max_eval_tokens",
-                   str(MAX_EVAL_TOKENS), "--device", device, "--output", str(tmp), "-q"), log)
+        tmp = s.out / "eval.json"
+        _run(_rcpu("eval", "--model", model, "--ppl", text, "--seqlen", *map(str, s.eval_seqlens), "--max_eval_tokens",
+                   str(s.max_eval_tokens), "--device", device, "--output", str(tmp), "-q"), log)
         for r in json.loads(tmp.read_text())["perplexity"]:
             out[f"{text}@{r['seqlen']}"] = round(r["ppl"], 3)
     results["evals"][key] = out
-    _save(results)
+    _save(s, results)
     return out
 
 
-def cell(results: dict, pruned_key: str, tokens: int, variant: str, flags: list[str], device: str, log: Path,
-         redo: set[str]) -> None:
+def cell(s: Setup, results: dict, pruned_key: str, tokens: int, variant: str, flags: list[str], device: str,
+         log: Path, redo: set[str], *, measure: bool = True) -> None:
+    """Recover ``pruned_key`` with ``flags`` for ``tokens``; ``measure``: evaluate the result on both texts."""
     name = f"{pruned_key}/{tokens}/{variant}"
     if name in results["cells"] and name not in redo:
         return
-    src = DENSE if pruned_key == "dense" else pruned_model(pruned_key, device, log)
-    evaluate(results, pruned_key, str(src), device, log)
-    dest = OUT / "models" / name.replace("/", "_")
+    src = s.dense if pruned_key == "dense" else pruned_model(s, pruned_key, device, log)
+    evaluate(s, results, pruned_key, str(src), device, log)
+    dest = s.out / "models" / name.replace("/", "_")
     if name in redo and dest.exists():
         import shutil
 
         shutil.rmtree(dest)
     if not dest.is_dir():
         args = _rcpu("recover", "--model", str(src), "--tokens", str(tokens), "--save_model", str(dest), "--device",
-                     device, "--max_eval_tokens", str(MAX_EVAL_TOKENS), "--resume", "-q", *flags)
+                     device, "--max_eval_tokens", str(s.max_eval_tokens), "--resume", "-q", *flags)
         started = time.time()
         print(f"{name}: training ...", flush=True)
         _run(args, log)
         print(f"{name}: trained in {time.time() - started:.0f} s", flush=True)
     rec = json.loads((dest / "rcpu_provenance.json").read_text())["recovery"]
-    evals = evaluate(results, name, str(dest), device, log) if "--eval" not in flags else {}
+    evals = evaluate(s, results, name, str(dest), device, log) if measure else {}
     results["cells"][name] = {
         "pruned": pruned_key, "tokens": tokens, "variant": variant, "flags": flags, "evals": evals,
         "config": rec["config"], "timing": rec["timing"], "memory": rec["memory"],
@@ -152,12 +197,12 @@ def cell(results: dict, pruned_key: str, tokens: int, variant: str, flags: list[
         "heldout_curve": [{k: h[k] for k in ("step", "tokens", "kl", "loss")} for h in rec["heldout_curve"]],
         "versions": rec["versions"], "device": rec["distributed"]["device"],
     }
-    _save(results)
+    _save(s, results)
     print(f"{name}: {evals or ''} {rec['timing']['tokens_per_second']} tokens/s", flush=True)
 
 
-def _markdown(results: dict) -> str:
-    cols = [f"{t}@{s}" for t in EVAL_TEXTS for s in EVAL_SEQLENS]
+def _markdown(s: Setup, results: dict) -> str:
+    cols = [f"{t}@{n}" for t in EVAL_TEXTS for n in s.eval_seqlens]
     lines = ["| model | tokens | variant | " + " | ".join(cols) + " | held-out KL | tokens/s | train s |",
              "|---" * (len(cols) + 6) + "|"]
     for key, ev in results["evals"].items():
@@ -172,7 +217,7 @@ def _markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(results: dict) -> None:
+def _plot(s: Setup, results: dict) -> None:
     try:
         import matplotlib
 
@@ -200,34 +245,37 @@ def _plot(results: dict) -> None:
     ax.set_ylabel("perplexity (built-in held-out, 128-token windows)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "ppl_vs_tokens.png", dpi=120)
+    fig.savefig(s.results / "ppl_vs_tokens.png", dpi=120)
     plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="cost,ablation_quick,budget20,budget30,ablation")
+    p.add_argument("--model", default=DENSE, choices=list(SETUPS))
+    p.add_argument("--parts", default=None, help="default: every part of --model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--redo", default="", help="comma-separated cell names to recompute")
     p.add_argument("--variants", default="", help="run only these variants of the parts (comma-separated)")
     p.add_argument("--cells", default="", help="run only these cells, named method-ratio/tokens/variant (comma-separated)")
     args = p.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    log = OUT / "log.txt"
-    results = _load()
-    results["protocol"] = {"model": DENSE, "train_data": "builtin (calibration part)",
-                           "eval_texts": list(EVAL_TEXTS), "eval_seqlens": list(EVAL_SEQLENS),
-                           "max_eval_tokens": MAX_EVAL_TOKENS, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-                           "command": "python benchmarks/recovery.py --parts " + args.parts}
-    evaluate(results, "dense", DENSE, args.device, log)
+    s = SETUPS[args.model]
+    parts = args.parts or ",".join(s.parts)
+    s.out.mkdir(parents=True, exist_ok=True)
+    log = s.out / "log.txt"
+    results = _load(s)
+    results["protocol"] = {"model": s.dense, "train_data": "builtin (calibration part)",
+                           "eval_texts": list(EVAL_TEXTS), "eval_seqlens": list(s.eval_seqlens),
+                           "max_eval_tokens": s.max_eval_tokens, "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+                           "command": f"python benchmarks/recovery.py --model {args.model} --parts {parts}"}
+    evaluate(s, results, "dense", s.dense, args.device, log)
     redo = {x for x in args.redo.split(",") if x}
-    for part in args.parts.split(","):
-        for pruned_key, tokens, variant, flags in PARTS[part]:
+    for part in parts.split(","):
+        for pruned_key, tokens, variant, flags in s.parts[part]:
             if args.variants and variant not in args.variants.split(","):
                 continue
             if args.cells and f"{pruned_key}/{tokens}/{variant}" not in args.cells.split(","):
                 continue
-            cell(results, pruned_key, tokens, variant, flags, args.device, log, redo)
+            cell(s, results, pruned_key, tokens, variant, flags, args.device, log, redo, measure=part != "cost")
 
 
 if __name__ == "__main__":

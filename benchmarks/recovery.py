@@ -109,7 +109,7 @@ SETUPS = {
     DENSE: Setup(DENSE, ROOT / "outputs" / "recovery", Path(__file__).resolve().parent / "results" / "recovery",
                  (128, 512), 16384, PARTS),
     QWEN: Setup(QWEN, ROOT / "outputs" / "recovery_qwen", Path(__file__).resolve().parent / "results" / "recovery_qwen",
-                (128,), 8192, {"qwen": [("flap-ridge-global_mlp-0.2", 50_000, "lora8-mix-bf16-lr1e-3", QWEN_LORA)]},
+                (128,), 8192, {"qwen": [("flap-ridge-global_mlp-0.2", 25_000, "lora8-mix-bf16-lr1e-3", QWEN_LORA)]},
                 {"flap-ridge-global_mlp-0.2": ["--method", "flap-ridge", "--allocation", "global_mlp",
                                                "--pruning_ratio", "0.2", "--nsamples", "32"]}),
 }

@@ -11,6 +11,8 @@
 4. llama.cpp prompt (128 tokens) and generation (64 tokens, greedy) speed, all files in one
    process in alternating order, and a greedy completion of a fixed prompt.
 
+``--no_ridge_auto`` leaves steps 1-2 out: the dense file against the ``--recovered`` rows only.
+
 ``--recovered NAME=DIR`` (repeatable) adds checkpoints written by ``rcpu recover`` (or any pruned
 checkpoint) as ``--recovered_quants`` files; MLP widths that are not multiples of 32 are padded
 with zero channels by the export. Per-layer widths are written for llama.cpp's ``deci`` graph,
@@ -179,6 +181,8 @@ def main() -> None:
     p.add_argument("--recovered", action="append", default=[], metavar="NAME=DIR",
                    help="add a (recovered) checkpoint directory as rows named NAME (repeatable)")
     p.add_argument("--recovered_quants", default="q8_0,q4_0", help="GGUF types of the --recovered rows")
+    p.add_argument("--no_ridge_auto", action="store_true",
+                   help="leave out the ridge-auto rows (the dense file and the --recovered rows only)")
     args = p.parse_args()
     if args.speed_only:
         speed_only(args)
@@ -192,7 +196,7 @@ def main() -> None:
     dense = Path(wheel_member(package, version, member))
     rows: list[dict] = [{"name": "dense", "ratio": 0, "quant": "Q4_1 (as shipped)", "file": str(dense),
                          "checkpoint": None}]
-    for ratio in RATIOS:
+    for ratio in () if args.no_ridge_auto else RATIOS:
         ckpt = work / f"ridge-auto-{ratio}"
         if not (ckpt / "config.json").is_file():
             _run(["prune", "--model", "smollm2-135m", "--method", "ridge-auto", "--pruning_ratio", f"0.{ratio}",
@@ -244,7 +248,8 @@ def main() -> None:
 
     md, headline = render(rows)
     result = {
-        "protocol": {"model": "smollm2-135m", "method": "ridge-auto", "round_to": 32, "eval": "builtin:eval",
+        "protocol": {"model": "smollm2-135m", "method": None if args.no_ridge_auto else "ridge-auto", "round_to": 32,
+                     "eval": "builtin:eval",
                      "recovered": args.recovered, "recovered_quants": args.recovered_quants,
                      "windows": args.windows, "seqlen": SEQLEN, "scored_tokens": rows[0]["scored_tokens"],
                      "speed": {"prompt_tokens": SEQLEN, "new_tokens": 64, "rounds": args.rounds,

@@ -66,6 +66,10 @@ PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # control: the dense model trained the same way (how much of the gain is adapting to the training text)
     "control": [("dense", 50_000, "mix-bf16-lr3e-4", ["--teacher", DENSE, *MIX_BF16])],
     "budget30": [(m, t, "kl-fp32-lr1e-4", KL_FP32) for m in ("rcpu-0.3", "flap-ridge-0.3") for t in (100_000, 300_000)],
+    # the 1M model trained 25k tokens further (lr 1e-4), plainly and through q4_0's rounding: does
+    # quantisation-aware training remove what re-quantising to 4 bits costs?
+    "quant_aware": [("flap-ridge-0.2+1M", 25_000, name, ["--parameters", "full", *BF16, "--lr", "1e-4", "--alpha", "0.5", *flags])
+                    for name, flags in [("mix-bf16-lr1e-4", []), ("q4_0-aware-mix-bf16-lr1e-4", ["--quant_aware", "q4_0"])]],
     # the default recipe at the issue's budgets, both methods, 20 and 30 %
     "budget_mix": [(m, t, "mix-bf16-lr3e-4", MIX_BF16) for m in ("flap-ridge-0.3", "flap-ridge-0.2", "rcpu-0.3", "rcpu-0.2")
                    for t in (300_000, 100_000)],
@@ -97,6 +101,8 @@ class Setup:
     parts: dict[str, list[tuple[str, int, str, list[str]]]]
     #: pruned key -> `rcpu prune` flags; keys not listed are "method-ratio" with the defaults
     prune_flags: dict[str, list[str]] = field(default_factory=dict)
+    #: start points that are earlier cells' models (key -> cell name), trained further
+    continued: dict[str, str] = field(default_factory=dict)
 
 
 QWEN = "qwen2.5-coder-1.5b"
@@ -107,7 +113,7 @@ QWEN_LORA = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alph
              "--save_every", "10"]
 SETUPS = {
     DENSE: Setup(DENSE, ROOT / "outputs" / "recovery", Path(__file__).resolve().parent / "results" / "recovery",
-                 (128, 512), 16384, PARTS),
+                 (128, 512), 16384, PARTS, continued={"flap-ridge-0.2+1M": "flap-ridge-0.2/1000000/mix-bf16-lr3e-4"}),
     QWEN: Setup(QWEN, ROOT / "outputs" / "recovery_qwen", Path(__file__).resolve().parent / "results" / "recovery_qwen",
                 (128,), 8192, {"qwen": [("flap-ridge-global_mlp-0.2", 25_000, "lora8-mix-bf16-lr1e-3", QWEN_LORA)]},
                 {"flap-ridge-global_mlp-0.2": ["--method", "flap-ridge", "--allocation", "global_mlp",
@@ -144,6 +150,11 @@ def _save(s: Setup, results: dict) -> None:
 
 
 def pruned_model(s: Setup, key: str, device: str, log: Path) -> Path:
+    if key in s.continued:
+        path = s.out / "models" / s.continued[key].replace("/", "_")
+        if not (path / "rcpu_provenance.json").is_file():
+            raise SystemExit(f"{key} continues the cell {s.continued[key]}, whose model is not in {path}; run it first")
+        return path
     path = s.out / "pruned" / key
     if not (path / "rcpu_provenance.json").is_file():
         method, ratio = key.rsplit("-", 1)
@@ -175,6 +186,8 @@ def cell(s: Setup, results: dict, pruned_key: str, tokens: int, variant: str, fl
     if name in results["cells"] and name not in redo:
         return
     src = s.dense if pruned_key == "dense" else pruned_model(s, pruned_key, device, log)
+    if pruned_key in s.continued and s.continued[pruned_key] in results["cells"]:  # measured as that cell
+        results["evals"].setdefault(pruned_key, results["cells"][s.continued[pruned_key]]["evals"])
     evaluate(s, results, pruned_key, str(src), device, log)
     dest = s.out / "models" / name.replace("/", "_")
     if name in redo and dest.exists():

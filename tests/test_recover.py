@@ -228,10 +228,13 @@ def _start_and_wait_for_step(cmd: list[str], out: Path, step: int) -> tuple[subp
     return proc, state
 
 
-def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--quant_aware", "q4_0"]], ids=["plain", "quant_aware"])
+def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path, extra):
     """A real process is killed with SIGKILL mid-training; --resume finishes with the same bits as an
-    uninterrupted run (both sides run as subprocesses with the same thread count)."""
-    common = _recover_args(pruned, tmp_path / "x", "--tokens", "24000", "--save_every", "1", "--eval_every", "0")
+    uninterrupted run (both sides run as subprocesses with the same thread count). Quantisation-aware
+    training checkpoints the unrounded weights under their parametrized names."""
+    common = _recover_args(pruned, tmp_path / "x", "--tokens", "24000", "--save_every", "1", "--eval_every", "0",
+                           *extra)
     ref, out = tmp_path / "ref", tmp_path / "out"
 
     def cmd(target):

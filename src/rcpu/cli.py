@@ -226,10 +226,10 @@ def _config_from_args(cls, args):
 
 def _add_recover_fields(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`RecoverConfig` field, with its default and help from the dataclass."""
-    from .recover.config import PARAMETERS, RecoverConfig
+    from .recover.config import PARAMETERS, QUANT_AWARE, RecoverConfig
 
-    _add_config_fields(parser, RecoverConfig, skip=("chunk_elements",), choices={"parameters": PARAMETERS},
-                       default_in_help=True)
+    _add_config_fields(parser, RecoverConfig, skip=("chunk_elements",),
+                       choices={"parameters": PARAMETERS, "quant_aware": QUANT_AWARE}, default_in_help=True)
 
 
 def _recover_config(args):

@@ -7,9 +7,12 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import RcpuError
+from ..quantgrid import GRID_TYPES
 
 #: what is trained: LoRA adapters (merged at the end), ALLoRA, or every weight
 PARAMETERS = ("lora", "allora", "full")
+#: --quant_aware: train through one of these GGUF types' rounding, or not
+QUANT_AWARE = ("none", *GRID_TYPES)
 #: the seven projections of a Llama-family decoder layer
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -43,6 +46,8 @@ class RecoverConfig:
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints (0 = none)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard student and teacher with FSDP2 (each decoder layer a unit) instead of replicating them with DDP"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the student's layers in the backward pass (less memory, ~30 %% more time)"})
+    quant_aware: str = field(default="none", metadata={"help": "train every decoder weight through the rounding of this GGUF type "
+                             "(straight-through), so that `rcpu export --quant` at that type loses nothing more; needs --parameters full"})
     chunk_elements: int = field(default=1 << 24, metadata={"help": "logits held at once per model in the loss (positions x vocab)"})
 
     def validate(self) -> RecoverConfig:
@@ -64,6 +69,13 @@ class RecoverConfig:
             (self.heldout >= 1, f"--heldout is {self.heldout}; keep at least 1 window out of training"),
             (self.eval_every >= 0, f"--eval_every is {self.eval_every}; use 0 (off) or more"),
             (self.save_every >= 0, f"--save_every is {self.save_every}; use 0 (off) or more"),
+            (self.quant_aware in QUANT_AWARE,
+             f"--quant_aware {self.quant_aware!r} is unknown; use one of {', '.join(QUANT_AWARE)}"),
+            (self.quant_aware == "none" or self.parameters == "full",
+             f"--quant_aware {self.quant_aware} rounds the weights that train; adapters would be merged off the grid "
+             "afterwards; use --parameters full"),
+            (self.quant_aware == "none" or not self.fsdp,
+             f"--quant_aware {self.quant_aware} is not supported with --fsdp (rounding needs whole rows); use DDP"),
             (self.chunk_elements >= 1, f"chunk_elements is {self.chunk_elements}; use at least 1"),
         ]
         for ok, message in checks:
@@ -90,6 +102,8 @@ class RecoverConfig:
     def digest(self, *extra) -> str:
         """A hash of the settings that decide the weights (for refusing a resume with other ones)."""
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_DIGEST}
+        if self.quant_aware == "none":
+            del keep["quant_aware"]  # added later: runs started before it keep their digest (and --resume)
         keep["lora_targets"] = list(self.lora_targets)
         blob = json.dumps([keep, *extra], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

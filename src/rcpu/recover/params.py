@@ -5,16 +5,28 @@ result has exactly the pruned model's modules and shapes and saves like it. ALLo
 Balestriero, 2024) is LoRA without dropout and without the ``alpha / r`` scale, whose gradients
 are scaled row by row by ``1 / sqrt(|row|^2 + 1/eta^2)``: large while an adapter row is near zero
 (B starts at zero), smaller as it grows. peft has no ALLoRA, so the scaling is a gradient hook here.
+
+``--quant_aware TYPE`` registers a parametrization on every decoder weight that rounds it to the
+GGUF type in the forward pass and passes gradients straight through (``rcpu.quantgrid``); the
+embedding and output matrices, which the export stores at q8_0 or above, stay unrounded. Merging
+removes the parametrizations and keeps the rounded values, which the export at ``TYPE`` then
+reproduces exactly.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..quantgrid import BLOCK, ste
 from .config import RecoverConfig
 
 __all__ = ["attach_trainable", "merge_trainable", "trainable_state", "unwrap"]
+
+logger = logging.getLogger(__name__)
 
 
 def _allora_hook(eta: float):
@@ -38,6 +50,8 @@ def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(cfg.parameters == "full")
     if cfg.parameters == "full":
+        if cfg.quant_aware != "none":
+            _round_decoder_weights(model, cfg.quant_aware)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -59,6 +73,35 @@ def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
     return peft_model
 
 
+class _OnGrid(nn.Module):
+    """Parametrization: the weight as the GGUF type ``quant`` stores it (straight-through gradient)."""
+
+    def __init__(self, quant: str):
+        super().__init__()
+        self.quant = quant
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return ste(weight, self.quant)
+
+
+def _round_decoder_weights(model: nn.Module, quant: str) -> None:
+    """Round what the export quantises: rows in whole blocks, and down_proj, whose MLP width the
+    export pads with zero channels. Other rows of a length that is no multiple of the block the
+    export stores as f16, so they train unrounded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if module.in_features % BLOCK and not name.endswith("down_proj"):
+            skipped.append(name)
+            continue
+        parametrize.register_parametrization(module, "weight", _OnGrid(quant))
+    if skipped:
+        logger.warning("--quant_aware %s: %d matrices with rows of a length that is no multiple of %d train unrounded "
+                       "(the export stores them as f16), e.g. %s", quant, len(skipped), BLOCK, skipped[0])
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -69,6 +112,9 @@ def merge_trainable(model: nn.Module) -> nn.Module:
     """Fold LoRA adapters into their base weights; the plain transformers model, frozen, in eval mode."""
     merge = getattr(model, "merge_and_unload", None)
     out = merge() if callable(merge) else model
+    for module in out.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)

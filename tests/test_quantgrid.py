@@ -4,7 +4,6 @@ and a quantisation-aware recovery exports at its type without further loss."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np

@@ -59,7 +59,7 @@ def test_straight_through_value_and_gradient():
         fake_quantize(w, "q3_k")
 
 
-def test_quant_aware_recovery_exports_without_loss(tmp_path, capsys):
+def test_quant_aware_recovery_exports_without_loss(tmp_path):
     from test_gguf_export import _checkpoint
 
     model_dir = _checkpoint(tmp_path)

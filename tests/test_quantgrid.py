@@ -60,17 +60,13 @@ def test_straight_through_value_and_gradient():
 
 
 def test_quant_aware_recovery_exports_without_loss(tmp_path):
-    from test_gguf_export import _checkpoint
+    from test_recover import pruned_for_export
 
-    model_dir = _checkpoint(tmp_path)
-    text = tmp_path / "text.txt"
-    (tmp_path / "other.txt").write_text(" ".join(f"the x{i % 7} w{i % 29}." for i in range(800)))
-    pruned_dir, rec = tmp_path / "pruned", tmp_path / "rec"
-    assert main(["prune", "--model", str(model_dir), "--calib", str(text), "--eval", "none", "--nsamples", "8",
-                 "--seqlen", "32", "--pruning_ratio", "0.4", "--save_model", str(pruned_dir), "-q"]) == 0
-    base = ["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
-            "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "-q"]
-    assert main([*base, "--quant_aware", "q4_1", "--save_model", str(rec)]) == 0
+    pruned_dir, text = pruned_for_export(tmp_path, "--pruning_ratio", "0.4")  # MLP width 47: the export pads it
+    rec = tmp_path / "rec"
+    assert main(["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
+                 "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "-q",
+                 "--quant_aware", "q4_1", "--save_model", str(rec)]) == 0
     rec_cfg = json.loads((rec / "rcpu_provenance.json").read_text())["recovery"]["config"]
     assert rec_cfg["quant_aware"] == "q4_1"
     weights = load_file(str(rec / "model.safetensors"))

@@ -347,16 +347,24 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     assert not out.exists() and not work_dir_for(out).exists()
 
 
-def test_recovered_checkpoint_exports_to_gguf(tmp_path):
-    from test_gguf_export import _checkpoint, fields
+def pruned_for_export(tmp_path: Path, *prune_flags: str) -> tuple[Path, Path]:
+    """A tiny BPE-tokenised model pruned with ``prune_flags`` (into tmp_path/pruned), its calibration
+    text tmp_path/text.txt and a second text tmp_path/other.txt; returns (pruned dir, calibration text)."""
+    from test_gguf_export import _checkpoint
 
     model_dir = _checkpoint(tmp_path)
     text = tmp_path / "text.txt"
     (tmp_path / "other.txt").write_text(" ".join(f"the x{i % 7} w{i % 29}." for i in range(800)))
-    pruned_dir, rec = tmp_path / "pruned", tmp_path / "rec"
     assert main(["prune", "--model", str(model_dir), "--calib", str(text), "--eval", "none", "--nsamples", "8",
-                 "--seqlen", "32", "--pruning_ratio", "0.5", "--round_to", "32", "--save_model", str(pruned_dir),
-                 "-q"]) == 0
+                 "--seqlen", "32", *prune_flags, "--save_model", str(tmp_path / "pruned"), "-q"]) == 0
+    return tmp_path / "pruned", text
+
+
+def test_recovered_checkpoint_exports_to_gguf(tmp_path):
+    from test_gguf_export import fields
+
+    pruned_dir, text = pruned_for_export(tmp_path, "--pruning_ratio", "0.5", "--round_to", "32")
+    rec = tmp_path / "rec"
     assert main(["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
                  "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "--save_model",
                  str(rec), "-q"]) == 0

@@ -216,6 +216,41 @@ def test_quantised_blocks_pad_the_mlp_and_fall_back_to_f16_without_padding(tmp_p
         assert types["token_embd.weight"] == ("BF16" if quant == "bf16" else "Q8_0")
 
 
+def test_tensor_types_override_the_type_of_matching_matrices(tmp_path):
+    """llama-quantize's --tensor-type: the first matching pattern sets a matrix's type (the embedding
+    rule included); an f16 file with a block-type override pads the MLP so that the override applies."""
+    model = pruned("llama", kept_channels=40)
+    path = tmp_path / "mixed.gguf"
+    report = export_gguf(model, bpe_tokenizer(), path, quant="q4_0",
+                         tensor_types=[r"blk\.1\.ffn_down=q8_0", "ffn_down=q5_1", ("token_embd", "f16")])
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q5_1"
+    assert types["token_embd.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert {(o["tensor"], o["type"]) for o in report.overrides} == {
+        ("blk.1.ffn_down.weight", "q8_0"), ("blk.0.ffn_down.weight", "q5_1"), ("token_embd.weight", "f16")}
+    assert any("stored by --tensor_type" in line for line in report.summary_lines())
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    down = gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    ref = model.model.layers[1].mlp.down_proj.weight.numpy()
+    assert down.shape == (64, 64) and not down[:, 40:].any()  # padded to whole blocks
+    assert np.abs(down[:, :40] - ref).max() < np.abs(ref).max() / 100
+    f16 = export_gguf(model, bpe_tokenizer(), tmp_path / "f16.gguf", quant="f16", tensor_types=["ffn_down=q8_0"])
+    assert not f16.fallbacks and [p["to"] for p in f16.padded] == [64, 64]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "f16.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "F16"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("ffn_down", "is not PATTERN=TYPE"), ("ffn_down=q3_k", "unknown GGUF type"),
+    ("blk.(1=q8_0", "not a regular expression"), (r"model\.layers=q8_0", "selects no weight matrix"),
+    ("attn_norm=q8_0", "selects no weight matrix")])
+def test_bad_tensor_types_are_refused_before_writing(tmp_path, spec, message):
+    with pytest.raises(RcpuError, match=message):
+        export_gguf(pruned("llama"), bpe_tokenizer(), tmp_path / "m.gguf", quant="q4_0", tensor_types=[spec])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nonuniform_widths_become_per_layer_arrays(tmp_path):
     model = tiny("llama")
     adapter = get_adapter(model)
@@ -280,6 +315,13 @@ def test_cli_prune_save_gguf_export_and_eval(tmp_path, capsys):
     assert fields(again)["general.rcpu.pruning_ratio"] == pytest.approx(0.5)
     assert main(["export", "--model", str(tmp_path / "pruned"), "--gguf", str(again), "-q"]) == 2
     assert "already exists" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.gguf"
+    assert main(["export", "--model", str(tmp_path / "pruned"), "--gguf", str(mixed), "--quant", "q4_0",
+                 "--tensor_type", r"blk\.1\.ffn_down=q8_0", "-q"]) == 0
+    assert "1 weight matrices stored by --tensor_type: blk.1.ffn_down.weight q8_0" in capsys.readouterr().out
+    assert main(["export", "--model", str(tmp_path / "pruned"), "--gguf", str(tmp_path / "bad.gguf"),
+                 "--tensor_type", "ffn_down=q9", "-q"]) == 2
+    assert "unknown GGUF type 'q9'" in capsys.readouterr().err and not (tmp_path / "bad.gguf").exists()
     results = []
     for model in (str(tmp_path / "pruned"), str(again)):
         assert main(["eval", "--model", model, "--ppl", text, "--seqlen", "32", "--max_eval_tokens", "512",
@@ -313,6 +355,11 @@ def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
             export_gguf(model, bpe_tokenizer(), path, quant=quant)
             files.append(str(path))
             expected.append((quant, float(nll.exp())))
+        # mixed tensor types in one file (--tensor_type)
+        path = tmp_path / f"{family}-mixed.gguf"
+        export_gguf(model, bpe_tokenizer(), path, quant="f32", tensor_types=[r"blk\.1\.ffn_down=q8_0", "attn_v=f16"])
+        files.append(str(path))
+        expected.append(("q8_0", float(nll.exp())))
     # per-layer widths (llama.cpp's deci graph), with and without q/k/v biases
     for family in ("llama", "qwen2"):
         nu = tiny(family)

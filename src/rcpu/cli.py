@@ -145,6 +145,10 @@ def _export_parser(sub) -> None:
     _add(x, "pad_to", type=int, default=None,
          help="pad MLP widths with zero channels (same function) to a multiple of this (default: 32 for the "
               "block types q8_0 ... q5_1, so that every matrix quantises; 1 = no padding)")
+    _add(x, "tensor_type", action="append", default=[], metavar="PATTERN=TYPE",
+         help="store the weight matrices whose llama.cpp name matches the regular expression PATTERN as TYPE "
+              "instead of --quant, like llama-quantize's --tensor-type; repeatable, first match wins "
+              "(e.g. 'blk\\.29\\.ffn_down=q8_0')")
     _add(x, "tokenizer_gguf", default=None,
          help="copy the tokenizer from this GGUF file (default: the GGUF the model came from, if any, "
               "else built from the HF tokenizer)")
@@ -608,17 +612,25 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .gguf_export import check_gguf_target, export_gguf, load_provenance, source_gguf_for
+    from .gguf_export import (
+        check_gguf_target,
+        export_gguf,
+        load_provenance,
+        parse_tensor_types,
+        source_gguf_for,
+    )
     from .loading import load_model
 
     check_gguf_target(args.gguf, args.overwrite)
+    tensor_types = parse_tensor_types(args.tensor_type)  # before the model loads
     loaded = load_model(args.model, dtype=torch.float32, device="cpu", trust_remote_code=args.trust_remote_code)
     provenance = load_provenance(loaded.path) if loaded.kind in ("dir", "builtin") else None
     tok_gguf = args.tokenizer_gguf
     if tok_gguf is None:  # the GGUF the model came from: the model itself, or the source of a pruning run
         tok_gguf = source_gguf_for(args.model) or source_gguf_for(((provenance or {}).get("model") or {}).get("source"))
     res = export_gguf(loaded.model, loaded.tokenizer, args.gguf, quant=args.quant, tokenizer_gguf=tok_gguf,
-                      provenance=provenance, overwrite=args.overwrite, pad_to=args.pad_to)
+                      provenance=provenance, overwrite=args.overwrite, pad_to=args.pad_to,
+                      tensor_types=tensor_types)
     for line in res.summary_lines():
         print(line)
     return 0

@@ -34,7 +34,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,8 @@ from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "source_gguf_for", "load_provenance"]
+__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "parse_tensor_types", "source_gguf_for",
+           "load_provenance"]
 
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType
@@ -93,6 +96,7 @@ class GGUFExportReport:
     uniform: bool
     fallbacks: list[dict] = field(default_factory=list)  #: {"tensor", "shape", "type", "reason"}
     padded: list[dict] = field(default_factory=list)  #: {"layer", "from", "to"}: MLP widths padded with zeros
+    overrides: list[dict] = field(default_factory=list)  #: {"tensor", "type", "pattern"}: set by ``tensor_types``
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -110,6 +114,10 @@ class GGUFExportReport:
                          f"{self.quant} blocks (same function): "
                          + ", ".join(f"layer {p['layer']} {p['from']} -> {p['to']}" for p in self.padded[:4])
                          + (", ..." if len(self.padded) > 4 else ""))
+        if self.overrides:
+            lines.append(f"{len(self.overrides)} weight matrices stored by --tensor_type: "
+                         + ", ".join(f"{o['tensor']} {o['type']}" for o in self.overrides[:6])
+                         + (", ..." if len(self.overrides) > 6 else ""))
         if not self.uniform:
             lines.append("per-layer widths are written as per-layer arrays: llama.cpp (and Ollama, LM Studio) "
                          "load this file, transformers' GGUF reader does not")
@@ -209,6 +217,59 @@ def _pad_mlp(name: str, data: np.ndarray, widths: list[dict]) -> np.ndarray:
     return np.pad(data, pad)
 
 
+def _gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
+    new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new_name is None:
+        raise RcpuError(f"cannot export tensor {hf_name!r} to GGUF: llama.cpp has no name for it")
+    return new_name
+
+
+def parse_tensor_types(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``PATTERN=TYPE`` strings, llama-quantize's ``--tensor-type`` syntax, as (regex, type) pairs.
+
+    The pattern is a regular expression searched in llama.cpp's tensor names (``blk.29.ffn_down.weight``,
+    ``output.weight``); the first pair whose pattern matches a weight matrix gives its type."""
+    pairs = []
+    for spec in specs:
+        pattern, sep, quant = spec.rpartition("=")
+        if not sep or not pattern:
+            raise RcpuError(f"--tensor_type {spec!r} is not PATTERN=TYPE (for example 'blk\\.29\\.ffn_down=q8_0')")
+        quant = quant.strip().lower()
+        if quant not in GGUF_QUANTS:
+            raise RcpuError(f"--tensor_type {spec!r}: unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RcpuError(f"--tensor_type {spec!r}: {pattern!r} is not a regular expression ({exc})") from exc
+        pairs.append((pattern, quant))
+    return pairs
+
+
+def _matrix_types(model: nn.Module, layout: _Layout, tensor_types: Sequence[tuple[str, str]]) -> dict[str, dict]:
+    """GGUF name -> {"type", "pattern"} for every weight matrix a ``tensor_types`` pattern selects.
+
+    Computed from the names alone, before anything is converted, so that a pattern which selects
+    nothing (a typo, HF names instead of llama.cpp's) fails at once."""
+    if not tensor_types:
+        return {}
+    names = gguf.get_tensor_name_map(layout.arch, len(layout.widths))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    matrices = [_gguf_name(names, n) for n, t in model.state_dict().items()
+                if t.ndim >= 2 and not (n == "lm_head.weight" and tied)]
+    chosen, used = {}, set()
+    for name in matrices:
+        for pattern, quant in tensor_types:
+            if re.search(pattern, name):
+                chosen[name] = {"tensor": name, "type": quant, "pattern": pattern}
+                used.add(pattern)
+                break
+    unused = [p for p, _ in tensor_types if p not in used]
+    if unused:
+        raise RcpuError(f"--tensor_type pattern {unused[0]!r} selects no weight matrix; patterns are searched in "
+                        f"llama.cpp's names, e.g. {', '.join(matrices[:3])}")
+    return chosen
+
+
 def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths: list[dict],
                  zero_o_bias: bool = False):
     """Yield (gguf name, float32 array) for every tensor, in llama.cpp's naming, MLPs padded to ``widths``."""
@@ -221,9 +282,7 @@ def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths:
             continue
         if hf_name == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        new_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise RcpuError(f"cannot export tensor {hf_name!r} to GGUF: llama.cpp has no name for it")
+        new_name = _gguf_name(names, hf_name)
         data = tensor.detach().to("cpu", torch.float32).numpy()
         if permute and (".attn_q." in new_name or ".attn_k." in new_name):
             layer = int(new_name.split(".")[1])
@@ -235,11 +294,13 @@ def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths:
             yield new_name.replace(".weight", ".bias"), np.zeros(data.shape[0], dtype=np.float32)
 
 
-def _quantise(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, fallbacks: list[dict]):
-    """(array to write, its type). 1-D tensors (norms, biases) stay f32 as llama.cpp expects."""
+def _quantise(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, fallbacks: list[dict],
+              explicit: bool = False):
+    """(array to write, its type). 1-D tensors (norms, biases) stay f32 as llama.cpp expects.
+    ``explicit``: the type was asked for by name (``tensor_types``), so no default rule changes it."""
     if data.ndim <= 1 or qtype == _Q.F32:
         return data.astype(np.float32), _Q.F32
-    if qtype in _LOW_BIT_TYPES and name in ("token_embd.weight", "output.weight"):
+    if not explicit and qtype in _LOW_BIT_TYPES and name in ("token_embd.weight", "output.weight"):
         # llama.cpp's quantiser keeps the output matrix (and a tied embedding) above 4/5 bits: the
         # logits are the most sensitive product. q8_0 is the highest block type the gguf package writes.
         qtype = _Q.Q8_0
@@ -418,10 +479,10 @@ def _padded_widths(widths: list[dict], pad_to: int) -> tuple[list[dict], list[di
     return out, padded
 
 
-def _default_pad_to(quant: str) -> int:
-    """The block length of a block-quantised type (32), 1 (no padding) for the float types."""
-    qtype = GGUF_QUANTS[quant][0]
-    return gguf.GGML_QUANT_SIZES[qtype][0] if qtype in _BLOCK_TYPES else 1
+def _default_pad_to(*quants: str) -> int:
+    """The block length (32) if any of ``quants`` is a block type, 1 (no padding) for float types only."""
+    blocks = [gguf.GGML_QUANT_SIZES[GGUF_QUANTS[q][0]][0] for q in quants if GGUF_QUANTS[q][0] in _BLOCK_TYPES]
+    return max(blocks, default=1)
 
 
 def _layout(model: nn.Module, pad_to: int = 1) -> tuple[_Layout, list[dict]]:
@@ -520,13 +581,14 @@ def _add_hparams(writer: gguf.GGUFWriter, config, layout: _Layout, n_vocab: int,
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, layout: _Layout, quant: str,
-                 fallbacks: list[dict]) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
+def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, layout: _Layout, quant: str, fallbacks: list[dict],
+                 overrides: dict[str, dict]) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
     """Queue every tensor in its stored type; returns name -> (shape, type), what the read-back expects."""
-    qtype = GGUF_QUANTS[quant][0]
     expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]] = {}
     for tname, data in _tensor_plan(model, layout.arch, layout.permute, layout.widths, layout.zero_o_bias):
-        stored, stype = _quantise(tname, data, qtype, fallbacks)
+        chosen = overrides.get(tname)
+        qtype = GGUF_QUANTS[chosen["type"] if chosen else quant][0]
+        stored, stype = _quantise(tname, data, qtype, fallbacks, explicit=chosen is not None)
         writer.add_tensor(tname, stored, raw_dtype=stype if stype in (_Q.BF16, *_BLOCK_TYPES) else None)
         expected[tname] = (tuple(data.shape), stype)
     return expected
@@ -551,6 +613,7 @@ def export_gguf(
     name: str | None = None,
     overwrite: bool = False,
     pad_to: int | None = None,
+    tensor_types: Sequence[tuple[str, str]] | Sequence[str] | None = None,
 ) -> GGUFExportReport:
     """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
 
@@ -559,13 +622,18 @@ def export_gguf(
     rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
     ``pad_to``: MLP widths are padded with zero channels to a multiple of it (default: the block
     length of a block-quantised ``quant``, 32, so that ``down_proj`` quantises; 1 = never pad).
+    ``tensor_types``: (regex, type) pairs or ``PATTERN=TYPE`` strings, like llama-quantize's
+    ``--tensor-type``: a weight matrix whose llama.cpp name the pattern matches (first match wins)
+    is stored in that type instead of ``quant``, e.g. ``blk\\.29\\.ffn_down=q8_0``.
     """
     if quant not in GGUF_QUANTS:
         raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
     if pad_to is not None and pad_to < 1:
         raise RcpuError(f"pad_to is {pad_to}; use a positive channel multiple (1 = no padding)")
+    pairs = parse_tensor_types([t if isinstance(t, str) else f"{t[0]}={t[1]}" for t in tensor_types or []])
     out = check_gguf_target(path, overwrite)
-    layout, padded = _layout(model, _default_pad_to(quant) if pad_to is None else pad_to)
+    layout, padded = _layout(model, _default_pad_to(quant, *(q for _, q in pairs)) if pad_to is None else pad_to)
+    overrides = _matrix_types(model, layout, pairs)
     scaling = _exportable_rope_scaling(model.config)
     embed = model.get_input_embeddings().weight
     n_vocab, hidden = int(embed.shape[0]), int(embed.shape[1])
@@ -583,7 +651,7 @@ def export_gguf(
         else:
             tok_desc = _build_tokenizer(writer, tokenizer, n_vocab)
         fallbacks: list[dict] = []
-        expected = _add_tensors(writer, model, layout, quant, fallbacks)
+        expected = _add_tensors(writer, model, layout, quant, fallbacks, overrides)
         _write_file(writer)
         _verify(tmp, expected)
         os.chmod(tmp, 0o644)
@@ -598,7 +666,7 @@ def export_gguf(
                     ", ".join(f"layer {p['layer']} {p['from']} -> {p['to']}" for p in padded))
     report = GGUFExportReport(path=str(out), quant=quant, arch=layout.name, tensors=len(expected),
                               bytes=out.stat().st_size, tokenizer=tok_desc, uniform=layout.uniform,
-                              fallbacks=fallbacks, padded=padded)
+                              fallbacks=fallbacks, padded=padded, overrides=list(overrides.values()))
     logger.info("wrote %s", out)
     return report
 

@@ -18,6 +18,9 @@ checkpoint) as ``--recovered_quants`` files; MLP widths that are not multiples o
 with zero channels by the export. Per-layer widths are written for llama.cpp's ``deci`` graph,
 which transformers' GGUF reader cannot load (its column shows –).
 
+``--tensor_type PATTERN=TYPE`` (repeatable) adds each ``--recovered`` file once more with those
+per-tensor types (``rcpu export --tensor_type``).
+
 Needs Node 20 and ``npm install node-llama-cpp@3.22.1`` in ``~/.cache/rcpu/node`` (or
 ``$RCPU_NODE_MODULES`` pointing at a node_modules). Writes results.json and results.md to
 ``--output`` and prints the table. Re-running reuses checkpoints and exports.
@@ -31,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -75,7 +79,8 @@ def render(rows: list[dict]) -> tuple[str, str]:
     for r in rows:
         st = f"{r['ppl_safetensors']:.2f}" if r["ppl_safetensors"] else "–"
         tf = f"{r['ppl_transformers']:.2f}" if r.get("ppl_transformers") else "–"
-        lines.append(f"| {r['name']} | {r['quant']} | {r['bytes'] / 1e6:.1f} | {r['ppl_llama_cpp']:.2f} | "
+        quant = r["quant"].replace("|", "\\|")  # a --tensor_type pattern may hold a pipe
+        lines.append(f"| {r['name']} | {quant} | {r['bytes'] / 1e6:.1f} | {r['ppl_llama_cpp']:.2f} | "
                      f"{tf} | {st} | {r['prompt_tps']:.0f} ({r['prompt_speedup']:.2f}x) | "
                      f"{r['gen_tps']:.1f} ({r['gen_speedup']:.2f}x) | {r['completion']!r} |")
     pareto = [r for r in rows[1:] if r["bytes"] < base["bytes"] and r["ppl_llama_cpp"] < base["ppl_llama_cpp"]]
@@ -143,23 +148,28 @@ def _node(job: dict, work: Path) -> dict:
     return json.loads(node_out.read_text())
 
 
-def _recovered_rows(specs: list[str], quants: list[str], work: Path) -> list[dict]:
-    """Rows for checkpoints given as NAME=DIR, exported to each GGUF type (reused when present)."""
+def _recovered_rows(specs: list[str], quants: list[str], work: Path, tensor_types: list[str]) -> list[dict]:
+    """Rows for checkpoints given as NAME=DIR, exported to each GGUF type (reused when present); with
+    ``tensor_types``, each type once more with those per-tensor overrides."""
     rows = []
+    mixes = [[]] + ([tensor_types] if tensor_types else [])
     for spec in specs:
         name, sep, ckpt = spec.partition("=")
         if not sep or not (Path(ckpt) / "config.json").is_file():
             sys.exit(f"--recovered {spec!r}: give NAME=DIR with a checkpoint directory")
         prov = json.loads((Path(ckpt) / "rcpu_provenance.json").read_text())
         for quant in quants:
-            gguf_path = work / f"smollm2-{name.replace(' ', '_').replace('%', 'pc')}-{quant}.gguf"
-            if not gguf_path.is_file():
-                _run(["export", "--model", str(ckpt), "--gguf", str(gguf_path), "--quant", quant, "-q",
-                      "--trust_remote_code"])
-            rows.append({"name": name, "ratio": round(100 * float(prov["config"]["pruning_ratio"])), "quant": quant,
-                         "file": str(gguf_path), "checkpoint": str(Path(ckpt).resolve()),
-                         "recovery_tokens": (prov.get("recovery") or {}).get("config", {}).get("tokens"),
-                         "method": prov["config"].get("method")})
+            for mix in mixes:
+                tag = f"-mixed{zlib.crc32(' '.join(mix).encode()):08x}" if mix else ""
+                gguf_path = work / f"smollm2-{name.replace(' ', '_').replace('%', 'pc')}-{quant}{tag}.gguf"
+                if not gguf_path.is_file():
+                    _run(["export", "--model", str(ckpt), "--gguf", str(gguf_path), "--quant", quant, "-q",
+                          "--trust_remote_code", *(a for t in mix for a in ("--tensor_type", t))])
+                rows.append({"name": name, "ratio": round(100 * float(prov["config"]["pruning_ratio"])),
+                             "quant": quant + "".join(f" + {t}" for t in mix), "tensor_types": mix,
+                             "file": str(gguf_path), "checkpoint": str(Path(ckpt).resolve()),
+                             "recovery_tokens": (prov.get("recovery") or {}).get("config", {}).get("tokens"),
+                             "method": prov["config"].get("method")})
     return rows
 
 
@@ -181,6 +191,8 @@ def main() -> None:
     p.add_argument("--recovered", action="append", default=[], metavar="NAME=DIR",
                    help="add a (recovered) checkpoint directory as rows named NAME (repeatable)")
     p.add_argument("--recovered_quants", default="q8_0,q4_0", help="GGUF types of the --recovered rows")
+    p.add_argument("--tensor_type", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="also export every --recovered row with these per-tensor types (rcpu export --tensor_type)")
     p.add_argument("--no_ridge_auto", action="store_true",
                    help="leave out the ridge-auto rows (the dense file and the --recovered rows only)")
     args = p.parse_args()
@@ -207,7 +219,7 @@ def main() -> None:
                 _run(["export", "--model", str(ckpt), "--gguf", str(gguf_path), "--quant", quant, "-q"])
             rows.append({"name": f"ridge-auto {ratio} %", "ratio": ratio, "quant": quant, "file": str(gguf_path),
                          "checkpoint": str(ckpt)})
-    rows += _recovered_rows(args.recovered, args.recovered_quants.split(","), work)
+    rows += _recovered_rows(args.recovered, args.recovered_quants.split(","), work, args.tensor_type)
 
     tokenizer = load_model("smollm2-135m").tokenizer
     ids = data.tokenize(tokenizer, data.load_text("builtin", "eval"))
@@ -251,6 +263,7 @@ def main() -> None:
         "protocol": {"model": "smollm2-135m", "method": None if args.no_ridge_auto else "ridge-auto", "round_to": 32,
                      "eval": "builtin:eval",
                      "recovered": args.recovered, "recovered_quants": args.recovered_quants,
+                     "tensor_types": args.tensor_type,
                      "windows": args.windows, "seqlen": SEQLEN, "scored_tokens": rows[0]["scored_tokens"],
                      "speed": {"prompt_tokens": SEQLEN, "new_tokens": 64, "rounds": args.rounds,
                                "threads": args.threads}},

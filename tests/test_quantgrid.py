@@ -101,3 +101,61 @@ def test_quant_aware_needs_every_weight_trained(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--parameters full" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_quant_aware_tensor_types_train_what_the_export_writes(tmp_path):
+    """Matrices the export stores in another type (--tensor_type) train through that type's rounding
+    (a float type: none); the file then holds the checkpoint's weights."""
+    from test_recover import pruned_for_export
+
+    pruned_dir, text = pruned_for_export(tmp_path, "--pruning_ratio", "0.4")
+    rec = tmp_path / "rec"
+    types = [r"blk\.1\.ffn_down=q8_0", "attn_v=f16"]
+    assert main(["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
+                 "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "-q",
+                 "--quant_aware", "q4_0", "--quant_aware_tensor_type", ",".join(types), "--save_model", str(rec)]) == 0
+    rec_cfg = json.loads((rec / "rcpu_provenance.json").read_text())["recovery"]["config"]
+    assert rec_cfg["quant_aware_tensor_type"] == types
+    w = load_file(str(rec / "model.safetensors"))
+
+    def on(name, quant):
+        return torch.equal(fake_quantize(w[name], quant), w[name])
+
+    assert on("model.layers.1.mlp.down_proj.weight", "q8_0") and not on("model.layers.1.mlp.down_proj.weight", "q4_0")
+    assert on("model.layers.0.mlp.down_proj.weight", "q4_0") and on("model.layers.1.mlp.up_proj.weight", "q4_0")
+    assert not any(on(f"model.layers.{i}.self_attn.v_proj.weight", q) for i in range(2) for q in ("q4_0", "q8_0"))
+
+    out = tmp_path / "rec.gguf"
+    assert main(["export", "--model", str(rec), "--gguf", str(out), "--quant", "q4_0", "-q",
+                 *(a for t in types for a in ("--tensor_type", t))]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    down = tensors["blk.1.ffn_down.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    ours = w["model.layers.1.mlp.down_proj.weight"].numpy()
+    assert np.array_equal(quants.dequantize(down.data, down.tensor_type)[:, :ours.shape[1]], ours)
+    assert tensors["blk.0.attn_v.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--quant_aware_tensor_type", "ffn_down=q8_0"], "needs --quant_aware"),
+    (["--quant_aware", "q4_0", "--quant_aware_tensor_type", "ffn_down=q3_k"], "unknown GGUF type 'q3_k'"),
+    (["--quant_aware", "q4_0", "--quant_aware_tensor_type", "ffn_down"], "is not PATTERN=TYPE"),
+])
+def test_quant_aware_tensor_types_refused_up_front(tmp_path, capsys, extra, message):
+    assert main(["recover", "--model", "smollm2-135m", *extra, "--save_model", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--quant_aware_tensor_type" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_quant_aware_tensor_type_selecting_nothing_writes_nothing(tmp_path, capsys):
+    from test_recover import pruned_for_export
+
+    pruned_dir, text = pruned_for_export(tmp_path, "--pruning_ratio", "0.4")
+    out = tmp_path / "rec"
+    assert main(["recover", "--model", str(pruned_dir), "--data", str(text), "--eval", str(tmp_path / "other.txt"),
+                 "--tokens", "1024", "--seqlen", "32", "--eval_seqlen", "32", "--heldout", "4", "-q",
+                 "--quant_aware", "q4_0", "--quant_aware_tensor_type", r"model\.layers=q8_0",
+                 "--save_model", str(out)]) == 2
+    assert "selects no weight matrix" in capsys.readouterr().err
+    assert not out.exists() and not any(p.name.startswith(".rec") for p in tmp_path.iterdir())

@@ -224,23 +224,26 @@ def _gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
     return new_name
 
 
-def parse_tensor_types(specs: Sequence[str]) -> list[tuple[str, str]]:
+def parse_tensor_types(specs: Sequence[str], flag: str = "--tensor_type",
+                       types: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """``PATTERN=TYPE`` strings, llama-quantize's ``--tensor-type`` syntax, as (regex, type) pairs.
 
     The pattern is a regular expression searched in llama.cpp's tensor names (``blk.29.ffn_down.weight``,
-    ``output.weight``); the first pair whose pattern matches a weight matrix gives its type."""
+    ``output.weight``); the first pair whose pattern matches a weight matrix gives its type.
+    ``flag`` names the option in error messages; ``types`` restricts the types (default: all of GGUF_QUANTS)."""
+    allowed = list(GGUF_QUANTS if types is None else types)
     pairs = []
     for spec in specs:
         pattern, sep, quant = spec.rpartition("=")
         if not sep or not pattern:
-            raise RcpuError(f"--tensor_type {spec!r} is not PATTERN=TYPE (for example 'blk\\.29\\.ffn_down=q8_0')")
+            raise RcpuError(f"{flag} {spec!r} is not PATTERN=TYPE (for example 'blk\\.29\\.ffn_down=q8_0')")
         quant = quant.strip().lower()
-        if quant not in GGUF_QUANTS:
-            raise RcpuError(f"--tensor_type {spec!r}: unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
+        if quant not in allowed:
+            raise RcpuError(f"{flag} {spec!r}: unknown GGUF type {quant!r}; choose from {', '.join(allowed)}")
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise RcpuError(f"--tensor_type {spec!r}: {pattern!r} is not a regular expression ({exc})") from exc
+            raise RcpuError(f"{flag} {spec!r}: {pattern!r} is not a regular expression ({exc})") from exc
         pairs.append((pattern, quant))
     return pairs
 

@@ -13,6 +13,8 @@ from ..quantgrid import GRID_TYPES
 PARAMETERS = ("lora", "allora", "full")
 #: --quant_aware: train through one of these GGUF types' rounding, or not
 QUANT_AWARE = ("none", *GRID_TYPES)
+#: --quant_aware_tensor_type: a grid type, or a float type (trained unrounded)
+QUANT_AWARE_OVERRIDES = (*GRID_TYPES, "f16", "bf16", "f32")
 #: the seven projections of a Llama-family decoder layer
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -48,6 +50,9 @@ class RecoverConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the student's layers in the backward pass (less memory, ~30 %% more time)"})
     quant_aware: str = field(default="none", metadata={"help": "train every decoder weight through the rounding of this GGUF type "
                              "(straight-through), so that `rcpu export --quant` at that type loses nothing more; needs --parameters full"})
+    quant_aware_tensor_type: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated PATTERN=TYPE: "
+                             "weight matrices whose llama.cpp name matches PATTERN train through TYPE's rounding instead "
+                             "(f16 = unrounded); pass the export's --tensor_type patterns here"})
     chunk_elements: int = field(default=1 << 24, metadata={"help": "logits held at once per model in the loss (positions x vocab)"})
 
     def validate(self) -> RecoverConfig:
@@ -81,6 +86,12 @@ class RecoverConfig:
         for ok, message in checks:
             if not ok:
                 raise RcpuError(message)
+        if self.quant_aware_tensor_type:
+            if self.quant_aware == "none":
+                raise RcpuError("--quant_aware_tensor_type needs --quant_aware TYPE (the type of the other matrices)")
+            from ..gguf_export import parse_tensor_types
+
+            parse_tensor_types(self.quant_aware_tensor_type, "--quant_aware_tensor_type", QUANT_AWARE_OVERRIDES)
         unknown = set(self.lora_targets) - set(ALL_PROJECTIONS)
         if unknown:
             raise RcpuError(f"--lora_targets has unknown projections {sorted(unknown)}; use some of "
@@ -97,6 +108,7 @@ class RecoverConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["lora_targets"] = list(self.lora_targets)
+        out["quant_aware_tensor_type"] = list(self.quant_aware_tensor_type)
         return out
 
     def digest(self, *extra) -> str:
@@ -104,6 +116,10 @@ class RecoverConfig:
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_DIGEST}
         if self.quant_aware == "none":
             del keep["quant_aware"]  # added later: runs started before it keep their digest (and --resume)
+        if not self.quant_aware_tensor_type:
+            del keep["quant_aware_tensor_type"]  # likewise
+        else:
+            keep["quant_aware_tensor_type"] = list(self.quant_aware_tensor_type)
         keep["lora_targets"] = list(self.lora_targets)
         blob = json.dumps([keep, *extra], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -10,18 +10,22 @@ are scaled row by row by ``1 / sqrt(|row|^2 + 1/eta^2)``: large while an adapter
 GGUF type in the forward pass and passes gradients straight through (``rcpu.quantgrid``); the
 embedding and output matrices, which the export stores at q8_0 or above, stay unrounded. Merging
 removes the parametrizations and keeps the rounded values, which the export at ``TYPE`` then
-reproduces exactly.
+reproduces exactly. ``--quant_aware_tensor_type PATTERN=TYPE`` gives the matrices that the
+export's ``--tensor_type`` stores in another type that type's rounding (a float type: none), so
+that training sees the file that will be written.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..quantgrid import BLOCK, ste
+from ..errors import RcpuError
+from ..quantgrid import BLOCK, GRID_TYPES, ste
 from .config import RecoverConfig
 
 __all__ = ["attach_trainable", "merge_trainable", "trainable_state", "unwrap"]
@@ -51,7 +55,7 @@ def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
         p.requires_grad_(cfg.parameters == "full")
     if cfg.parameters == "full":
         if cfg.quant_aware != "none":
-            _round_decoder_weights(model, cfg.quant_aware)
+            _round_decoder_weights(model, cfg.quant_aware, cfg.quant_aware_tensor_type)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -84,19 +88,50 @@ class _OnGrid(nn.Module):
         return ste(weight, self.quant)
 
 
-def _round_decoder_weights(model: nn.Module, quant: str) -> None:
+def _gguf_names(model: nn.Module, modules: list[str]) -> dict[str, str]:
+    """HF module name -> the llama.cpp name its weight gets in the export (``blk.11.ffn_down.weight``)."""
+    import gguf
+
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)  # blk.* names are the same for every graph
+    return {m: names.get_name(m + ".weight", try_suffixes=(".weight",)) or m for m in modules}
+
+
+def _round_decoder_weights(model: nn.Module, quant: str, tensor_types: tuple[str, ...] = ()) -> None:
     """Round what the export quantises: rows in whole blocks, and down_proj, whose MLP width the
     export pads with zero channels. Other rows of a length that is no multiple of the block the
-    export stores as f16, so they train unrounded."""
+    export stores as f16, so they train unrounded. ``tensor_types`` (PATTERN=TYPE, the export's
+    ``--tensor_type``) set other types for the matrices whose llama.cpp names match."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skipped = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
-            continue
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    pairs = []
+    for spec in tensor_types:
+        pattern, _, kind = spec.rpartition("=")
+        pairs.append((pattern, kind.strip().lower()))
+    gguf_names = _gguf_names(model, list(linears)) if pairs else {}
+    used, skipped, chosen = set(), [], {}
+    for name, module in linears.items():
+        kind = quant
+        for pattern, override in pairs:
+            if re.search(pattern, gguf_names[name]):
+                kind = override
+                used.add(pattern)
+                break
+        if kind not in GRID_TYPES:
+            chosen[name] = kind
+            continue  # a float type: the export keeps the weight as it is
         if module.in_features % BLOCK and not name.endswith("down_proj"):
             skipped.append(name)
             continue
-        parametrize.register_parametrization(module, "weight", _OnGrid(quant))
+        if kind != quant:
+            chosen[name] = kind
+        parametrize.register_parametrization(module, "weight", _OnGrid(kind))
+    unused = [p for p, _ in pairs if p not in used]
+    if unused:
+        raise RcpuError(f"--quant_aware_tensor_type pattern {unused[0]!r} selects no weight matrix; patterns are "
+                        f"searched in llama.cpp's names, e.g. {', '.join(list(gguf_names.values())[:3])}")
+    if chosen:
+        logger.info("--quant_aware %s: %s", quant, ", ".join(f"{n} {k}" for n, k in chosen.items()))
     if skipped:
         logger.warning("--quant_aware %s: %d matrices with rows of a length that is no multiple of %d train unrounded "
                        "(the export stores them as f16), e.g. %s", quant, len(skipped), BLOCK, skipped[0])

@@ -42,6 +42,8 @@ MIX = ["--lr", "3e-4", "--alpha", "0.5"]
 BF16 = ["--autocast", "bfloat16"]
 MIX_BF16 = ["--parameters", "full", *BF16, *MIX]
 LORA8 = ["--parameters", "lora", "--lora_rank", "8", "--lr", "1e-3", "--alpha", "1"]
+#: `rcpu export --tensor_type` of the GGUF rows of the quant_aware part (benchmarks/tensor_sensitivity.py's choice)
+SPARED = r"blk\.(11|29)\.ffn_down=q8_0"
 #: part -> list of (pruned model "method-ratio", tokens, variant name, recover flags)
 PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # tokens/s of each way of training, 8 steps of 8 x 128 tokens (quality comes from the ablation)
@@ -69,7 +71,10 @@ PARTS: dict[str, list[tuple[str, int, str, list[str]]]] = {
     # the 1M model trained 25k tokens further (lr 1e-4), plainly and through q4_0's rounding: does
     # quantisation-aware training remove what re-quantising to 4 bits costs?
     "quant_aware": [("flap-ridge-0.2+1M", 25_000, name, ["--parameters", "full", *BF16, "--lr", "1e-4", "--alpha", "0.5", *flags])
-                    for name, flags in [("mix-bf16-lr1e-4", []), ("q4_0-aware-mix-bf16-lr1e-4", ["--quant_aware", "q4_0"])]],
+                    for name, flags in [("mix-bf16-lr1e-4", []), ("q4_0-aware-mix-bf16-lr1e-4", ["--quant_aware", "q4_0"]),
+                                        # q5_1 with the two ffn_down matrices tensor_sensitivity.py finds kept at q8_0
+                                        ("q5_1-aware-down11+29-q8_0-mix-bf16-lr1e-4",
+                                         ["--quant_aware", "q5_1", "--quant_aware_tensor_type", SPARED])]],
     # the default recipe at the issue's budgets, both methods, 20 and 30 %
     "budget_mix": [(m, t, "mix-bf16-lr3e-4", MIX_BF16) for m in ("flap-ridge-0.3", "flap-ridge-0.2", "rcpu-0.3", "rcpu-0.2")
                    for t in (300_000, 100_000)],

@@ -50,8 +50,8 @@ from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "parse_tensor_types", "source_gguf_for",
-           "load_provenance"]
+__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "match_tensor_types", "parse_tensor_types",
+           "source_gguf_for", "load_provenance"]
 
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType
@@ -259,8 +259,16 @@ def _matrix_types(model: nn.Module, layout: _Layout, tensor_types: Sequence[tupl
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     matrices = [_gguf_name(names, n) for n, t in model.state_dict().items()
                 if t.ndim >= 2 and not (n == "lm_head.weight" and tied)]
+    return match_tensor_types(matrices, tensor_types)
+
+
+def match_tensor_types(names: Sequence[str], tensor_types: Sequence[tuple[str, str]],
+                       flag: str = "--tensor_type") -> dict[str, dict]:
+    """llama.cpp name -> {"tensor", "type", "pattern"} for the ``names`` a pattern selects (the first
+    matching pair wins). A pattern that selects none of ``names`` is an error: a typo, or HF names
+    given instead of llama.cpp's, would otherwise silently change nothing."""
     chosen, used = {}, set()
-    for name in matrices:
+    for name in names:
         for pattern, quant in tensor_types:
             if re.search(pattern, name):
                 chosen[name] = {"tensor": name, "type": quant, "pattern": pattern}
@@ -268,8 +276,8 @@ def _matrix_types(model: nn.Module, layout: _Layout, tensor_types: Sequence[tupl
                 break
     unused = [p for p, _ in tensor_types if p not in used]
     if unused:
-        raise RcpuError(f"--tensor_type pattern {unused[0]!r} selects no weight matrix; patterns are searched in "
-                        f"llama.cpp's names, e.g. {', '.join(matrices[:3])}")
+        raise RcpuError(f"{flag} pattern {unused[0]!r} selects no weight matrix; patterns are searched in "
+                        f"llama.cpp's names, e.g. {', '.join(list(names)[:3])}")
     return chosen
 
 

@@ -18,13 +18,11 @@ that training sees the file that will be written.
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import RcpuError
 from ..quantgrid import BLOCK, GRID_TYPES, ste
 from .config import RecoverConfig
 
@@ -102,36 +100,26 @@ def _round_decoder_weights(model: nn.Module, quant: str, tensor_types: tuple[str
     export pads with zero channels. Other rows of a length that is no multiple of the block the
     export stores as f16, so they train unrounded. ``tensor_types`` (PATTERN=TYPE, the export's
     ``--tensor_type``) set other types for the matrices whose llama.cpp names match."""
+    from ..gguf_export import match_tensor_types, parse_tensor_types
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    pairs = []
-    for spec in tensor_types:
-        pattern, _, kind = spec.rpartition("=")
-        pairs.append((pattern, kind.strip().lower()))
-    gguf_names = _gguf_names(model, list(linears)) if pairs else {}
-    used, skipped, chosen = set(), [], {}
+    kinds = dict.fromkeys(linears, quant)
+    if tensor_types:
+        gguf_names = _gguf_names(model, list(linears))
+        chosen = match_tensor_types(list(gguf_names.values()),
+                                    parse_tensor_types(tensor_types, "--quant_aware_tensor_type"),
+                                    "--quant_aware_tensor_type")
+        kinds.update({m: chosen[g]["type"] for m, g in gguf_names.items() if g in chosen})
+        logger.info("--quant_aware %s: %s", quant, ", ".join(f"{g} {c['type']}" for g, c in chosen.items()))
+    skipped = []
     for name, module in linears.items():
-        kind = quant
-        for pattern, override in pairs:
-            if re.search(pattern, gguf_names[name]):
-                kind = override
-                used.add(pattern)
-                break
-        if kind not in GRID_TYPES:
-            chosen[name] = kind
+        if kinds[name] not in GRID_TYPES:
             continue  # a float type: the export keeps the weight as it is
         if module.in_features % BLOCK and not name.endswith("down_proj"):
             skipped.append(name)
             continue
-        if kind != quant:
-            chosen[name] = kind
-        parametrize.register_parametrization(module, "weight", _OnGrid(kind))
-    unused = [p for p, _ in pairs if p not in used]
-    if unused:
-        raise RcpuError(f"--quant_aware_tensor_type pattern {unused[0]!r} selects no weight matrix; patterns are "
-                        f"searched in llama.cpp's names, e.g. {', '.join(list(gguf_names.values())[:3])}")
-    if chosen:
-        logger.info("--quant_aware %s: %s", quant, ", ".join(f"{n} {k}" for n, k in chosen.items()))
+        parametrize.register_parametrization(module, "weight", _OnGrid(kinds[name]))
     if skipped:
         logger.warning("--quant_aware %s: %d matrices with rows of a length that is no multiple of %d train unrounded "
                        "(the export stores them as f16), e.g. %s", quant, len(skipped), BLOCK, skipped[0])

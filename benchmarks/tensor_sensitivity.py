@@ -22,29 +22,28 @@ import torch
 
 from rcpu import data
 from rcpu.evaluate import perplexity
+from rcpu.gguf_export import llama_cpp_names
 from rcpu.loading import load_model
 from rcpu.quantgrid import fake_quantize
+from rcpu.recover.config import ALL_PROJECTIONS
 
 HERE = Path(__file__).resolve().parent
 SEQLEN = 128
-#: HF module name -> llama.cpp tensor name (the export's naming)
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a checkpoint directory (pruned, recovered) or a built-in name")
     p.add_argument("--quant", default="q4_1", help="GGUF block type: q4_0, q4_1, q5_0, q5_1, q8_0")
-    p.add_argument("--kinds", default="down_proj", help=f"comma-separated, from {', '.join(GGUF_NAMES)}")
+    p.add_argument("--kinds", default="down_proj", help=f"comma-separated, from {', '.join(ALL_PROJECTIONS)}")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--top", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=str(HERE / "results" / "tensor_sensitivity"))
     args = p.parse_args()
     kinds = args.kinds.split(",")
-    if unknown := [k for k in kinds if k not in GGUF_NAMES]:
-        sys.exit(f"--kinds: unknown {unknown}; choose from {', '.join(GGUF_NAMES)}")
+    if unknown := [k for k in kinds if k not in ALL_PROJECTIONS]:
+        sys.exit(f"--kinds: unknown {unknown}; choose from {', '.join(ALL_PROJECTIONS)}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     loaded = load_model(args.model, trust_remote_code=True)
@@ -56,19 +55,18 @@ def main() -> None:
         return perplexity(model, ids, SEQLEN, max_tokens=n, device="cpu", progress=False).ppl
 
     base = ppl()
+    chosen = {name: m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in name and name.rsplit(".", 1)[-1] in kinds}
+    names = llama_cpp_names([f"{n}.weight" for n in chosen], model.config.num_hidden_layers)
     rows = []
-    for i, layer in enumerate(model.model.layers):
-        for name, module in layer.named_modules():
-            kind = name.rsplit(".", 1)[-1]
-            if kind not in kinds or not isinstance(module, torch.nn.Linear):
-                continue
-            original = module.weight.detach().clone()
-            with torch.no_grad():
-                module.weight.copy_(fake_quantize(original, args.quant))
-            rows.append({"tensor": f"blk.{i}.{GGUF_NAMES[kind]}.weight", "ppl": ppl()})
-            with torch.no_grad():
-                module.weight.copy_(original)
-            print(f"{rows[-1]['tensor']}: {rows[-1]['ppl']:.3f} (unrounded {base:.3f})", flush=True)
+    for module, tensor in zip(chosen.values(), names, strict=True):
+        original = module.weight.detach().clone()
+        with torch.no_grad():
+            module.weight.copy_(fake_quantize(original, args.quant))
+        rows.append({"tensor": tensor, "ppl": ppl()})
+        with torch.no_grad():
+            module.weight.copy_(original)
+        print(f"{tensor}: {rows[-1]['ppl']:.3f} (unrounded {base:.3f})", flush=True)
     rows.sort(key=lambda r: -r["ppl"])
     worst = rows[:args.top]
     by_kind: dict[str, list[str]] = {}

@@ -222,7 +222,7 @@ def test_tensor_types_override_the_type_of_matching_matrices(tmp_path):
     model = pruned("llama", kept_channels=40)
     path = tmp_path / "mixed.gguf"
     report = export_gguf(model, bpe_tokenizer(), path, quant="q4_0",
-                         tensor_types=[r"blk\.1\.ffn_down=q8_0", "ffn_down=q5_1", ("token_embd", "f16")])
+                         tensor_types=[r"blk\.1\.ffn_down=q8_0", "ffn_down=q5_1", "token_embd=f16"])
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q5_1"
     assert types["token_embd.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q4_0"

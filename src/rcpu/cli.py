@@ -622,7 +622,7 @@ def cmd_export(args) -> int:
     from .loading import load_model
 
     check_gguf_target(args.gguf, args.overwrite)
-    tensor_types = parse_tensor_types(args.tensor_type)  # before the model loads
+    parse_tensor_types(args.tensor_type)  # refuse a bad spec before the model loads
     loaded = load_model(args.model, dtype=torch.float32, device="cpu", trust_remote_code=args.trust_remote_code)
     provenance = load_provenance(loaded.path) if loaded.kind in ("dir", "builtin") else None
     tok_gguf = args.tokenizer_gguf
@@ -630,7 +630,7 @@ def cmd_export(args) -> int:
         tok_gguf = source_gguf_for(args.model) or source_gguf_for(((provenance or {}).get("model") or {}).get("source"))
     res = export_gguf(loaded.model, loaded.tokenizer, args.gguf, quant=args.quant, tokenizer_gguf=tok_gguf,
                       provenance=provenance, overwrite=args.overwrite, pad_to=args.pad_to,
-                      tensor_types=tensor_types)
+                      tensor_types=args.tensor_type)
     for line in res.summary_lines():
         print(line)
     return 0

@@ -50,8 +50,8 @@ from .errors import RcpuError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "match_tensor_types", "parse_tensor_types",
-           "source_gguf_for", "load_provenance"]
+__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "llama_cpp_names", "match_tensor_types",
+           "parse_tensor_types", "source_gguf_for", "load_provenance"]
 
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType
@@ -224,6 +224,13 @@ def _gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
     return new_name
 
 
+def llama_cpp_names(hf_names: Sequence[str], n_layers: int, arch: gguf.MODEL_ARCH = gguf.MODEL_ARCH.LLAMA) -> list[str]:
+    """The names the export gives these HF tensors (``model.layers.11.mlp.down_proj.weight`` ->
+    ``blk.11.ffn_down.weight``); the ``blk.*`` names are the same in every graph rcpu writes."""
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    return [_gguf_name(names, n) for n in hf_names]
+
+
 def parse_tensor_types(specs: Sequence[str], flag: str = "--tensor_type",
                        types: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """``PATTERN=TYPE`` strings, llama-quantize's ``--tensor-type`` syntax, as (regex, type) pairs.
@@ -255,11 +262,9 @@ def _matrix_types(model: nn.Module, layout: _Layout, tensor_types: Sequence[tupl
     nothing (a typo, HF names instead of llama.cpp's) fails at once."""
     if not tensor_types:
         return {}
-    names = gguf.get_tensor_name_map(layout.arch, len(layout.widths))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    matrices = [_gguf_name(names, n) for n, t in model.state_dict().items()
-                if t.ndim >= 2 and not (n == "lm_head.weight" and tied)]
-    return match_tensor_types(matrices, tensor_types)
+    matrices = [n for n, t in model.state_dict().items() if t.ndim >= 2 and not (n == "lm_head.weight" and tied)]
+    return match_tensor_types(llama_cpp_names(matrices, len(layout.widths), layout.arch), tensor_types)
 
 
 def match_tensor_types(names: Sequence[str], tensor_types: Sequence[tuple[str, str]],
@@ -624,7 +629,7 @@ def export_gguf(
     name: str | None = None,
     overwrite: bool = False,
     pad_to: int | None = None,
-    tensor_types: Sequence[tuple[str, str]] | Sequence[str] | None = None,
+    tensor_types: Sequence[str] = (),
 ) -> GGUFExportReport:
     """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
 
@@ -633,15 +638,14 @@ def export_gguf(
     rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
     ``pad_to``: MLP widths are padded with zero channels to a multiple of it (default: the block
     length of a block-quantised ``quant``, 32, so that ``down_proj`` quantises; 1 = never pad).
-    ``tensor_types``: (regex, type) pairs or ``PATTERN=TYPE`` strings, like llama-quantize's
-    ``--tensor-type``: a weight matrix whose llama.cpp name the pattern matches (first match wins)
+    ``tensor_types``: ``PATTERN=TYPE`` strings, like llama-quantize's ``--tensor-type``: a weight matrix whose llama.cpp name the pattern matches (first match wins)
     is stored in that type instead of ``quant``, e.g. ``blk\\.29\\.ffn_down=q8_0``.
     """
     if quant not in GGUF_QUANTS:
         raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")
     if pad_to is not None and pad_to < 1:
         raise RcpuError(f"pad_to is {pad_to}; use a positive channel multiple (1 = no padding)")
-    pairs = parse_tensor_types([t if isinstance(t, str) else f"{t[0]}={t[1]}" for t in tensor_types or []])
+    pairs = parse_tensor_types(tensor_types)
     out = check_gguf_target(path, overwrite)
     layout, padded = _layout(model, _default_pad_to(quant, *(q for _, q in pairs)) if pad_to is None else pad_to)
     overrides = _matrix_types(model, layout, pairs)

@@ -86,27 +86,19 @@ class _OnGrid(nn.Module):
         return ste(weight, self.quant)
 
 
-def _gguf_names(model: nn.Module, modules: list[str]) -> dict[str, str]:
-    """HF module name -> the llama.cpp name its weight gets in the export (``blk.11.ffn_down.weight``)."""
-    import gguf
-
-    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)  # blk.* names are the same for every graph
-    return {m: names.get_name(m + ".weight", try_suffixes=(".weight",)) or m for m in modules}
-
-
 def _round_decoder_weights(model: nn.Module, quant: str, tensor_types: tuple[str, ...] = ()) -> None:
     """Round what the export quantises: rows in whole blocks, and down_proj, whose MLP width the
     export pads with zero channels. Other rows of a length that is no multiple of the block the
     export stores as f16, so they train unrounded. ``tensor_types`` (PATTERN=TYPE, the export's
     ``--tensor_type``) set other types for the matrices whose llama.cpp names match."""
-    from ..gguf_export import match_tensor_types, parse_tensor_types
+    from ..gguf_export import llama_cpp_names, match_tensor_types, parse_tensor_types
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
     kinds = dict.fromkeys(linears, quant)
     if tensor_types:
-        gguf_names = _gguf_names(model, list(linears))
+        gguf_names = dict(zip(linears, llama_cpp_names([f"{m}.weight" for m in linears],
+                                                       model.config.num_hidden_layers), strict=True))
         chosen = match_tensor_types(list(gguf_names.values()),
                                     parse_tensor_types(tensor_types, "--quant_aware_tensor_type"),
                                     "--quant_aware_tensor_type")

@@ -190,3 +190,42 @@ def test_gpu_unfriendly_widths_are_pointed_out_and_round_to_avoids_them():
     (width, note), (rounded, no_note) = notes[1], notes[64]
     assert width == 8807 and len(note) == 1 and "8807 not a multiple of 64" in note[0]
     assert rounded % 64 == 0 and abs(rounded - width) <= 32 and not no_note
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "llama3-8b"])
+def test_real_widths_recover_keeps_the_pruned_format(scratch_dir, name):
+    """`rcpu recover` at real widths: LLaMA-7B at 20 % is saved as its Mistral twin (26 heads do
+    not divide 4096), Llama-3-8B keeps its KV groups and RoPE scaling. The recovered checkpoint
+    must keep exactly the pruned checkpoint's config, load with stock transformers, and hold
+    trained weights with no adapter left over."""
+    from conftest import make_text, make_tokenizer
+
+    from rcpu.cli import main
+
+    dense, pruned_dir, out = scratch_dir / "dense", scratch_dir / "pruned", scratch_dir / "rec"
+    _real_width_model(name).save_pretrained(dense)
+    make_tokenizer().save_pretrained(dense)
+    (scratch_dir / "train.txt").write_text(make_text(600, seed=0))
+    (scratch_dir / "eval.txt").write_text(make_text(300, seed=5))
+    assert main(["prune", "--model", str(dense), "--method", "wanda-sp", "--pruning_ratio", "0.2", "--calib",
+                 str(scratch_dir / "train.txt"), "--nsamples", "2", "--seqlen", "16", "--eval", "none",
+                 "--save_model", str(pruned_dir), "-q"]) == 0
+    assert main(["recover", "--model", str(pruned_dir), "--data", str(scratch_dir / "train.txt"), "--eval",
+                 str(scratch_dir / "eval.txt"), "--tokens", "64", "--seqlen", "16", "--batch_size", "2",
+                 "--eval_seqlen", "16", "--max_eval_tokens", "64", "--parameters", "lora", "--lora_rank", "4",
+                 "--lr", "1e-2", "--save_model", str(out), "-q"]) == 0
+    before, after = (json.loads((d / "config.json").read_text()) for d in (pruned_dir, out))
+    for key in ("model_type", "architectures", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "hidden_size", "intermediate_size", "tie_word_embeddings", "rope_parameters"):
+        assert after[key] == before[key], key
+    assert "auto_map" not in after
+    assert after["num_attention_heads"] < 32 and after["model_type"] == "mistral"  # 4096 % heads != 0: the twin
+    rec = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    src = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
+    rec_sd, src_sd = rec.state_dict(), src.state_dict()
+    assert rec_sd.keys() == src_sd.keys() and not any("lora" in k for k in rec_sd)
+    assert all(rec_sd[k].shape == src_sd[k].shape for k in rec_sd)
+    trained = [k for k in rec_sd if not torch.equal(rec_sd[k], src_sd[k])]
+    assert trained and all(k.endswith("proj.weight") for k in trained)  # LoRA moved the projections only
+    prov = json.loads((out / "rcpu_provenance.json").read_text())
+    assert prov["recovery"]["teacher"]["source"] == str(dense)

@@ -22,6 +22,7 @@ results into benchmarks/results/recovery_qwen/.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -146,10 +147,18 @@ def _load(s: Setup) -> dict:
 
 
 def _save(s: Setup, results: dict) -> None:
+    """Write the results, merged with what another run of this script saved meanwhile (so two
+    runs with different --cells can share the file): under a lock, cells on disk that this run
+    does not hold are added to ``results``; this run's own cells win."""
     s.results.mkdir(parents=True, exist_ok=True)
-    tmp = s.results / "results.json.partial"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(s.results / "results.json")
+    with open(s.results / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = _load(s)
+        for section in ("evals", "cells"):
+            results[section] = {**on_disk.get(section, {}), **results[section]}
+        tmp = s.results / "results.json.partial"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(s.results / "results.json")
     (s.results / "results.md").write_text(_markdown(s, results))
     _plot(s, results)
 

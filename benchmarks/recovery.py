@@ -159,8 +159,8 @@ def _save(s: Setup, results: dict) -> None:
         tmp = s.results / "results.json.partial"
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(s.results / "results.json")
-    (s.results / "results.md").write_text(_markdown(s, results))
-    _plot(s, results)
+        (s.results / "results.md").write_text(_markdown(s, results))
+        _plot(s, results)
 
 
 def pruned_model(s: Setup, key: str, device: str, log: Path) -> Path:

@@ -12,11 +12,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import VOCAB, make_model, make_windows, same_threads_env
+from conftest import VOCAB, make_model, make_text, make_tokenizer, make_windows, same_threads_env
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rcpu import RcpuError
 from rcpu.api import prune
+from rcpu.cli import main
 from rcpu.config import PruneConfig
 from rcpu.export import save_pruned
 from rcpu.models import get_adapter
@@ -163,11 +164,7 @@ def test_mistral_equivalent_refuses_biases():
 
 
 def test_cli_refuses_unsaveable_setting_with_exit_2(tmp_path, capsys):
-    from rcpu.cli import main
-
     model = make_model("llama", heads=8, kv_heads=8, hidden=64, head_dim=8, layers=1)
-    from conftest import make_text, make_tokenizer
-
     model.save_pretrained(tmp_path / "m")
     make_tokenizer().save_pretrained(tmp_path / "m")
     (tmp_path / "t.txt").write_text(make_text(2000))
@@ -198,10 +195,6 @@ def test_real_widths_recover_keeps_the_pruned_format(scratch_dir, name):
     not divide 4096), Llama-3-8B keeps its KV groups and RoPE scaling. The recovered checkpoint
     must keep exactly the pruned checkpoint's config, load with stock transformers, and hold
     trained weights with no adapter left over."""
-    from conftest import make_text, make_tokenizer
-
-    from rcpu.cli import main
-
     dense, pruned_dir, out = scratch_dir / "dense", scratch_dir / "pruned", scratch_dir / "rec"
     _real_width_model(name).save_pretrained(dense)
     make_tokenizer().save_pretrained(dense)

@@ -638,8 +638,9 @@ def export_gguf(
     rcpu's report of the pruning run; its source, method and ratios go into ``general.*`` keys.
     ``pad_to``: MLP widths are padded with zero channels to a multiple of it (default: the block
     length of a block-quantised ``quant``, 32, so that ``down_proj`` quantises; 1 = never pad).
-    ``tensor_types``: ``PATTERN=TYPE`` strings, like llama-quantize's ``--tensor-type``: a weight matrix whose llama.cpp name the pattern matches (first match wins)
-    is stored in that type instead of ``quant``, e.g. ``blk\\.29\\.ffn_down=q8_0``.
+    ``tensor_types``: ``PATTERN=TYPE`` strings, like llama-quantize's ``--tensor-type``: a weight
+    matrix whose llama.cpp name the pattern matches (first match wins) is stored in that type
+    instead of ``quant``, e.g. ``blk\\.29\\.ffn_down=q8_0``.
     """
     if quant not in GGUF_QUANTS:
         raise RcpuError(f"unknown GGUF type {quant!r}; choose from {', '.join(GGUF_QUANTS)}")

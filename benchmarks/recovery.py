@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -246,6 +247,8 @@ def _markdown(s: Setup, results: dict) -> str:
 
 
 def _plot(s: Setup, results: dict) -> None:
+    """Perplexity against recovery tokens, one panel per evaluation text: colour = pruned model,
+    solid = the default recipe, dashed = the first one (KL, fp32)."""
     try:
         import matplotlib
 
@@ -253,26 +256,38 @@ def _plot(s: Setup, results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for c in results["cells"].values():
-        if c["variant"] in BUDGET_VARIANTS and "builtin@128" in c["evals"]:
-            series.setdefault((c["pruned"], c["variant"]), []).append((c["tokens"], c["evals"]["builtin@128"]))
-    if not series:
+    texts = [t for t in EVAL_TEXTS if any(f"{t}@128" in c["evals"] for c in results["cells"].values())]
+    models = sorted({c["pruned"] for c in results["cells"].values()
+                     if c["variant"] in BUDGET_VARIANTS and c["pruned"] != "dense"})
+    if not texts or not models:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (pruned, variant), pts in sorted(series.items()):
-        before = results["evals"].get(pruned, {}).get("builtin@128")
-        pts = sorted(([(0, before)] if before else []) + pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{pruned} ({variant})")
-    dense = results["evals"].get("dense", {}).get("builtin@128")
-    if dense:
-        ax.axhline(dense, color="k", ls="--", label="dense")
-        ax.axhline(1.15 * dense, color="grey", ls=":", label="1.15 x dense")
-    ax.set_xscale("symlog", linthresh=1e5)
-    ax.set_xlabel("recovery tokens")
-    ax.set_ylabel("perplexity (built-in held-out, 128-token windows)")
-    ax.legend()
-    fig.tight_layout()
+    colours = {m: f"C{i}" for i, m in enumerate(models)}
+    styles = dict(zip(BUDGET_VARIANTS, ("--", "-"), strict=True))
+    fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts, strict=True):
+        key = f"{text}@128"
+        for model in models:
+            for variant in BUDGET_VARIANTS:
+                pts = [(c["tokens"], c["evals"][key]) for c in results["cells"].values()
+                       if c["pruned"] == model and c["variant"] == variant and key in c["evals"]]
+                if not pts:
+                    continue
+                before = results["evals"].get(model, {}).get(key)
+                pts = sorted(([(0, before)] if before else []) + pts)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[model],
+                        ls=styles[variant], label=f"{model} ({variant})")
+        dense = results["evals"].get("dense", {}).get(key)
+        if dense:
+            ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
+            if text == "builtin":
+                ax.axhline(1.15 * dense, color="grey", ls=":", label="1.15 x dense (target)")
+        ax.set_xscale("symlog", linthresh=1e5)
+        ax.set_xlabel("recovery tokens")
+        ax.set_ylabel(f"perplexity ({text} held-out, 128-token windows)")
+        ax.set_title(text)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(s.results / "ppl_vs_tokens.png", dpi=120)
     plt.close(fig)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import subprocess
 import sys
@@ -256,26 +255,24 @@ def _plot(s: Setup, results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    texts = [t for t in EVAL_TEXTS if any(f"{t}@128" in c["evals"] for c in results["cells"].values())]
-    models = sorted({c["pruned"] for c in results["cells"].values()
-                     if c["variant"] in BUDGET_VARIANTS and c["pruned"] != "dense"})
-    if not texts or not models:
+    series: dict[tuple[str, str], list[dict]] = {}
+    for c in results["cells"].values():
+        if c["variant"] in BUDGET_VARIANTS and c["pruned"] != "dense":
+            series.setdefault((c["pruned"], c["variant"]), []).append(c)
+    texts = [t for t in EVAL_TEXTS if any(f"{t}@128" in c["evals"] for cs in series.values() for c in cs)]
+    if not texts:
         return
-    colours = {m: f"C{i}" for i, m in enumerate(models)}
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({m for m, _ in series}))}
     styles = dict(zip(BUDGET_VARIANTS, ("--", "-"), strict=True))
     fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.5), squeeze=False)
     for ax, text in zip(axes[0], texts, strict=True):
         key = f"{text}@128"
-        for model in models:
-            for variant in BUDGET_VARIANTS:
-                pts = [(c["tokens"], c["evals"][key]) for c in results["cells"].values()
-                       if c["pruned"] == model and c["variant"] == variant and key in c["evals"]]
-                if not pts:
-                    continue
-                before = results["evals"].get(model, {}).get(key)
-                pts = sorted(([(0, before)] if before else []) + pts)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[model],
-                        ls=styles[variant], label=f"{model} ({variant})")
+        for (model, variant), cells in sorted(series.items()):
+            before = results["evals"].get(model, {}).get(key)
+            pts = sorted(([(0, before)] if before else []) + [(c["tokens"], c["evals"][key]) for c in cells
+                                                             if key in c["evals"]])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[model],
+                    ls=styles[variant], label=f"{model} ({variant})")
         dense = results["evals"].get("dense", {}).get(key)
         if dense:
             ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
@@ -285,10 +282,10 @@ def _plot(s: Setup, results: dict) -> None:
         ax.set_xlabel("recovery tokens")
         ax.set_ylabel(f"perplexity ({text} held-out, 128-token windows)")
         ax.set_title(text)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small", frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * math.ceil(len(labels) / 3), 1, 1))
-    fig.savefig(s.results / "ppl_vs_tokens.png", dpi=120)
+    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0),
+               ncol=3, fontsize="small", frameon=False)
+    fig.savefig(s.results / "ppl_vs_tokens.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ become the default: in every cell within 8 % of the best method measured there, 
 least 10 % better than rcpu. The summary (benchmarks/results/default_method/summary.json
 and .md) lists every cell, the best method, each candidate's ratios and whether it passes;
 a missing cell is reported as missing, never guessed. ``--methods`` and ``--ratios`` run a
-subset of the cells (the Qwen cells measured so far took 6 to 91 minutes each on a 2-core
+subset of the cells (the Qwen cells measured so far took 5 to 95 minutes each on a 2-core
 CPU); the summary always covers every cell.
 """
 

@@ -10,6 +10,7 @@ import torch
 from rcpu import RcpuError, executors
 from rcpu import compare as cmp
 from rcpu.cli import main
+from rcpu.config import PruneConfig
 
 
 def test_parse_method():
@@ -20,6 +21,14 @@ def test_parse_method():
         cmp.parse_method("obs")
     with pytest.raises(RcpuError, match="bad override"):
         cmp.parse_method("rcpu+pruning_ratio=0.5")
+    # the same spelling as the flags: a tuple field comma-separated, numbers by the field's type
+    kw = cmp.parse_method("ridge-auto+ridge_grid=0.1,1,10+nholdout=16+refine_lr=1e-3")
+    assert kw == {"method": "ridge-auto", "ridge_grid": (0.1, 1.0, 10.0), "nholdout": 16, "refine_lr": 1e-3}
+    assert PruneConfig(**kw).validate().ridge_grid == (0.1, 1.0, 10.0)
+    for bad, what in (("rcpu+nholdout=1.5", "integer"), ("rcpu+compensate_mlp=yes", "true or false"),
+                      ("ridge-auto+ridge_grid=a,b", "comma-separated numbers")):
+        with pytest.raises(RcpuError, match=what):
+            cmp.parse_method(bad)
 
 
 def test_compare_writes_table_plot_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):

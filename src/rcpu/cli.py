@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .config import PruneConfig, parse_dtype
+from .config import PruneConfig, field_from_text, parse_dtype
 from .errors import RcpuError
 
 logger = logging.getLogger("rcpu")
@@ -212,13 +212,8 @@ def _config_values(cls, args) -> dict:
         value = getattr(args, dest)
         if f.metadata.get("inverse"):
             value = not value
-        elif isinstance(value, str) and "parse" in f.metadata:
-            value = f.metadata["parse"](value)
-        elif isinstance(value, str) and isinstance(f.default, tuple):
-            if f.default and isinstance(f.default[0], (int, float)):
-                value = tuple(_floats(value, f"--{dest}"))
-            else:
-                value = tuple(x.strip() for x in value.split(",") if x.strip())
+        elif isinstance(value, str):
+            value = field_from_text(f, value, f"--{dest}")
         values[f.name] = value
     return values
 

@@ -29,7 +29,7 @@ import torch
 
 from . import data, executors
 from .api import check_saveable, prune
-from .config import PRESETS, PruneConfig
+from .config import PRESETS, PruneConfig, field_from_text
 from .errors import RcpuError
 from .evaluate import perplexity
 from .report import count_params, versions
@@ -45,18 +45,12 @@ def parse_method(spec: str) -> dict:
     if name not in PRESETS:
         raise RcpuError(f"unknown method {name!r} in {spec!r}; choose from {', '.join(PRESETS)}")
     kwargs: dict = {"method": name}
-    types = {f.name: f.type for f in dataclasses.fields(PruneConfig)}
+    config_fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or key not in types or key in ("method", "pruning_ratio", "nsamples", "seqlen", "seed"):
+        if not sep or key not in config_fields or key in ("method", "pruning_ratio", "nsamples", "seqlen", "seed"):
             raise RcpuError(f"bad override {item!r} in {spec!r}; use field=value with a PruneConfig field")
-        if value.lower() in ("true", "false"):
-            kwargs[key] = value.lower() == "true"
-        else:
-            try:
-                kwargs[key] = float(value) if "." in value or "e" in value.lower() else int(value)
-            except ValueError:
-                kwargs[key] = value
+        kwargs[key] = field_from_text(config_fields[key], value, f"{key} in {spec!r}")
     return kwargs
 
 

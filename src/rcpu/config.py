@@ -9,7 +9,7 @@ The fields' metadata also defines the ``rcpu prune`` flags (``rcpu.cli._add_conf
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -205,6 +205,31 @@ class PruneConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def field_from_text(f: Field, text: str, label: str) -> object:
+    """A config field's value from its text (a flag's argument, or a ``+field=value`` override of
+    ``rcpu compare``), so both spell values alike: the field's ``parse`` if it has one, ``true`` /
+    ``false`` for a bool, comma-separated items for a tuple, a number for an int or float field,
+    else the text. ``label`` names the input in the error."""
+    default = f.default
+    try:
+        if "parse" in f.metadata:
+            return f.metadata["parse"](text)
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if isinstance(default, tuple):
+            items = [x.strip() for x in text.split(",") if x.strip()]
+            return tuple(float(x) for x in items) if default and isinstance(default[0], (int, float)) else tuple(items)
+        if isinstance(default, (int, float)):
+            return type(default)(text)
+    except ValueError:
+        kind = ("true or false" if isinstance(default, bool) else "comma-separated numbers"
+                if isinstance(default, tuple) else f"{'an integer' if isinstance(default, int) else 'a number'}")
+        raise RcpuError(f"{label} must be {kind}, got {text!r}") from None
+    return text
 
 
 def parse_dtype(name: str) -> torch.dtype:

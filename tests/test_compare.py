@@ -31,6 +31,12 @@ def test_parse_method():
             cmp.parse_method(bad)
 
 
+def test_split_methods_keeps_a_tuple_override_together():
+    assert cmp.split_methods("rcpu, ridge-auto+ridge_grid=0.1,1,10,flap+compensation=ridge,wanda-sp") == [
+        "rcpu", "ridge-auto+ridge_grid=0.1,1,10", "flap+compensation=ridge", "wanda-sp"]
+    assert cmp.split_methods("rcpu,obs") == ["rcpu", "obs"]  # an unknown name stays its own spec (and fails there)
+
+
 def test_compare_writes_table_plot_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
     text = str(tiny_checkpoint / "text.txt")
     kw = dict(calib=text, eval_source=text, nsamples=[8, 16], seqlen=32, eval_seqlens=[32], progress=False)

@@ -118,7 +118,8 @@ def _compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="prune and evaluate several methods x ratios under one protocol")
     _common(c)
     _add(c, "methods", default="wanda-sp,flap,ridge-auto,rcpu,rcpu-scaled",
-         help="comma-separated presets, each optionally with +field=value overrides")
+         help="comma-separated presets, each optionally with +field=value overrides (a tuple field's "
+              "values comma-separated too: ridge-auto+ridge_grid=0.1,1,10)")
     _add(c, "pruning_ratios", default="0.1,0.2,0.3", help="comma-separated ratios")
     _add(c, "nsamples", default="128", help="calibration windows; a comma-separated list gives a size curve")
     _add(c, "seqlen", type=int, default=128, help="calibration window length")
@@ -584,11 +585,11 @@ def _floats(value: str, flag: str) -> list[float]:
 def cmd_compare(args) -> int:
 
     from .api import resolve_device
-    from .compare import run_compare
+    from .compare import run_compare, split_methods
 
     device = resolve_device(args.device)
     results = run_compare(
-        args.model, [m.strip() for m in args.methods.split(",") if m.strip()],
+        args.model, split_methods(args.methods),
         _floats(args.pruning_ratios, "--pruning_ratios"), args.output, calib=args.calib, eval_source=args.eval,
         nsamples=[int(x) for x in _floats(args.nsamples, "--nsamples")], seqlen=args.seqlen, seed=args.seed,
         eval_seqlens=[int(x) for x in _floats(args.eval_seqlens, "--eval_seqlens")],

@@ -54,6 +54,22 @@ def parse_method(spec: str) -> dict:
     return kwargs
 
 
+def split_methods(text: str) -> list[str]:
+    """``rcpu compare --methods``: comma-separated specs, where the items of a tuple override
+    (``ridge-auto+ridge_grid=0.1,1,10,rcpu``) stay with the spec they belong to."""
+    tuple_fields = {f.name for f in dataclasses.fields(PruneConfig) if isinstance(f.default, tuple)}
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        last_key = specs[-1].rsplit("+", 1)[-1].partition("=")[0] if specs and "+" in specs[-1] else None
+        if last_key in tuple_fields and piece.split("+")[0] not in PRESETS:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
 def cell_key(method: str, ratio: float, nsamples: int) -> str:
     return f"{method}@{ratio:g}/n{nsamples}"
 

@@ -370,10 +370,12 @@ def plot(results: dict, path: Path) -> None:
             groups.setdefault((c["method"], None), []).append((c["nsamples"], c["ppl"][seqlen]["ppl"]))
         else:
             groups.setdefault((c["method"], c["nsamples"]), []).append((c["ratio"], c["ppl"][seqlen]["ppl"]))
-    for (method, n), pts in groups.items():
+    for i, ((method, n), pts) in enumerate(groups.items()):
         pts.sort()
         label = method + (f" n={n}" if multi_n and not size_curve else "")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        cycle = (i // 10) % 4  # the colour cycle has 10 colours: past them, another line style and marker
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^"[cycle], linestyle=("-", "--", "-.", ":")[cycle],
+                label=label)
     if "dense" in cells:
         ax.axhline(cells["dense"]["ppl"][seqlen]["ppl"], color="k", linestyle="--", linewidth=1, label="dense")
     if size_curve:
@@ -385,7 +387,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(results["protocol"]["model"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    # beside the axes, not on them: a grid of many methods would otherwise hide its own points
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -214,7 +214,10 @@ def _env():
 
 def _start_and_wait_for_step(cmd: list[str], out: Path, step: int) -> tuple[subprocess.Popen, Path]:
     """Start a recovery run and return once its checkpoint has reached ``step`` (still running)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    # SIGINT at its default: a shell starts background jobs with it ignored, and Python keeps an inherited
+    # ignore, so the suite run with `&` (or under nohup) would otherwise never see the Ctrl-C it sends
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = work_dir_for(out) / "checkpoint" / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .config import PruneConfig, field_from_text, parse_dtype
+from .config import PruneConfig, field_from_text, parse_dtype, parse_floats
 from .errors import RcpuError
 
 logger = logging.getLogger("rcpu")
@@ -575,13 +575,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _floats(value: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise RcpuError(f"{flag} must be comma-separated numbers, got {value!r}") from None
-
-
 def cmd_compare(args) -> int:
 
     from .api import resolve_device
@@ -590,12 +583,12 @@ def cmd_compare(args) -> int:
     device = resolve_device(args.device)
     results = run_compare(
         args.model, split_methods(args.methods),
-        _floats(args.pruning_ratios, "--pruning_ratios"), args.output, calib=args.calib, eval_source=args.eval,
-        nsamples=[int(x) for x in _floats(args.nsamples, "--nsamples")], seqlen=args.seqlen, seed=args.seed,
-        eval_seqlens=[int(x) for x in _floats(args.eval_seqlens, "--eval_seqlens")],
+        parse_floats(args.pruning_ratios, "--pruning_ratios"), args.output, calib=args.calib, eval_source=args.eval,
+        nsamples=[int(x) for x in parse_floats(args.nsamples, "--nsamples")], seqlen=args.seqlen, seed=args.seed,
+        eval_seqlens=[int(x) for x in parse_floats(args.eval_seqlens, "--eval_seqlens")],
         max_eval_tokens=args.max_eval_tokens or None, device=device, dtype=parse_dtype(args.dtype),
         batch_size=args.batch_size, progress=not args.quiet, executor=args.executor,
-        gpus=[int(x) for x in _floats(args.gpus, "--gpus")] if args.gpus else None, ray_address=args.ray_address,
+        gpus=[int(x) for x in parse_floats(args.gpus, "--gpus")] if args.gpus else None, ray_address=args.ray_address,
         ray_num_cpus=args.ray_num_cpus)
     from pathlib import Path
 

@@ -62,7 +62,7 @@ def split_methods(text: str) -> list[str]:
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        last_key = specs[-1].rsplit("+", 1)[-1].partition("=")[0] if specs and "+" in specs[-1] else None
+        last_key = specs[-1].rsplit("+", 1)[-1].partition("=")[0] if specs else None
         if last_key in tuple_fields and piece.split("+")[0] not in PRESETS:
             specs[-1] += "," + piece
         else:

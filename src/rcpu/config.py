@@ -207,28 +207,36 @@ class PruneConfig:
         return [f.name for f in fields(cls)]
 
 
+def parse_floats(text: str, label: str) -> list[float]:
+    """Comma-separated numbers (``0.1,0.2``), with a one-line error naming ``label``."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RcpuError(f"{label} must be comma-separated numbers, got {text!r}") from None
+
+
 def field_from_text(f: Field, text: str, label: str) -> object:
     """A config field's value from its text (a flag's argument, or a ``+field=value`` override of
     ``rcpu compare``), so both spell values alike: the field's ``parse`` if it has one, ``true`` /
     ``false`` for a bool, comma-separated items for a tuple, a number for an int or float field,
     else the text. ``label`` names the input in the error."""
     default = f.default
-    try:
-        if "parse" in f.metadata:
-            return f.metadata["parse"](text)
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false"):
-                raise ValueError
-            return text.lower() == "true"
-        if isinstance(default, tuple):
-            items = [x.strip() for x in text.split(",") if x.strip()]
-            return tuple(float(x) for x in items) if default and isinstance(default[0], (int, float)) else tuple(items)
-        if isinstance(default, (int, float)):
+    if "parse" in f.metadata:
+        return f.metadata["parse"](text)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise RcpuError(f"{label} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if isinstance(default, tuple):
+        if default and isinstance(default[0], (int, float)):
+            return tuple(parse_floats(text, label))
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+    if isinstance(default, (int, float)):
+        try:
             return type(default)(text)
-    except ValueError:
-        kind = ("true or false" if isinstance(default, bool) else "comma-separated numbers"
-                if isinstance(default, tuple) else f"{'an integer' if isinstance(default, int) else 'a number'}")
-        raise RcpuError(f"{label} must be {kind}, got {text!r}") from None
+        except ValueError:
+            raise RcpuError(f"{label} must be {'an integer' if isinstance(default, int) else 'a number'}, "
+                            f"got {text!r}") from None
     return text
 
 

@@ -8,15 +8,48 @@ import shutil
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB = 128
+
+# Llama 3's RoPE scaling, with the original context shrunk to the tests' 256 positions
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+
+#: The family test table: name -> (config class, model class, config keys beyond the widths).
+#: One row per supported family; the ``family`` fixture runs a test on every row.
+FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "llama3": (LlamaConfig, LlamaForCausalLM, {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False, "use_sliding_window": False}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"tie_word_embeddings": False}),
+    # sliding window 8 over the tests' 32-token windows, so local and global layers differ
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 8, "layer_types":
+                                                      ["sliding_attention", "full_attention"],
+                                                      "query_pre_attn_scalar": 16, "hidden_activation":
+                                                      "gelu_pytorch_tanh"}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"tie_word_embeddings": False, "partial_rotary_factor": 0.75}),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"tie_word_embeddings": False}),
+    # layer 0 uses no RoPE, layer 1 does
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, {"no_rope_layers": [0, 1], "tie_word_embeddings": True}),
+}
 
 
 def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, head_dim: int = 8,
@@ -25,18 +58,26 @@ def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidd
     common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=VOCAB,
                   max_position_embeddings=256, **extra)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, use_sliding_window=False, **common))
+    if family not in FAMILIES:
+        raise ValueError(family)
+    config_cls, model_cls, keys = FAMILIES[family]
+    ids = {} if family in ("llama", "mistral", "qwen2") else {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    config = config_cls(**{**ids, **keys, **common})
+    if family == "smollm3" and len(config.no_rope_layers) != layers:
+        config.no_rope_layers = [i % 2 for i in range(layers)]
+    if getattr(config, "layer_types", None) is not None and len(config.layer_types) != layers:
+        config.layer_types = [keys.get("layer_types", config.layer_types)[i % 2] for i in range(layers)]
+    model = model_cls(config)
+    if family == "qwen2":
         with torch.no_grad():  # random init leaves biases at zero; make them matter
             for layer in model.model.layers:
                 for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     lin.bias.normal_(0, 0.5)
-    else:
-        raise ValueError(family)
+    if family not in ("llama", "mistral", "qwen2"):  # (those three keep the models older tests were tuned on)
+        with torch.no_grad():  # norms start at one (zero for Gemma's 1 + w); make per-channel weights matter
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(1.0 if family != "gemma3" else 0.0, 0.2)
     return model.eval()
 
 
@@ -45,7 +86,7 @@ def make_windows(n: int = 24, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=g)
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen2"])
+@pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
 

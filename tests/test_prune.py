@@ -17,8 +17,27 @@ from rcpu.loading import load_model
 from rcpu.models import get_adapter
 
 
+class _KeptChannelsRMSNorm(torch.nn.Module):
+    """An RMSNorm over a whole projection whose mean square runs over the kept channels only:
+    what a pruned OLMo 2 q_norm / k_norm computes, written directly on the unpruned width."""
+
+    def __init__(self, norm, kept: torch.Tensor):
+        super().__init__()
+        self.weight, self.eps, self.kept = norm.weight, norm.variance_epsilon, kept
+
+    def forward(self, x):
+        x32 = x.float()
+        var = x32[..., self.kept].pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x32 * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+
+def _rows(heads, hd):
+    return (torch.tensor(heads)[:, None] * hd + torch.arange(hd)).reshape(-1)
+
+
 def _masked_dense(model, report):
-    """The dense model with the removed heads / channels zeroed at o_proj / down_proj inputs."""
+    """The dense model with the removed heads / channels zeroed at o_proj / down_proj inputs
+    (and a norm over a whole projection taken over the kept heads' channels only)."""
     dense = copy.deepcopy(model)
     adapter = get_adapter(dense)
     for layer, res in zip(adapter.layers, report.layers, strict=False):
@@ -31,6 +50,10 @@ def _masked_dense(model, report):
         keep = torch.zeros(down.in_features, dtype=torch.bool)
         keep[res["kept_channels"]] = True
         down.weight.data[:, ~keep] = 0
+        attn = adapter.attn(layer)
+        for name, which in adapter.projection_norm_names.items():
+            kept = _rows(res["kept_heads"] if which == "q" else res["kept_kv_heads"], hd)
+            setattr(attn, name, _KeptChannelsRMSNorm(getattr(attn, name), kept))
     return dense
 
 
@@ -49,11 +72,14 @@ def test_sliced_equals_masked_dense(family, head_unit):
     assert cfg_out.num_attention_heads == 4
     assert cfg_out.num_key_value_heads == (2 if head_unit == "query" else 1)
     assert cfg_out.intermediate_size == 48
-    for layer in get_adapter(pruned).layers:  # every layer has the same, equal-sized groups
-        attn = layer.self_attn
-        assert attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == cfg_out.num_key_value_heads * 8
-        assert attn.num_key_value_groups * cfg_out.num_key_value_heads == 4
-        assert layer.mlp.down_proj.in_features == 48
+    adapter = get_adapter(pruned)
+    for layer in adapter.layers:  # every layer has the same, equal-sized groups
+        geom = adapter.geometry(layer)
+        assert (geom.num_heads, geom.num_kv_heads) == (4, cfg_out.num_key_value_heads)
+        assert sum(lin.out_features for lin in adapter.attn_in(layer)) == (4 + 2 * geom.num_kv_heads) * 8
+        assert adapter.attn(layer).num_key_value_groups * cfg_out.num_key_value_heads == 4
+        assert adapter.mlp_out(layer).in_features == 48
+        assert sum(lin.out_features for lin in adapter.mlp_in(layer)) == 2 * 48
 
 
 def test_compensation_lowers_layer_error_and_is_reproducible():

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import RcpuError
 from .models import get_adapter
-from .models.checkpoint import model_for_saving
+from .models.checkpoint import model_for_saving, saving_config
 from .nonuniform import prepare_nonuniform_save, prepare_uniform_save
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike, provenance
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model_for_saving(model, fmt).save_pretrained(tmp, safe_serialization=True)
+        with saving_config(model, fmt):
+            model_for_saving(model, fmt).save_pretrained(tmp, safe_serialization=True)
         if fmt.kind == "per-layer":  # rcpu config + small modeling file
             prepare_nonuniform_save(model, tmp)
         else:  # a per-layer checkpoint pruned again to equal widths becomes a stock one

@@ -26,22 +26,51 @@ class _StopForward(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for the first decoder layer to record its inputs, then stops the forward."""
+#: kwargs keys under which a batch carries the kwargs of the other layer types (see _Catcher)
+BY_TYPE = "_rcpu_kwargs_by_layer_type"
+LAYER_TYPES = "_rcpu_layer_types"
 
-    def __init__(self, layer: nn.Module, sink: list):
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer to record its inputs. Layer 0's catcher records the
+    hidden states and kwargs; where layers differ in their kwargs (``config.layer_types``:
+    sliding-window and global attention get different masks, Gemma 3 also different RoPE
+    tables), the first layer of every other type records its kwargs too. The last catcher
+    that is needed stops the forward pass, so no decoder layer runs."""
+
+    def __init__(self, layer: nn.Module, sink: list, layer_type: str | None = None, last: bool = True):
         super().__init__()
-        self.sink = sink
+        self.sink, self.layer_type, self.last = sink, layer_type, last
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise RuntimeError("decoder layer called with unexpected positional arguments")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "cache")}
         kwargs["use_cache"] = False
-        self.sink.append((hidden_states, kwargs))
-        raise _StopForward
+        self.sink.append((self.layer_type, hidden_states, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _layer_types(model: nn.Module, n_layers: int) -> list[str] | None:
+    """``config.layer_types`` when the layers differ in kind (then their kwargs differ), else None."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if not types or len(set(types[:n_layers])) <= 1:
+        return None
+    return list(types[:n_layers])
+
+
+def layer_kwargs(kw: dict, layer: nn.Module) -> dict:
+    """The kwargs for ``layer`` from a batch's kwargs (those of its layer type, if they differ)."""
+    if BY_TYPE not in kw:
+        return kw
+    index = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+    if index is None:
+        raise RuntimeError("layers of different types need their attention's layer_idx")
+    return kw[BY_TYPE][kw[LAYER_TYPES][index]]
 
 
 def _to_device(obj, device):
@@ -64,12 +93,19 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: tor
     stay where its inputs were (see :func:`forward_layer`), so CPU storage bounds device memory.
     """
     layers = adapter.layers
-    first = layers[0]
+    originals = list(layers)
+    types = _layer_types(model, len(layers))
+    # the first layer of each type records (layer 0 also the hidden states); the last of them stops
+    firsts = [0] if types is None else sorted({types.index(t) for t in set(types)})
     sink: list = []
     moved = [(m, module_device(m)) for m in adapter.non_layer_modules()]
     for m, _ in moved:
         m.to(device)
-    layers[0] = _Catcher(first, sink)
+    for i in firsts:
+        layers[i] = _Catcher(originals[i], sink, None if types is None else types[i], last=i == firsts[-1])
+    for i in range(1, firsts[-1]):  # layers between catchers pass the hidden states through untouched
+        if i not in firsts:
+            layers[i] = _Catcher(originals[i], [], last=False)
     try:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)
@@ -78,15 +114,24 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: tor
             except _StopForward:
                 pass
     finally:
-        layers[0] = first
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         for m, home in moved:
             m.to(home)
-    return [(h.to(storage or device), _to_device(kw, device)) for h, kw in sink]
+    out = []
+    for b in range(0, len(sink), len(firsts)):
+        records = sink[b:b + len(firsts)]
+        _, h, kw = records[0]
+        kw = _to_device(kw, device)
+        if types is not None:
+            kw = {**kw, BY_TYPE: {t: _to_device(k, device) for t, _, k in records}, LAYER_TYPES: types}
+        out.append((h.to(storage or device), kw))
+    return out
 
 
 def forward_layer(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
     """One decoder layer on one batch; the output goes back to where the input was kept."""
-    out = layer(h.to(module_device(layer)), **kw)
+    out = layer(h.to(module_device(layer)), **layer_kwargs(kw, layer))
     if isinstance(out, tuple):
         out = out[0]
     return out.to(h.device)

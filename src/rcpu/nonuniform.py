@@ -28,9 +28,21 @@ REMOTE_CLASSES = {
     "llama": ("RcpuLlamaConfig", "RcpuLlamaForCausalLM"),
     "mistral": ("RcpuMistralConfig", "RcpuMistralForCausalLM"),
     "qwen2": ("RcpuQwen2Config", "RcpuQwen2ForCausalLM"),
+    "qwen3": ("RcpuQwen3Config", "RcpuQwen3ForCausalLM"),
+    "gemma3_text": ("RcpuGemma3TextConfig", "RcpuGemma3TextForCausalLM"),
+    "phi3": ("RcpuPhi3Config", "RcpuPhi3ForCausalLM"),
+    "olmo2": ("RcpuOlmo2Config", "RcpuOlmo2ForCausalLM"),
+    "smollm3": ("RcpuSmolLM3Config", "RcpuSmolLM3ForCausalLM"),
 }
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _projections(model: nn.Module) -> tuple[str, ...]:
+    """Names (inside a decoder layer) of the attention's and the MLP's linear layers."""
+    from .models import get_adapter
+
+    a = get_adapter(model)
+    return (*(f"{a.attn_name}.{n}" for n in (*a.qkv_names, a.o_name)),
+            *(f"{a.mlp_name}.{n}" for n in (*a.gate_up_names, a.down_name)))
 
 
 def _base_model_type(model: nn.Module) -> str:
@@ -51,18 +63,22 @@ def _head_dim(model: nn.Module) -> int:
 
 def layer_widths(model: nn.Module) -> list[dict]:
     """Per decoder layer: number of query heads, KV heads and MLP channels, from module shapes."""
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
     widths = []
-    for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        hd = attn.head_dim
-        heads, rem_q = divmod(attn.q_proj.out_features, hd)
-        kv_heads, rem_kv = divmod(attn.k_proj.out_features, hd)
-        if rem_q or rem_kv or attn.v_proj.out_features != attn.k_proj.out_features:
+    for i, layer in enumerate(adapter.layers):
+        geom = adapter.geometry(layer)
+        hd = geom.head_dim
+        q_rows = adapter.attn_out(layer).in_features
+        kv_rows = None if adapter.fused_qkv else {lin.out_features for lin in adapter.attn_in(layer)[1:]}
+        if q_rows % hd or (kv_rows is not None and (len(kv_rows) != 1 or kv_rows.pop() % hd)):
             raise ValueError(f"layer {i}: projection widths are not whole heads of head_dim {hd}")
-        if not kv_heads or heads % kv_heads:
-            raise ValueError(f"layer {i}: {heads} query heads cannot be split evenly over {kv_heads} KV heads")
-        widths.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads,
-                       "intermediate_size": mlp.down_proj.in_features})
+        if not geom.num_kv_heads or geom.num_heads % geom.num_kv_heads:
+            raise ValueError(f"layer {i}: {geom.num_heads} query heads cannot be split evenly over "
+                             f"{geom.num_kv_heads} KV heads")
+        widths.append({"num_attention_heads": geom.num_heads, "num_key_value_heads": geom.num_kv_heads,
+                       "intermediate_size": adapter.mlp_out(layer).in_features})
     return widths
 
 
@@ -79,7 +95,7 @@ def _stock_biases(model: nn.Module) -> dict[str, bool]:
     """Which projections of a decoder layer built from ``model.config`` by the stock class have a bias."""
     with torch.device("meta"):
         ref = type(model.model.layers[0])(model.config, 0)
-    return {name: ref.get_submodule(name).bias is not None for name in PROJECTIONS}
+    return {name: ref.get_submodule(name).bias is not None for name in _projections(model)}
 
 
 def extra_output_biases(model: nn.Module, stock: dict[str, bool] | None = None) -> dict[str, bool]:
@@ -146,7 +162,9 @@ def prepare_nonuniform_save(model: nn.Module, save_dir: str | Path) -> None:
 
 
 #: base model_type -> the stock transformers class a uniform checkpoint names
-STOCK_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+STOCK_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 
 
 def prepare_uniform_save(model: nn.Module, save_dir: str | Path) -> None:

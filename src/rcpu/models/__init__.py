@@ -6,9 +6,11 @@ from torch import nn
 
 from ..errors import RcpuError
 from .base import DecoderAdapter
+from .families import Gemma3TextAdapter, Olmo2Adapter, Phi3Adapter, Qwen3Adapter, SmolLM3Adapter
 from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
 
-ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
+ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter,
+                                              Gemma3TextAdapter, Phi3Adapter, Olmo2Adapter, SmolLM3Adapter)
 
 
 def supported_model_types() -> list[str]:
@@ -25,7 +27,7 @@ def unsupported_message(model_type: object) -> str:
     """The one-line error for a model type without an adapter, naming the supported ones."""
     stock = [t for t in supported_model_types() if not t.startswith("rcpu_")]
     return (f"model type {model_type!r} is not supported by rcpu; supported: {', '.join(stock)} "
-            f"(Llama-family decoders, and the rcpu_* checkpoints rcpu saves from them)")
+            f"(dense decoder-only models of these families, and the rcpu_* checkpoints rcpu saves from them)")
 
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:

@@ -8,6 +8,7 @@ to the kept heads / channels; at the end it writes the new widths into the confi
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import torch
@@ -29,6 +30,31 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = len(index)
 
 
+def _slice_norm(norm: nn.Module, index: torch.Tensor) -> None:
+    """Keep ``index`` of a norm's per-channel weight (and bias), in place."""
+    for name in ("weight", "bias"):
+        param = getattr(norm, name, None)
+        if isinstance(param, torch.Tensor):
+            setattr(norm, name, nn.Parameter(param.data.index_select(0, index.to(param.device)).contiguous(),
+                                             requires_grad=False))
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (len(index),)
+
+
+def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int, private_config: bool = False) -> None:
+    """Tell an attention module its new head counts: the attributes the HF attention classes
+    read at run time, and with ``private_config`` (Phi-3, which reads ``config.num_attention_heads``
+    in its forward pass) a copy of the config of its own."""
+    attn.num_key_value_groups = num_heads // num_kv_heads
+    for attr, value in (("num_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+        if hasattr(attn, attr):
+            setattr(attn, attr, value)
+    if private_config and hasattr(attn, "config"):
+        attn.config = copy.copy(attn.config)
+        attn.config.num_attention_heads = num_heads
+        attn.config.num_key_value_heads = num_kv_heads
+
+
 def _ensure_bias(linear: nn.Linear) -> None:
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
@@ -36,13 +62,46 @@ def _ensure_bias(linear: nn.Linear) -> None:
 
 
 class DecoderAdapter:
-    """Base for decoder-only models with Llama's module layout."""
+    """Base for decoder-only models with Llama's module layout.
+
+    A family is described by data, not code: the module names inside a decoder layer, which
+    projections are fused, where its norms sit and how they relate to heads. Everything that
+    reads or cuts a layer goes through these names, so a new family is a short subclass
+    (see docs/development.md, "Adding a model family").
+    """
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     #: whether the stock config can switch on output biases of o_proj / down_proj; without
     #: switches, FLAP-style bias compensation is saved with the rcpu modeling file
     output_bias_switches: ClassVar[bool] = False
+    #: llama.cpp's name for the architecture (``general.architecture`` of an exported GGUF)
+    gguf_arch: ClassVar[str] = "llama"
+
+    # layout: module names inside one decoder layer -----------------------------------
+    attn_name: ClassVar[str] = "self_attn"
+    mlp_name: ClassVar[str] = "mlp"
+    #: the attention's input projections; a single name is one fused [q; k; v] matrix (Phi-3)
+    qkv_names: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj")
+    o_name: ClassVar[str] = "o_proj"
+    #: the MLP's input projections; a single name is one fused [gate; up] matrix (Phi-3)
+    gate_up_names: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
+    down_name: ClassVar[str] = "down_proj"
+    #: the norm the residual stream passes before the attention / the MLP (None: no pre-norm, OLMo 2)
+    attn_norm_name: ClassVar[str | None] = "input_layernorm"
+    mlp_norm_name: ClassVar[str | None] = "post_attention_layernorm"
+    #: norms applied to a sublayer's output before it joins the residual stream (Gemma 3, OLMo 2)
+    post_norm_names: ClassVar[tuple[str, ...]] = ()
+    #: norms in the attention over one head's dimensions (weights shared by all heads, Qwen3 and
+    #: Gemma 3's q_norm / k_norm): pruning heads leaves them as they are
+    head_norm_names: ClassVar[tuple[str, ...]] = ()
+    #: norms in the attention over a whole projection (OLMo 2's q_norm / k_norm): name -> "q" or
+    #: "kv", the projection whose kept rows they keep. Their RMS is then taken over the kept heads
+    #: only, as the pruned stock model computes it (docs/methods.md, "Norms over all heads").
+    projection_norm_names: ClassVar[dict[str, str]] = {}
+    #: the attention reads its head counts from the model config at run time (Phi-3): each
+    #: pruned attention gets a private copy of the config with its own counts
+    attention_reads_config: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -58,55 +117,75 @@ class DecoderAdapter:
         return self.base.layers
 
     def attn(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
+        return getattr(layer, self.attn_name)
 
     def mlp(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
+        return getattr(layer, self.mlp_name)
+
+    def attn_in(self, layer: nn.Module) -> list[nn.Linear]:
+        """q, k, v (or the one fused qkv projection)."""
+        attn = self.attn(layer)
+        return [getattr(attn, n) for n in self.qkv_names]
+
+    def mlp_in(self, layer: nn.Module) -> list[nn.Linear]:
+        """gate, up (or the one fused gate_up projection)."""
+        mlp = self.mlp(layer)
+        return [getattr(mlp, n) for n in self.gate_up_names]
 
     def attn_out(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
+        return getattr(self.attn(layer), self.o_name)
 
     def mlp_out(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
+        return getattr(self.mlp(layer), self.down_name)
 
     def final_norm(self) -> nn.Module:
         """The norm between the last decoder layer and the LM head."""
         return self.base.norm
 
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
+    def attn_norm(self, layer: nn.Module) -> nn.Module | None:
         """The pre-attention norm; its input is the residual stream before attention."""
-        return layer.input_layernorm
+        return getattr(layer, self.attn_norm_name) if self.attn_norm_name else None
 
-    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+    def mlp_norm(self, layer: nn.Module) -> nn.Module | None:
         """The pre-MLP norm; its input is the residual stream before the MLP."""
-        return layer.post_attention_layernorm
+        return getattr(layer, self.mlp_norm_name) if self.mlp_norm_name else None
 
     def non_layer_modules(self) -> list[nn.Module]:
         """Modules run before the first decoder layer (moved to the compute device)."""
         mods = [self.base.embed_tokens]
-        if getattr(self.base, "rotary_emb", None) is not None:
-            mods.append(self.base.rotary_emb)
+        for name in ("rotary_emb", "rotary_emb_local"):
+            if getattr(self.base, name, None) is not None:
+                mods.append(getattr(self.base, name))
         return mods
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(self.qkv_names) == 1
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return len(self.gate_up_names) == 1
 
     # geometry ------------------------------------------------------------------------
     def geometry(self, layer: nn.Module) -> AttentionGeometry:
         attn = self.attn(layer)
         head_dim = attn.head_dim
-        return AttentionGeometry(
-            num_heads=attn.q_proj.out_features // head_dim,
-            num_kv_heads=attn.k_proj.out_features // head_dim,
-            head_dim=head_dim,
-            hidden_size=attn.o_proj.out_features,
-        )
+        o_proj = self.attn_out(layer)
+        num_heads = o_proj.in_features // head_dim
+        if self.fused_qkv:
+            num_kv_heads = (self.attn_in(layer)[0].out_features - num_heads * head_dim) // (2 * head_dim)
+        else:
+            num_kv_heads = self.attn_in(layer)[1].out_features // head_dim
+        return AttentionGeometry(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                 hidden_size=o_proj.out_features)
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
-        attn, mlp = self.attn(layer), self.mlp(layer)
         return LayerShape(
             attn=self.geometry(layer),
-            intermediate_size=mlp.down_proj.in_features,
-            qkv_bias=attn.q_proj.bias is not None,
-            o_bias=attn.o_proj.bias is not None,
-            mlp_bias=mlp.gate_proj.bias is not None,
+            intermediate_size=self.mlp_out(layer).in_features,
+            qkv_bias=self.attn_in(layer)[0].bias is not None,
+            o_bias=self.attn_out(layer).bias is not None,
+            mlp_bias=self.mlp_in(layer)[0].bias is not None,
         )
 
     # surgery -------------------------------------------------------------------------
@@ -114,29 +193,40 @@ class DecoderAdapter:
                         new_o_weight: torch.Tensor | None = None) -> None:
         """Keep query heads ``kept_heads`` and KV heads ``kept_kv_heads`` (ascending)."""
         attn = self.attn(layer)
-        hd = attn.head_dim
+        geom = self.geometry(layer)
+        hd = geom.head_dim
         q_rows = (kept_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
         kv_rows = (kept_kv_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
-        _slice_linear(attn.q_proj, q_rows, 0)
-        _slice_linear(attn.k_proj, kv_rows, 0)
-        _slice_linear(attn.v_proj, kv_rows, 0)
-        _slice_linear(attn.o_proj, q_rows, 1)
+        if self.fused_qkv:  # [q; k; v] rows of one matrix
+            q_size, kv_size = geom.num_heads * hd, geom.num_kv_heads * hd
+            _slice_linear(self.attn_in(layer)[0], torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows]), 0)
+        else:
+            q_proj, k_proj, v_proj = self.attn_in(layer)
+            _slice_linear(q_proj, q_rows, 0)
+            _slice_linear(k_proj, kv_rows, 0)
+            _slice_linear(v_proj, kv_rows, 0)
+        for norm_name, which in self.projection_norm_names.items():
+            _slice_norm(getattr(attn, norm_name), q_rows if which == "q" else kv_rows)
+        o_proj = self.attn_out(layer)
+        _slice_linear(o_proj, q_rows, 1)
         if new_o_weight is not None:
-            attn.o_proj.weight.data.copy_(new_o_weight)
+            o_proj.weight.data.copy_(new_o_weight)
         if len(kept_heads) % len(kept_kv_heads):
             raise AssertionError("unequal KV groups after pruning")
-        attn.num_key_value_groups = len(kept_heads) // len(kept_kv_heads)
-        for attr, value in (("num_heads", len(kept_heads)), ("num_key_value_heads", len(kept_kv_heads))):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
+        set_head_counts(attn, len(kept_heads), len(kept_kv_heads), self.attention_reads_config)
 
     def prune_mlp(self, layer: nn.Module, kept: torch.Tensor, new_down_weight: torch.Tensor | None = None) -> None:
         mlp = self.mlp(layer)
-        _slice_linear(mlp.gate_proj, kept, 0)
-        _slice_linear(mlp.up_proj, kept, 0)
-        _slice_linear(mlp.down_proj, kept, 1)
+        if self.fused_gate_up:  # [gate; up] rows of one matrix
+            width = self.mlp_out(layer).in_features
+            _slice_linear(self.mlp_in(layer)[0], torch.cat([kept, width + kept]), 0)
+        else:
+            for lin in self.mlp_in(layer):
+                _slice_linear(lin, kept, 0)
+        down = self.mlp_out(layer)
+        _slice_linear(down, kept, 1)
         if new_down_weight is not None:
-            mlp.down_proj.weight.data.copy_(new_down_weight)
+            down.weight.data.copy_(new_down_weight)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(kept)
 
@@ -157,18 +247,17 @@ class DecoderAdapter:
     def finalize_layer(self, layer: nn.Module, attn_bias: bool, mlp_bias: bool) -> None:
         """Give one layer the (zero) biases that the saved config will build: every
         projection of the sublayer with the config's bias switches, else o_proj / down_proj."""
-        attn, mlp = self.attn(layer), self.mlp(layer)
         if not self.output_bias_switches:
             if attn_bias:
-                _ensure_bias(attn.o_proj)
+                _ensure_bias(self.attn_out(layer))
             if mlp_bias:
-                _ensure_bias(mlp.down_proj)
+                _ensure_bias(self.mlp_out(layer))
             return
         if attn_bias:
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            for lin in (*self.attn_in(layer), self.attn_out(layer)):
                 _ensure_bias(lin)
         if mlp_bias:
-            for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            for lin in (*self.mlp_in(layer), self.mlp_out(layer)):
                 _ensure_bias(lin)
 
     def output_biases(self) -> tuple[bool, bool]:
@@ -196,6 +285,9 @@ class DecoderAdapter:
             cfg.num_key_value_heads = geom.num_kv_heads
             cfg.head_dim = geom.head_dim
             cfg.intermediate_size = d_ff
+            if self.attention_reads_config:  # the layers' private configs are the model's again
+                for layer in layers:
+                    self.attn(layer).config = cfg
         if getattr(cfg, "layer_intermediate_size", None) is not None:  # rcpu_* config: keep its lists true
             layer_shapes = [self.layer_shape(layer) for layer in layers]
             cfg.layer_num_attention_heads = [s.attn.num_heads for s in layer_shapes]

@@ -23,6 +23,7 @@ whose config cannot switch them on (Mistral, Qwen2), even with uniform widths.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -51,10 +52,16 @@ class SavedFormat:
                 "architecture": (self.config.architectures or [None])[0], "note": self.note}
 
 
-def _validate(config: PretrainedConfig) -> str | None:
-    """The error save_pretrained / from_pretrained would raise for ``config``, or None."""
+def _validate(config: PretrainedConfig, per_layer: bool = False) -> str | None:
+    """The error save_pretrained / from_pretrained would raise for ``config``, or None.
+    ``per_layer``: as the rcpu config of the family, which drops the stock rule
+    ``hidden_size % num_attention_heads == 0`` (its head counts come with an explicit head_dim)."""
     try:
-        if hasattr(config, "validate"):
+        if per_layer:
+            for validator in getattr(type(config), "__class_validators__", ()):
+                if validator.__name__ != "validate_architecture":
+                    validator(config)
+        elif hasattr(config, "validate"):
             config.validate()
     except Exception as exc:  # strict-dataclass validation errors wrap a ValueError
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -73,6 +80,13 @@ def mistral_equivalent(config: PretrainedConfig) -> MistralConfig:
     return mistral
 
 
+def _with_biases(config: PretrainedConfig, attn_bias: bool, mlp_bias: bool) -> PretrainedConfig:
+    cfg = copy.deepcopy(config)
+    cfg.attention_bias = cfg.attention_bias or attn_bias
+    cfg.mlp_bias = getattr(cfg, "mlp_bias", False) or mlp_bias
+    return cfg
+
+
 def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: bool, mlp_bias: bool,
                  bias_switches: bool = True) -> SavedFormat:
     """The config a model with layer shapes ``shapes`` will be saved with; RcpuError when
@@ -87,13 +101,14 @@ def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: 
     uniform = len({(s.attn, s.intermediate_size) for s in shapes}) == 1
     extra_biases = (attn_bias or mlp_bias) and not bias_switches
     if not uniform or extra_biases:
-        error = _validate(cfg)
+        error = _validate(cfg, per_layer=True)
         if error:
             raise RcpuError(f"the pruned {cfg.model_type} config would be refused by transformers ({error})")
         what = "per-layer widths" if not uniform else (
             f"o_proj / down_proj biases, which a stock {cfg.model_type.removeprefix('rcpu_')} config cannot "
             "switch on")
-        return SavedFormat(cfg, "per-layer", f"{what}: saved with the rcpu modeling file (trust_remote_code=True)")
+        return SavedFormat(as_rcpu_config(cfg), "per-layer",
+                           f"{what}: saved with the rcpu modeling file (trust_remote_code=True)")
     geom, d_ff = shapes[0].attn, shapes[0].intermediate_size
     cfg.num_attention_heads = geom.num_heads
     cfg.num_key_value_heads = geom.num_kv_heads
@@ -109,11 +124,48 @@ def saved_format(config: PretrainedConfig, shapes: list[LayerShape], attn_bias: 
             return SavedFormat(mistral, "remapped", (
                 f"{geom.num_heads} heads do not divide hidden size {cfg.hidden_size}, which transformers' "
                 f"LlamaConfig refuses; saved as the equivalent MistralForCausalLM (no biases, no sliding window)"))
+    from ..nonuniform import REMOTE_CLASSES
+
+    if family != "llama" and family in REMOTE_CLASSES:  # e.g. Gemma 3: hidden_size % heads != 0
+        return SavedFormat(as_rcpu_config(config if not bias_switches else _with_biases(config, attn_bias, mlp_bias)),
+                           "per-layer", f"{geom.num_heads} heads over hidden size {cfg.hidden_size}: {error.split(': ', 1)[-1].rstrip('.')} "
+                           f"in a stock {family} config, so it is saved with the rcpu modeling file "
+                           "(trust_remote_code=True), whose config has no such rule")
     why = ("; its biases (attention_bias / mlp_bias) rule out the equivalent Mistral config: use a --compensation "
            "other than bias, or a --pruning_ratio whose head count divides the hidden size"
            if family == "llama" else "")
     raise RcpuError(f"the pruned model cannot be saved as a stock {family} checkpoint: "
                     f"{error.rstrip('.')}{why}")
+
+
+def as_rcpu_config(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` as an instance of its family's rcpu config class (same values), which
+    ``save_pretrained`` accepts where the stock class would refuse the pruned head counts."""
+    from ..nonuniform import REMOTE_CLASSES
+    from ..remote import modeling_rcpu
+
+    family = str(config.model_type).removeprefix("rcpu_")
+    if family not in REMOTE_CLASSES:
+        return copy.deepcopy(config)
+    cls = getattr(modeling_rcpu, REMOTE_CLASSES[family][0])
+    if isinstance(config, cls):
+        return copy.deepcopy(config)
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+    return cls.from_dict(values)
+
+
+@contextmanager
+def saving_config(model: nn.Module, fmt: SavedFormat):
+    """While saving a per-layer checkpoint, the model carries the rcpu config (``fmt.config``)."""
+    if fmt.kind != "per-layer":
+        yield
+        return
+    original = model.config
+    model.config = fmt.config
+    try:
+        yield
+    finally:
+        model.config = original
 
 
 def model_for_saving(model: nn.Module, fmt: SavedFormat) -> nn.Module:

@@ -16,6 +16,7 @@ class LlamaAdapter(DecoderAdapter):
     name = "llama"
     model_types = ("llama", "rcpu_llama")  # rcpu_*: checkpoints with per-layer widths
     output_bias_switches = True  # config.attention_bias / config.mlp_bias
+    # Llama 3.x (rope_type "llama3", 128k vocabularies, tied or untied heads) is this adapter too
 
 
 class MistralAdapter(DecoderAdapter):

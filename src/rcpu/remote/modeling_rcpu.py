@@ -3,33 +3,58 @@
 #
 # What this is: the model was pruned with a *global* allocation, so its decoder layers
 # have different widths (query heads, KV heads, MLP intermediate size per layer), which
-# a stock Llama / Mistral / Qwen2 config cannot describe. This file adds a config and a
-# model class per family that are the stock classes plus three per-layer lists in
-# config.json:
+# a stock config cannot describe. This file adds a config and a model class per family
+# (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3, OLMo 2, SmolLM3) that are the stock
+# classes plus three per-layer lists in config.json:
 #
 #     layer_num_attention_heads, layer_num_key_value_heads, layer_intermediate_size
 #
-# The model builds the stock architecture and then re-creates each layer's q/k/v/o and
-# gate/up/down projections at that layer's widths (same head_dim, same bias layout as
-# the stock model), before the weights are loaded. Two more keys, ``o_proj_bias`` and
-# ``down_proj_bias``, give o_proj / down_proj a bias where the stock config has no switch
-# for one (Mistral, Qwen2): FLAP-style bias compensation adds them. Everything else (forward pass,
-# caches, generation, tied embeddings) is the stock transformers code. The top-level
-# num_attention_heads / num_key_value_heads / intermediate_size are those of the
-# unpruned model and are not used for the layer shapes.
+# The model builds the stock architecture and then re-creates each layer's attention and
+# MLP projections at that layer's widths (same head_dim, same bias layout as the stock
+# model; fused [q; k; v] and [gate; up] matrices and norms over a whole projection too),
+# before the weights are loaded. Two more keys, ``o_proj_bias`` and ``down_proj_bias``,
+# give o_proj / down_proj a bias where the stock config has no switch for one: FLAP-style
+# bias compensation adds them. The same config also carries uniform widths that a stock
+# config refuses (Gemma 3 requires hidden_size % num_attention_heads == 0 even with an
+# explicit head_dim). Everything else (forward pass, caches, generation, tied embeddings)
+# is the stock transformers code. The top-level num_attention_heads /
+# num_key_value_heads / intermediate_size are those of the unpruned model and are not used
+# for the layer shapes.
 #
 # Load with:  AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 # It needs only torch and transformers (not rcpu).
 
+import copy
+
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
+
+#: model_type -> module layout: attention input projections (one name = fused [q; k; v]),
+#: MLP input projections (one name = fused [gate; up]), norms over a whole projection
+#: (name -> "q" or "kv"), whether the attention reads its head counts from the config
+LAYOUTS = {
+    "llama": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), {}, False),
+    "phi3": (("qkv_proj",), ("gate_up_proj",), {}, True),
+    "olmo2": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), {"q_norm": "q", "k_norm": "kv"}, False),
+}
 
 
 def _resized(old, in_features, out_features, bias=False):
@@ -39,19 +64,36 @@ def _resized(old, in_features, out_features, bias=False):
                      device=old.weight.device, dtype=old.weight.dtype)
 
 
+def _resized_norm(old, width):
+    """The norm ``old`` (an RMSNorm over a whole projection) re-created for ``width`` channels."""
+    new = copy.copy(old)
+    new._parameters = dict(old._parameters)
+    new.weight = nn.Parameter(old.weight.new_ones(width))
+    return new
+
+
+def _widths(layer, layout):
+    """(query heads, KV heads, MLP width) of a layer as built."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hd = attn.head_dim
+    heads = attn.o_proj.in_features // hd
+    if len(layout[0]) == 1:
+        kv_heads = (getattr(attn, layout[0][0]).out_features - heads * hd) // (2 * hd)
+    else:
+        kv_heads = getattr(attn, layout[0][1]).out_features // hd
+    return heads, kv_heads, mlp.down_proj.in_features
+
+
 def resize_layers(model, config):
     """Give decoder layer i the widths listed at index i of the per-layer config lists,
     and o_proj / down_proj the biases that ``o_proj_bias`` / ``down_proj_bias`` ask for."""
+    layout = LAYOUTS.get(config.model_type.removeprefix("rcpu_"), LAYOUTS["llama"])
+    qkv_names, gate_up_names, projection_norms, private_config = layout
     layers = model.model.layers
     lists = (config.layer_num_attention_heads, config.layer_num_key_value_heads, config.layer_intermediate_size)
     o_bias, down_bias = bool(getattr(config, "o_proj_bias", False)), bool(getattr(config, "down_proj_bias", False))
-    if any(v is None for v in lists):  # no per-layer widths: the stock widths
-        hd = layers[0].self_attn.head_dim if len(layers) else 1
-        lists = ([layer.self_attn.q_proj.out_features // hd for layer in layers],
-                 [layer.self_attn.k_proj.out_features // hd for layer in layers],
-                 [layer.mlp.down_proj.in_features for layer in layers])
-        if not (o_bias or down_bias):
-            return
+    if any(v is None for v in lists):  # no per-layer widths: the widths of the top-level config
+        lists = tuple(zip(*(_widths(layer, layout) for layer in layers), strict=True)) if len(layers) else ((), (), ())
     if any(len(v) != len(layers) for v in lists):
         raise ValueError(f"the per-layer width lists must have one entry per layer ({len(layers)})")
     for layer, heads, kv_heads, inter in zip(layers, *lists, strict=True):
@@ -59,27 +101,51 @@ def resize_layers(model, config):
             raise ValueError(f"{heads} query heads cannot be split evenly over {kv_heads} KV heads")
         attn, mlp = layer.self_attn, layer.mlp
         hidden, hd = attn.o_proj.out_features, attn.head_dim
-        attn.q_proj = _resized(attn.q_proj, hidden, heads * hd)
-        attn.k_proj = _resized(attn.k_proj, hidden, kv_heads * hd)
-        attn.v_proj = _resized(attn.v_proj, hidden, kv_heads * hd)
+        if len(qkv_names) == 1:
+            name = qkv_names[0]
+            setattr(attn, name, _resized(getattr(attn, name), hidden, (heads + 2 * kv_heads) * hd))
+        else:
+            for name, n in zip(qkv_names, (heads, kv_heads, kv_heads), strict=True):
+                setattr(attn, name, _resized(getattr(attn, name), hidden, n * hd))
+        for name, which in projection_norms.items():
+            setattr(attn, name, _resized_norm(getattr(attn, name), (heads if which == "q" else kv_heads) * hd))
         attn.o_proj = _resized(attn.o_proj, heads * hd, hidden, bias=o_bias)
         attn.num_key_value_groups = heads // kv_heads  # used by the attention kernels
-        mlp.gate_proj = _resized(mlp.gate_proj, hidden, inter)
-        mlp.up_proj = _resized(mlp.up_proj, hidden, inter)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = kv_heads
+        if private_config:  # the attention reads its head counts from the config at run time
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv_heads
+        if len(gate_up_names) == 1:
+            name = gate_up_names[0]
+            setattr(mlp, name, _resized(getattr(mlp, name), hidden, 2 * inter))
+        else:
+            for name in gate_up_names:
+                setattr(mlp, name, _resized(getattr(mlp, name), hidden, inter))
         mlp.down_proj = _resized(mlp.down_proj, inter, hidden, bias=down_bias)
         mlp.intermediate_size = inter
 
 
-# --- configs: the stock config plus the three per-layer lists (None = uniform) and, where
-# the stock config has no bias switches, the two output-bias keys ------------------------
+# --- configs: the stock config plus the three per-layer lists (None = uniform) and the two
+# output-bias keys (used where the stock config has no switch for those biases) -----------
 
+def _no_divisibility_rule(self):
+    """Head counts come with an explicit head_dim (and per-layer lists), so the stock rule
+    hidden_size % num_attention_heads == 0 (Llama, Gemma 3) does not apply."""
+
+
+@strict
 class RcpuLlamaConfig(LlamaConfig):
     model_type = "rcpu_llama"
     layer_num_attention_heads: list[int] | None = None
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
 
 
+@strict
 class RcpuMistralConfig(MistralConfig):
     model_type = "rcpu_mistral"
     layer_num_attention_heads: list[int] | None = None
@@ -87,8 +153,10 @@ class RcpuMistralConfig(MistralConfig):
     layer_intermediate_size: list[int] | None = None
     o_proj_bias: bool = False
     down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
 
 
+@strict
 class RcpuQwen2Config(Qwen2Config):
     model_type = "rcpu_qwen2"
     layer_num_attention_heads: list[int] | None = None
@@ -96,34 +164,102 @@ class RcpuQwen2Config(Qwen2Config):
     layer_intermediate_size: list[int] | None = None
     o_proj_bias: bool = False
     down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
+
+
+@strict
+class RcpuQwen3Config(Qwen3Config):
+    model_type = "rcpu_qwen3"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
+
+
+@strict
+class RcpuGemma3TextConfig(Gemma3TextConfig):
+    model_type = "rcpu_gemma3_text"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
+
+
+@strict
+class RcpuPhi3Config(Phi3Config):
+    model_type = "rcpu_phi3"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
+
+
+@strict
+class RcpuOlmo2Config(Olmo2Config):
+    model_type = "rcpu_olmo2"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
+
+
+@strict
+class RcpuSmolLM3Config(SmolLM3Config):
+    model_type = "rcpu_smollm3"
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+    validate_architecture = _no_divisibility_rule
 
 
 # --- models: the stock model, then the projections re-created at the per-layer widths ----
 # post_init() runs again so that the new modules are initialised like the rest when the
 # model is built directly (on the meta device of from_pretrained it only re-ties weights).
 
-class RcpuLlamaForCausalLM(LlamaForCausalLM):
+class _Resized:
+    def __init__(self, config):
+        super().__init__(config)
+        resize_layers(self, config)
+        self.post_init()
+
+
+class RcpuLlamaForCausalLM(_Resized, LlamaForCausalLM):
     config_class = RcpuLlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        resize_layers(self, config)
-        self.post_init()
 
-
-class RcpuMistralForCausalLM(MistralForCausalLM):
+class RcpuMistralForCausalLM(_Resized, MistralForCausalLM):
     config_class = RcpuMistralConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        resize_layers(self, config)
-        self.post_init()
 
-
-class RcpuQwen2ForCausalLM(Qwen2ForCausalLM):
+class RcpuQwen2ForCausalLM(_Resized, Qwen2ForCausalLM):
     config_class = RcpuQwen2Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        resize_layers(self, config)
-        self.post_init()
+
+class RcpuQwen3ForCausalLM(_Resized, Qwen3ForCausalLM):
+    config_class = RcpuQwen3Config
+
+
+class RcpuGemma3TextForCausalLM(_Resized, Gemma3ForCausalLM):
+    config_class = RcpuGemma3TextConfig
+
+
+class RcpuPhi3ForCausalLM(_Resized, Phi3ForCausalLM):
+    config_class = RcpuPhi3Config
+
+
+class RcpuOlmo2ForCausalLM(_Resized, Olmo2ForCausalLM):
+    config_class = RcpuOlmo2Config
+
+
+class RcpuSmolLM3ForCausalLM(_Resized, SmolLM3ForCausalLM):
+    config_class = RcpuSmolLM3Config

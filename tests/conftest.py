@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
-import torch
-from transformers import (
+# The tests never use a model hub: hub ids fail at once instead of after network retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,

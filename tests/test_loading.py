@@ -305,7 +305,7 @@ def _unsupported(model_type: str) -> str:
 
     stock = [t for t in supported_model_types() if not t.startswith("rcpu_")]
     assert {"llama", "mistral", "qwen2"} <= set(stock)
-    return f"model type '{model_type}' is not supported by rcpu; supported: {', '.join(stock)} (Llama-family"
+    return f"model type '{model_type}' is not supported by rcpu; supported: {', '.join(stock)} (dense decoder-only"
 
 
 def test_unsupported_architecture_is_named_before_loading(gpt2_dir, tiny, tmp_path, monkeypatch):
@@ -344,3 +344,27 @@ def test_cli_prune_of_an_unsupported_architecture_is_one_line(gpt2_dir, tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rcpu: error:")]
     assert rc == 2 and len(err) == 1 and err[0].startswith("rcpu: error: " + _unsupported("gpt2")), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type,why", [("mixtral", "mixture-of-experts"), ("qwen3_moe", "mixture-of-experts"),
+                                            ("llama4", "mixture-of-experts"), ("qwen3_5", "linear-attention"),
+                                            ("gemma4", "share KV caches"), ("gemma3", "multimodal")])
+def test_models_rcpu_cannot_serve_yet_are_refused_from_the_config_alone(tmp_path, model_type, why):
+    """A directory with only a config.json (no weights at all): the refusal needs nothing else."""
+    from transformers import CONFIG_MAPPING
+
+    path = tmp_path / model_type
+    CONFIG_MAPPING[model_type]().save_pretrained(path)
+    with pytest.raises(RcpuError) as err:
+        loading.check_supported_architecture(path)
+    msg = str(err.value)
+    assert msg.startswith(f"model type '{model_type}' is ") and why in msg and "supported: gemma3_text" in msg
+    assert "\n" not in msg and "trust_remote_code" not in msg
+
+
+def test_an_unloadable_transformers_architecture_gets_no_remote_code_hint(gpt2_dir, tmp_path):
+    broken = _copy(gpt2_dir, tmp_path / "broken")
+    (broken / "config.json").write_text(json.dumps({**json.loads((broken / "config.json").read_text()), "n_embd": 64}))
+    with pytest.raises(RcpuError) as err:
+        load_model(str(broken))
+    assert "trust_remote_code" not in str(err.value)

@@ -269,8 +269,8 @@ def test_unsupported_architecture():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(RcpuError, match=r"model type 'gpt2' is not supported by rcpu; supported: llama, mistral, "
-                                        r"qwen2 \(Llama-family"):
+    with pytest.raises(RcpuError, match=r"model type 'gpt2' is not supported by rcpu; supported: gemma3_text, llama, "
+                                        r"mistral, olmo2, phi3, qwen2, qwen3, smollm3 \(dense decoder-only"):
         prune(gpt2, PruneConfig(), windows=make_windows())
 
 

@@ -401,9 +401,13 @@ def _load_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         if isinstance(model_type, str) and not is_supported(model_type):  # rcpu could not prune it anyway
             raise RcpuError(f"could not load the model in {path} ({_first_line(exc)}); "
                             f"{unsupported_message(model_type)}") from exc
+        from transformers import CONFIG_MAPPING
+
+        custom = isinstance(model_type, str) and model_type not in CONFIG_MAPPING and not trust_remote_code
         raise RcpuError(
-            f"could not load the model in {path} ({_first_line(exc)}); check it was written by save_pretrained "
-            f"(or pass trust_remote_code=True for custom architectures)"
+            f"could not load the model in {path} ({_first_line(exc)}); check it was written by save_pretrained"
+            + (f" (model type {model_type!r} is not a transformers architecture: pass trust_remote_code=True "
+               "if it ships its own modeling code)" if custom else "")
         ) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -524,7 +528,21 @@ def _source_model_type(source: str, trust_remote_code: bool) -> object:
                                               trust_remote_code=trust_remote_code).model_type
         except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader itself
             return None
+    if _looks_like_hub_id(source):  # its config.json alone (a few KB), before any weight is fetched
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return _config_model_type(Path(hf_hub_download(source, "config.json")).parent)
+        except Exception:  # noqa: BLE001 - offline or private: the loader reports it
+            return None
     return None
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``org/name`` with nothing that makes it a local path."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+            and not Path(os.path.expanduser(source)).exists())
 
 
 def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:

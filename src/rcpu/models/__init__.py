@@ -23,10 +23,27 @@ def is_supported(model_type: object) -> bool:
     return any(model_type in cls.model_types for cls in ADAPTERS)
 
 
+#: model types rcpu knowingly cannot serve yet -> why (the first clause of the error line)
+NOT_YET: dict[str, str] = {
+    **{t: "a mixture-of-experts model (its MLP is routed experts, which rcpu does not prune yet)"
+       for t in ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "llama4_text", "deepseek_v2", "deepseek_v3",
+                 "olmoe", "phimoe", "granitemoe", "gpt_oss", "minimax", "dbrx", "jamba")},
+    **{t: "a hybrid of linear-attention (or state-space) and attention layers, which rcpu does not prune yet"
+       for t in ("qwen3_5", "qwen3_5_text", "qwen3_next", "falcon_h1", "mamba", "mamba2", "zamba2",
+                 "bamba", "granitemoehybrid", "lfm2")},
+    **{t: "a model whose layers share KV caches or take per-layer embeddings, which rcpu does not prune yet"
+       for t in ("gemma4", "gemma4_text", "gemma3n", "gemma3n_text")},
+    "gemma3": ("Gemma 3's multimodal checkpoint; rcpu prunes the text model (model type 'gemma3_text', "
+               "e.g. the 270M and 1B checkpoints, or the language model saved on its own)"),
+}
+
+
 def unsupported_message(model_type: object) -> str:
     """The one-line error for a model type without an adapter, naming the supported ones."""
     stock = [t for t in supported_model_types() if not t.startswith("rcpu_")]
-    return (f"model type {model_type!r} is not supported by rcpu; supported: {', '.join(stock)} "
+    why = f" is {NOT_YET[model_type]}" if isinstance(model_type, str) and model_type in NOT_YET else (
+        " is not supported by rcpu")
+    return (f"model type {model_type!r}{why}; supported: {', '.join(stock)} "
             f"(dense decoder-only models of these families, and the rcpu_* checkpoints rcpu saves from them)")
 
 

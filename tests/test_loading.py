@@ -368,3 +368,27 @@ def test_an_unloadable_transformers_architecture_gets_no_remote_code_hint(gpt2_d
     with pytest.raises(RcpuError) as err:
         load_model(str(broken))
     assert "trust_remote_code" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_gguf_with_output_biases_alone_loads_them(tmp_path, family):
+    """Bias compensation on a Mistral (no q/k/v biases) or Qwen2 model: the GGUF holds o_proj /
+    down_proj biases, and loading it keeps them (they were dropped, changing the logits silently)."""
+    from test_gguf_export import bpe_tokenizer, tiny
+
+    from rcpu.api import prune
+    from rcpu.config import PruneConfig
+    from rcpu.gguf_export import export_gguf
+
+    model = tiny(family)
+    windows = torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    prune(model, PruneConfig(method="wanda-sp", compensation="bias", pruning_ratio=0.5), windows=windows,
+          device="cpu", progress=False)
+    assert model.model.layers[0].self_attn.o_proj.bias is not None
+    path = tmp_path / "m.gguf"
+    export_gguf(model, bpe_tokenizer(), path, quant="f32")
+    loaded = load_model(str(path)).model
+    assert loaded.model.layers[0].self_attn.o_proj.bias is not None
+    x = windows[:2, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)

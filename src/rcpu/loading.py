@@ -32,6 +32,7 @@ import torch
 import transformers
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -229,6 +230,37 @@ def _gguf_kwargs() -> dict:
         return {}
 
 
+#: llama.cpp bias tensor -> the HF module in a decoder layer
+_GGUF_BIASES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+
+
+@torch.no_grad()
+def _zero_absent_biases(model: nn.Module, path: Path) -> None:
+    """Biases the config's switches built but the file does not hold are zero (a llama-layout file
+    with o_proj biases alone gets q/k/v biases from ``attention_bias``); a bias the file holds but the
+    model has no place for is an error, never a silently different model."""
+    import gguf
+
+    held = {t.name for t in gguf.GGUFReader(path).tensors if t.name.endswith(".bias")}
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return
+    for i, layer in enumerate(layers):
+        for short, module_name in _GGUF_BIASES.items():
+            try:
+                module = layer.get_submodule(module_name)
+            except AttributeError:
+                continue
+            in_file = f"blk.{i}.{short}.bias" in held
+            if module.bias is not None and not in_file:
+                module.bias.zero_()
+            elif module.bias is None and in_file:
+                raise RcpuError(f"{path} has {short} biases that transformers' {type(model).__name__} does not load; "
+                                "evaluate the safetensors checkpoint it was exported from")
+
+
 def _gguf_geometry(path: Path) -> dict:
     """Head size and per-layer widths stated in a GGUF file's metadata (empty when unreadable).
 
@@ -244,8 +276,10 @@ def _gguf_geometry(path: Path) -> dict:
         key_length = reader.fields.get(f"{arch}.attention.key_length")
         if key_length is not None:
             out["head_dim"] = int(key_length.contents())
-        if arch == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
-            out["attention_bias"] = True  # q/k/v biases in the llama layout (e.g. a Qwen2 with pruned heads)
+        if arch == "llama" and any(t.name in ("blk.0.attn_q.bias", "blk.0.attn_output.bias") for t in reader.tensors):
+            # q/k/v biases in the llama layout (a Qwen2 with pruned heads), or o_proj biases alone (bias
+            # compensation of a Mistral or Qwen2): the switch builds all four, absent ones are zeroed
+            out["attention_bias"] = True
         if arch == "llama" and any(t.name == "blk.0.ffn_down.bias" for t in reader.tensors):
             out["mlp_bias"] = True  # MLP output biases (bias compensation): not read unless the config has them
         for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
@@ -283,6 +317,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, trust_remote_code: bool):
             f"architecture is supported by transformers, or convert it to a safetensors directory"
         ) from exc
     _clear_quantizer(model)
+    _zero_absent_biases(model, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, ImportError) as exc:

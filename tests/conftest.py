@@ -64,12 +64,11 @@ def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidd
     if family not in FAMILIES:
         raise ValueError(family)
     config_cls, model_cls, keys = FAMILIES[family]
+    for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated over the depth
+        if key in keys and key not in extra:
+            keys = {**keys, key: [keys[key][i % len(keys[key])] for i in range(layers)]}
     ids = {} if family in ("llama", "mistral", "qwen2") else {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     config = config_cls(**{**ids, **keys, **common})
-    if family == "smollm3" and len(config.no_rope_layers) != layers:
-        config.no_rope_layers = [i % 2 for i in range(layers)]
-    if getattr(config, "layer_types", None) is not None and len(config.layer_types) != layers:
-        config.layer_types = [keys.get("layer_types", config.layer_types)[i % 2] for i in range(layers)]
     model = model_cls(config)
     if family == "qwen2":
         with torch.no_grad():  # random init leaves biases at zero; make them matter

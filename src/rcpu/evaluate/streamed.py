@@ -143,6 +143,7 @@ def perplexity_streamed(
     """
     from ..layer_io import capture_layer_inputs, forward_layer, hidden_state_storage
     from ..models import get_adapter
+    from ..report import release_free_memory
     from ..streaming import free_embeddings, open_checkpoint, read_embeddings, read_head, read_layer
 
     ids, seqlen = _check_arguments(ids, seqlen, batch_size, max_tokens)
@@ -169,6 +170,7 @@ def perplexity_streamed(
             batches[b] = (forward_layer(layer, h, kw), kw)
             del h
         layer.to("meta")
+        release_free_memory()
 
     read_head(model, reader)
     base, head = model.get_decoder(), model.get_output_embeddings()

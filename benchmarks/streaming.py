@@ -18,6 +18,11 @@ Parts (each stored in the JSON as it finishes; finished parts are skipped when r
   streamed from a second pass (``--rotation_products auto`` picks it as the cheaper route).
 - ``13b-rcpu-rotation-gram``: that with ``--rotation_products gram`` (down_proj's 13824^2
   Gram matrix, 1.46 GiB in float64), and ``13b-rcpu-rotation-gram32`` with it in float32.
+- ``eval-7b``: ``rcpu prune --save_model`` with the perplexity before and after (the default
+  ``--eval builtin``) on a randomly initialised Llama checkpoint with Mistral-7B's widths and 12
+  layers (bf16, 5.7 GB), against the same command with ``--eval none``: peak RSS and time. With
+  ``--before-src DIR`` (the ``src`` folder of an older rcpu), the same two commands with that
+  code are recorded too, under ``before``.
 
     python benchmarks/streaming.py [--parts smollm2,resume,13b-wanda,13b-rcpu,13b-rcpu-rotation,...] [--work DIR]
 """
@@ -38,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "streaming" / "results.json"
 PARTS = ("smollm2", "resume", "13b-wanda", "13b-rcpu", "13b-rcpu-rotation", "13b-rcpu-rotation-gram",
-         "13b-rcpu-rotation-gram32")
+         "13b-rcpu-rotation-gram32", "eval-7b")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> dict:
@@ -170,11 +175,51 @@ def part_13b(work: Path, method: str, layers: int, *extra: str, nsamples: int = 
     return res
 
 
+def _make_7b(work: Path, layers: int = 12) -> Path:
+    path = work / f"llama-7b-shape-{layers}l-bf16"
+    if not (path / "config.json").is_file():
+        subprocess.run([sys.executable, str(HERE / "random_checkpoint.py"), "--shape", "mistral-7b-as-llama",
+                        "--layers", str(layers), "--dtype", "bfloat16", "--out", str(path)], check=True)
+    return path
+
+
+def _ppl_line(stdout: str, which: str) -> str | None:
+    return next((x.split(":", 1)[1].strip() for x in stdout.splitlines() if x.startswith(which)), None)
+
+
+def part_eval_7b(work: Path, before_src: str | None) -> dict:
+    """Peak RSS of a streamed prune with and without the perplexity before and after."""
+    src = _make_7b(work)
+    settings = ["--method", "wanda-sp", "--pruning_ratio", "0.2", "--nsamples", "8", "--seqlen", "128",
+                "--dtype", "bfloat16", "--eval_seqlen", "128", "--max_eval_tokens", "1024"]
+    res: dict = {"checkpoint_gb": _dir_gb(src), "layers": 12,
+                 "settings": "wanda-sp, ratio 0.2, 8 x 128 calibration tokens, bfloat16, CPU, "
+                             "perplexity on 1024 built-in tokens (8 windows of 128)"}
+    codes = [("after", None)] + ([("before", before_src)] if before_src else [])
+    for code, path in codes:
+        env = None if path is None else {**os.environ, "PYTHONPATH": path}
+        res[code] = {}
+        for mode, extra in (("eval_builtin", []), ("eval_none", ["--eval", "none"])):
+            cmd = _prune_cmd(str(src), work / "7b-out", *settings)
+            if not extra:  # the default evaluation: drop _prune_cmd's --eval none
+                i = cmd.index("--eval")
+                del cmd[i:i + 2]
+            r = _run(cmd + extra, env=env)
+            res[code][mode] = {"peak_rss_mib": r["peak_rss_mib"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                               "dense": _ppl_line(r["stdout"], "dense"), "pruned": _ppl_line(r["stdout"], "pruned")}
+            print(code, mode, res[code][mode], flush=True)
+    res["command"] = " ".join(["rcpu prune --model", str(src), "--save_model OUT", *settings, "--device cpu"])
+    shutil.rmtree(work / "7b-out", ignore_errors=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/rcpu/bench-streaming"))
     ap.add_argument("--redo", action="store_true", help="rerun parts already in the JSON")
+    ap.add_argument("--before-src", default=None,
+                    help="eval-7b: also run with the rcpu in this src folder (an older version), as 'before'")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -202,6 +247,8 @@ def main() -> None:
         elif part == "13b-rcpu-rotation-gram32":
             results[part] = part_13b(work, "rcpu", 3, "--rotation_products", "gram", "--gram_dtype", "float32",
                                      nsamples=48)
+        elif part == "eval-7b":
+            results[part] = part_eval_7b(work, args.before_src)
         else:
             raise SystemExit(f"unknown part {part}; choose from {', '.join(PARTS)}")
         tmp = OUT.with_name(OUT.name + ".partial")

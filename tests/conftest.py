@@ -64,6 +64,9 @@ def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidd
     if family not in FAMILIES:
         raise ValueError(family)
     config_cls, model_cls, keys = FAMILIES[family]
+    for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated over the depth
+        if key in keys and key not in extra:
+            keys = {**keys, key: [keys[key][i % len(keys[key])] for i in range(layers)]}
     ids = {} if family in ("llama", "mistral", "qwen2") else {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     keys = dict(keys)
     for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated

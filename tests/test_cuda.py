@@ -157,6 +157,24 @@ def test_hidden_states_on_device_or_host_give_the_same_checkpoint(tmp_path):
     assert json.loads((tmp_path / "bounded" / PROVENANCE).read_text())["memory"]["hidden_states_on"] == "cpu"
 
 
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("gemma3", torch.bfloat16)])
+def test_streamed_perplexity_on_accelerator(tmp_path, family, dtype):
+    """Perplexity read layer by layer on the accelerator against the loaded model there: the
+    same operations on the same device, with hidden states kept on the device or on the host."""
+    from rcpu.evaluate.streamed import perplexity_streamed
+
+    src = _checkpoint(tmp_path, family, layers=4)
+    ids = make_windows(1, 9 * 32, seed=11)[0]
+    model = load_model(str(src), dtype=dtype, device=ACCEL).model
+    mem = perplexity(model, ids, 32, batch_size=4, progress=False)
+    del model
+    for placement in ("device", "cpu"):
+        streamed = perplexity_streamed(src, ids, 32, batch_size=4, dtype=dtype, device=ACCEL, progress=False,
+                                       hidden_states=placement)
+        assert streamed.dtype == mem.dtype == str(dtype).removeprefix("torch.")
+        assert streamed.nll == pytest.approx(mem.nll, rel=1e-6, abs=0), placement
+
+
 @pytest.mark.skipif(not ON_GPU, reason="one worker process per GPU")
 def test_compare_gpus_executor_matches_local(tmp_path):
     src = _checkpoint(tmp_path, layers=2)

@@ -262,6 +262,16 @@ def _ppl(model, ids, seqlen, args, device, label):
                       device=device, source=label, progress=not args.quiet)
 
 
+def _ppl_streamed(checkpoint, ids, seqlen, args, dtype, device, label):
+    """Perplexity of a checkpoint on disk, read one decoder layer at a time (see :func:`_ppl`)."""
+    from .evaluate.streamed import perplexity_streamed
+
+    return perplexity_streamed(checkpoint, ids, seqlen, batch_size=args.eval_batch_size,
+                               max_tokens=args.max_eval_tokens or None, dtype=dtype, device=device,
+                               hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib,
+                               trust_remote_code=args.trust_remote_code, source=label, progress=not args.quiet)
+
+
 def _save_gguf(args, model, tok, report) -> None:
     from .gguf_export import export_gguf, source_gguf_for
 
@@ -397,7 +407,8 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
 
 
 def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
-    """Layer by layer from disk into --save_model; evaluation (if any) loads whole models.
+    """Layer by layer from disk into --save_model, and the perplexities before and after layer
+    by layer too; only --recover_tokens (training) and --save_gguf load a whole (pruned) model.
     Returns (report, dense ppl, pruned ppl)."""
     from .api import calibration_windows_for, check_seqlen
     from .export import PROVENANCE
@@ -412,11 +423,9 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
     windows, heldout, calib_info = calibration_windows_for(tok, cfg, args.calib)
     eval_ids = None if args.eval == "none" else _eval_ids(tok, args.eval)
     dense = pruned = None
-    if eval_ids is not None:  # evaluation needs the whole model; --eval none keeps memory at one layer
-        model = load_model(str(path), dtype=dtype, device=device, trust_remote_code=args.trust_remote_code).model
-        dense = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
+    if eval_ids is not None:
+        dense = _ppl_streamed(path, eval_ids, args.eval_seqlen, args, dtype, device, _eval_label(args))
         print(f"dense : {dense.format()}")
-        del model
     target = _pruned_dir_for(args.save_model) if args.recover_tokens else args.save_model
     res = prune_checkpoint(path, cfg, target, windows=windows, heldout_windows=heldout,
                            calib_info={"source": args.calib, **calib_info}, dtype=dtype, device=device,
@@ -428,10 +437,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
     _print_report(report)
     print(f"saved to {res.path}")
     if eval_ids is not None:
-        remote = args.trust_remote_code or (res.path / "modeling_rcpu.py").is_file()  # our own per-layer file
-        model = load_model(str(res.path), dtype=dtype, device=device, trust_remote_code=remote).model
-        pruned = _ppl(model, eval_ids, args.eval_seqlen, args, device, _eval_label(args))
-        del model
+        pruned = _ppl_streamed(res.path, eval_ids, args.eval_seqlen, args, dtype, device, _eval_label(args))
         report.evaluation = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
         tmp = res.path / (PROVENANCE + ".partial")
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str))

@@ -121,6 +121,86 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) ->
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, assign=True, strict=True)
 
 
+@dataclass
+class MetaCheckpoint:
+    """A checkpoint opened for streaming: the model built on the meta device (shapes only; its
+    non-persistent buffers computed on the CPU) and a reader for its tensors."""
+
+    config: object
+    tokenizer: object
+    generation: GenerationConfig | None
+    model: nn.Module
+    reader: SafetensorsCheckpoint | GGUFCheckpoint
+
+
+def _materialize_buffers(model: nn.Module) -> None:
+    """Compute the non-persistent buffers a checkpoint does not hold (RoPE frequencies, Gemma 3's
+    embedding scale) on the CPU, with the model's own initialisation; parameters stay on meta."""
+    for module in model.modules():
+        missing = [name for name, buf in module._buffers.items()
+                   if buf is not None and buf.is_meta and name in module._non_persistent_buffers_set]
+        if not missing:
+            continue
+        for name in missing:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        model._init_weights(module)
+
+
+def open_checkpoint(source: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False
+                    ) -> MetaCheckpoint:
+    """The safetensors checkpoint directory (or GGUF file) ``source`` on the meta device, with its
+    config, tokenizer, generation config and tensor reader; no weight is read yet."""
+    src = Path(source)
+    config, tokenizer, generation = load_source_config(src, trust_remote_code)
+    rcpu_class = rcpu_class_for_type(config.model_type, src)  # the config is already rcpu's own class then
+    with torch.device("meta"):
+        model = (rcpu_class._from_config(config, dtype=dtype) if rcpu_class is not None
+                 else AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code))
+    model.eval()
+    _materialize_buffers(model)
+    reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
+              else SafetensorsCheckpoint(src, dtype))
+    return MetaCheckpoint(config, tokenizer, generation, model, reader)
+
+
+def read_embeddings(model: nn.Module, adapter: DecoderAdapter, reader: SafetensorsCheckpoint | GGUFCheckpoint) -> None:
+    """The input embeddings from disk, and RoPE frequencies on the CPU: the only non-layer
+    modules that run before the first decoder layer."""
+    base = adapter.base
+    _assign(base.embed_tokens, reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        with torch.device("cpu"):
+            base.rotary_emb = type(rotary)(model.config)
+
+
+def free_embeddings(model: nn.Module, adapter: DecoderAdapter) -> None:
+    """Back to meta once the inputs of layer 0 are captured."""
+    adapter.base.embed_tokens.to("meta")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()  # assign and .to("meta") replaced the shared parameter
+
+
+def read_layer(adapter: DecoderAdapter, reader: SafetensorsCheckpoint | GGUFCheckpoint, index: int) -> nn.Module:
+    """Decoder layer ``index`` with its weights from disk, on the CPU (``layer.to("meta")`` frees it)."""
+    layer = adapter.layers[index]
+    _assign(layer, reader.read(_layer_names(reader, index)), f"{LAYER_PREFIX}{index}.")
+    return layer
+
+
+def read_head(model: nn.Module, reader: SafetensorsCheckpoint | GGUFCheckpoint) -> None:
+    """Every weight outside the decoder layers except the input embeddings (the final norm and
+    the head), from disk; with tied embeddings the head is the embedding matrix, read for it."""
+    tied = bool(model.config.tie_word_embeddings)
+    names = [k for k in reader.names() if not k.startswith(LAYER_PREFIX)
+             and (k != "model.embed_tokens.weight" or tied) and not (k == "lm_head.weight" and tied)]
+    result = model.load_state_dict(reader.read(names), assign=True, strict=False)
+    if result.unexpected_keys:
+        raise RcpuError(f"{reader.path}: tensors the model does not hold: {', '.join(result.unexpected_keys)}")
+    if tied:
+        model.tie_weights()
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -149,27 +229,16 @@ class StreamingStore(LayerStore):
         self.n_shards = len(adapter.layers) + 1
 
     def load(self, index: int) -> nn.Module:
-        layer = self.adapter.layers[index]
-        prefix = f"{LAYER_PREFIX}{index}."
-        _assign(layer, self.reader.read(_layer_names(self.reader, index)), prefix)
-        return layer
+        return read_layer(self.adapter, self.reader, index)
 
     def unload(self, index: int, layer: nn.Module) -> None:
         layer.to("meta")
 
     def open(self, model: nn.Module) -> None:
-        # embeddings and rotary frequencies: the only non-layer modules the loop runs
-        base = self.adapter.base
-        _assign(base.embed_tokens, self.reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
-        rotary = getattr(base, "rotary_emb", None)
-        if rotary is not None:
-            with torch.device("cpu"):
-                base.rotary_emb = type(rotary)(model.config)
+        read_embeddings(model, self.adapter, self.reader)
 
     def captured(self, model: nn.Module) -> None:
-        self.adapter.base.embed_tokens.to("meta")
-        if model.config.tie_word_embeddings:
-            model.tie_weights()  # assign and .to("meta") replaced the shared parameter
+        free_embeddings(model, self.adapter)
 
     def resume(self, batches, heldout, storage):
         from .driver import Resumed
@@ -274,15 +343,10 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     src = Path(source)
     out = check_output_dir(out, overwrite)
     device = torch.device(device)
-    config, tokenizer, generation = load_source_config(src, trust_remote_code)
+    opened = open_checkpoint(src, dtype, trust_remote_code)
+    config, tokenizer, generation, model, reader = (opened.config, opened.tokenizer, opened.generation,
+                                                    opened.model, opened.reader)
     config_json = config.to_json_string()
-    rcpu_class = rcpu_class_for_type(config.model_type, src)  # the config is already rcpu's own class then
-    with torch.device("meta"):
-        model = (rcpu_class._from_config(config, dtype=dtype) if rcpu_class is not None
-                 else AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code))
-    model.eval()
-    reader = (GGUFCheckpoint(src, dtype, model) if src.suffix.lower() == ".gguf"
-              else SafetensorsCheckpoint(src, dtype))
     adapter = get_adapter(model)
     if cfg.allocation == "uniform":
         check_saveable(model, cfg, adapter=adapter)  # fail fast

@@ -248,12 +248,28 @@ def _slice_ends(model: nn.Module, adapter: DecoderAdapter, kept: torch.Tensor, d
     return info
 
 
-def _write_config(model: nn.Module, adapter: DecoderAdapter, new: int) -> None:
-    cfg = model.config
+def _write_config(cfg, adapter: DecoderAdapter, new: int) -> None:
     head_dims = {adapter.attn(layer).head_dim for layer in adapter.layers}
     if len(head_dims) == 1:
         cfg.head_dim = head_dims.pop()
     cfg.hidden_size = new
+
+
+def _check_config(model: nn.Module, adapter: DecoderAdapter, new: int) -> None:
+    """Refuse a hidden size the config class rejects (Llama's and Gemma 3's configs want it to be a
+    multiple of the attention head count, head_dim notwithstanding), before anything is cut."""
+    cfg = copy.deepcopy(model.config)
+    _write_config(cfg, adapter, new)
+    validate = getattr(cfg, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as exc:  # the hub's strict-dataclass error wraps the validator's ValueError
+        cause = exc.__cause__ or exc
+        reason = str(cause).strip().splitlines()[-1].strip().rstrip(".")
+        raise RcpuError(f"hidden size {new} does not make a loadable {cfg.model_type} config ({reason}); "
+                        "choose another size") from None
 
 
 # ------------------------------------------------------------------------------------ compensation
@@ -372,6 +388,7 @@ def prune_hidden(model: nn.Module, kept: torch.Tensor | Sequence[int], windows: 
     adapter = get_adapter(model)
     d = _check_layout(model, adapter)
     kept = _check_kept(kept, d)
+    _check_config(model, adapter, len(kept))
     info: dict = {"hidden_size": [d, len(kept)], "compensation": compensation, "layers": []}
     if compensation == "none":
         for layer in adapter.layers:
@@ -383,7 +400,7 @@ def prune_hidden(model: nn.Module, kept: torch.Tensor | Sequence[int], windows: 
     info.update(_slice_ends(model, adapter, kept, d))
     if head_weight is not None:
         model.get_output_embeddings().weight.data.copy_(head_weight)
-    _write_config(model, adapter, len(kept))
+    _write_config(model.config, adapter, len(kept))
     return info
 
 

@@ -81,6 +81,7 @@ def test_pruning_equals_the_masked_dense_model(family):
     assert pruned.config.hidden_size == len(kept) and pruned.config.head_dim == 8
     assert pruned.model.embed_tokens.weight.shape == (128, len(kept))
     assert pruned.get_output_embeddings().weight.shape == (128, len(kept))
+    assert info["tied_head"] == bool(model.config.tie_word_embeddings)
     assert info["tied_head"] == (pruned.get_output_embeddings().weight is pruned.model.embed_tokens.weight)
     x = make_windows(3, 20, seed=5)
     with torch.no_grad():
@@ -174,7 +175,7 @@ def test_compensation_lowers_the_projection_error(family):
     # the sequential fit's reported errors are the compensated model's own, per layer and sublayer
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
-    for layer, record in zip(adapter.layers, infos["ridge_sequential"]["layers"]):
+    for layer, record in zip(adapter.layers, infos["ridge_sequential"]["layers"], strict=True):
         for part, group in (("attn", adapter.attn_in(layer)), ("mlp", adapter.mlp_in(layer))):
             group_names = [names[id(lin)] for lin in group]
             direct = sum(errors["ridge_sequential"][n] for n in group_names) / sum(
@@ -292,7 +293,7 @@ def test_on_the_accelerator_as_on_the_cpu():
         prune_hidden(on_cpu, kept, windows, compensation="ridge_sequential", batch_size=4)
         prune_hidden(on_accel, kept, windows, compensation="ridge_sequential", batch_size=4, device=ACCEL)
         assert all(p.device.type == "cpu" for p in on_accel.parameters())  # the model stays where it was
-        for (name, a), (_, b) in zip(on_cpu.named_parameters(), on_accel.named_parameters()):
+        for (name, a), (_, b) in zip(on_cpu.named_parameters(), on_accel.named_parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -135,13 +135,13 @@ def channel_scores(model: nn.Module, windows: torch.Tensor, score: str = "minitr
         groups = [adapter.attn_in(layer), adapter.mlp_in(layer)]
         stats = [_ChannelStats(d, device) for _ in groups]
         hooks = [group[0].register_forward_pre_hook(lambda _m, args, s=s: s.update(args[0]))
-                 for group, s in zip(groups, stats)]
+                 for group, s in zip(groups, stats, strict=True)]
         try:
             batches = run_layer(layer, batches, keep_outputs=True)
         finally:
             for h in hooks:
                 h.remove()
-        for group, s in zip(groups, stats):
+        for group, s in zip(groups, stats, strict=True):
             if score == "minitron":
                 total += s.window_sq.sqrt()
             else:
@@ -361,7 +361,7 @@ def _compensate_group(dense_in: list[nn.Linear], pruned_in: list[nn.Linear], pai
     gram, cross, gram_kept = pairs.products()
     errors = {"rel_error_uncompensated": 0.0, "rel_error": 0.0}
     total = 0.0
-    for dense, pruned in zip(dense_in, pruned_in):
+    for dense, pruned in zip(dense_in, pruned_in, strict=True):
         new, info = ridge_inputs(dense.weight, gram, cross, gram_kept, kept, lam)
         pruned.weight.data.copy_(new)
         total += info["output_energy"]

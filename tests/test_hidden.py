@@ -20,6 +20,7 @@ from rcpu.hidden import (
     prune_hidden,
     prune_hidden_size,
     residual_norms,
+    ridge_diagonal,
     ridge_inputs,
 )
 from rcpu.models import get_adapter
@@ -165,13 +166,22 @@ def test_compensation_lowers_the_projection_error(family):
     windows = make_windows(16, 16)
     dense = _projection_outputs(model, windows)
     kept = _kept(40)
-    errors, infos = {}, {}
+    errors, infos, logits = {}, {}, {}
     for compensation in ("none", "ridge", "ridge_sequential"):
         pruned = copy.deepcopy(model)
         infos[compensation] = prune_hidden(pruned, kept, windows, compensation=compensation, ridge_lambda=1e-3,
                                            batch_size=4)
         outs = _projection_outputs(pruned, windows)
         errors[compensation] = {n: float((outs[n] - y).square().sum()) for n, y in dense.items()}
+        with torch.no_grad():
+            logits[compensation] = pruned(windows).logits.double()
+    with torch.no_grad():
+        dense_logits = model(windows).logits.double()
+    # the LM head (untied: its kept columns; tied: the final norm's weights) reports the logits' own error
+    head = infos["ridge_sequential"]["final_norm" if model.config.tie_word_embeddings else "lm_head"]
+    direct = float((logits["ridge_sequential"] - dense_logits).square().sum() / dense_logits.square().sum())
+    assert head["rel_error"] == pytest.approx(direct, rel=1e-3)
+    assert head["rel_error"] < head["rel_error_uncompensated"]
     # the sequential fit's reported errors are the compensated model's own, per layer and sublayer
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -207,6 +217,27 @@ def test_dense_statistics_ridge_is_compensates_ridge():
     assert info["rel_error"] == pytest.approx(direct, rel=1e-6)
     assert info["rel_error_uncompensated"] == pytest.approx(
         float((y - x[:, kept] @ w[:, kept].T).square().sum() / y.square().sum()), rel=1e-6)
+
+
+def test_ridge_diagonal_is_the_least_squares_scale_per_input():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    xp = x[:, [1, 2, 4, 5, 8]] * (1 + 0.3 * torch.randn(40, 1, generator=g, dtype=torch.float64))
+    kept = torch.tensor([1, 2, 4, 5, 8])
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    pairs = _PairStats(9, kept, torch.device("cpu"), separate=True)
+    pairs.update(x, xp)
+    lam = 0.5
+    scales, info = ridge_diagonal(w, *pairs.products(), kept, lam, relative=False)
+    # directly: the output is linear in s, column j = W_K[:, j] x'_j; ridge towards s = 1
+    y = (x @ w.T).reshape(-1)
+    design = torch.stack([(xp[:, j:j + 1] * w[:, kept[j]]).reshape(-1) for j in range(5)], 1)
+    a = torch.cat([design, lam**0.5 * torch.eye(5, dtype=torch.float64)])
+    rhs = torch.cat([y, lam**0.5 * torch.ones(5, dtype=torch.float64)])
+    torch.testing.assert_close(scales, torch.linalg.lstsq(a, rhs[:, None]).solution[:, 0])
+    assert info["rel_error"] == pytest.approx(float((y - design @ scales).square().sum() / y.square().sum()))
+    assert info["rel_error_uncompensated"] == pytest.approx(
+        float((y - design.sum(1)).square().sum() / y.square().sum()))
 
 
 @pytest.mark.parametrize("family", ["gemma3", "olmo2", "phi3"])

@@ -26,7 +26,8 @@ embeddings by sqrt(hidden_size), which a stock reload recomputes from the new co
 sqrt(d) / sqrt(d') is folded into the embedding weights, and with a tied LM head its inverse into
 the final norm's (1 + w), so the pruned model computes what the sliced dense model computes.
 
-Compensation of the readers (q/k/v and gate/up, fused or not, and an untied LM head): a ridge least
+Compensation of the readers (q/k/v and gate/up, fused or not, and an untied LM head; for a tied head,
+which is the embedding, the final norm's weights get a diagonal fit instead): a ridge least
 squares update of each projection's kept input columns, B = argmin ||W X - B X'||^2 +
 lam ||B - W_K||^2 = (W C + lam W_K)(G' + lam I)^-1 with C = X X'^T, G' = X' X'^T (float64, Cholesky),
 lam relative to tr(G') / d'. X are the dense model's projection inputs. X' are
@@ -54,7 +55,7 @@ from .models.base import _slice_linear, _slice_norm
 from .stats import _accumulate
 
 __all__ = ["SCORES", "COMPENSATIONS", "channel_scores", "channels_to_keep", "prune_hidden", "prune_hidden_size",
-           "residual_norms"]
+           "residual_norms", "ridge_inputs", "ridge_diagonal"]
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +346,38 @@ def ridge_inputs(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, 
                  "output_energy": y2, "lambda": lam, "lambda_abs": lam_abs, "jitter": jitter}
 
 
+def ridge_diagonal(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, gram_kept: torch.Tensor,
+                   kept: torch.Tensor, lam: float, relative: bool = True) -> tuple[torch.Tensor, dict]:
+    """argmin_s ||W X - W_K diag(s) X'||^2 + lam ||s - 1||^2: one scale per kept input of W, for a
+    projection whose weights cannot change (a tied LM head is the embedding) but whose input is a
+    norm's output (the scales go into the norm's weight). With A = W_K^T W_K the objective is
+    s^T (A o G') s - 2 b^T s + ||W X||^2, b_j = sum_i (W C)_ij (W_K)_ij, so
+    s = (A o G' + lam I)^-1 (b + lam 1) (float64; lam relative to the mean diagonal of A o G').
+    Returns s (float64) and the relative output errors before (s = 1) and after."""
+    dev = gram.device
+    kept = kept.to(dev)
+    n = len(kept)
+    a = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    b = torch.zeros(n, dtype=torch.float64, device=dev)
+    y2 = 0.0
+    for start in range(0, weight.shape[0], _ROWS):
+        w = weight[start:start + _ROWS].to(dev, torch.float64)
+        w_k = w[:, kept]
+        a += w_k.T @ w_k
+        b += ((w @ cross) * w_k).sum(0)
+        y2 += float(((w @ gram) * w).sum())
+    q = a * gram_kept
+    lam_abs = lam * (float(torch.trace(q)) / n if relative else 1.0)
+    chol, jitter = _factor(q, lam_abs)
+    scales = torch.cholesky_solve((b + lam_abs)[:, None], chol)[:, 0]
+    ones = torch.ones_like(b)
+    y2 = max(y2, torch.finfo(torch.float64).tiny)
+    before = y2 - 2 * float(b.sum()) + float(ones @ q @ ones)
+    after = y2 - 2 * float(b @ scales) + float(scales @ q @ scales)
+    return scales, {"rel_error_uncompensated": before / y2, "rel_error": after / y2, "lambda": lam,
+                    "lambda_abs": lam_abs, "jitter": jitter}
+
+
 def _input_of(layer: nn.Module, module: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
     """The input of ``module`` inside ``layer`` for one batch (the layer runs only that far)."""
     box: list[torch.Tensor] = []
@@ -407,8 +440,9 @@ def prune_hidden(model: nn.Module, kept: torch.Tensor | Sequence[int], windows: 
 def _compensated_layers(model: nn.Module, adapter: DecoderAdapter, kept: torch.Tensor, d: int, windows: torch.Tensor,
                         compensation: str, lam: float, batch_size: int, device: torch.device,
                         info: dict) -> torch.Tensor | None:
-    """Slice and compensate every decoder layer; returns the untied LM head's new kept columns
-    (None for a tied head, which is the embedding and stays as it is)."""
+    """Slice and compensate every decoder layer; returns the untied LM head's new kept columns.
+    A tied head is the embedding and stays; the final norm's kept weights are rescaled for it
+    instead (:func:`ridge_diagonal`; the norm is sliced afterwards)."""
     sequential = compensation == "ridge_sequential"
     kept_dev = kept.to(device)
     dense_batches = capture_layer_inputs(model, adapter, windows, batch_size, device)
@@ -433,9 +467,13 @@ def _compensated_layers(model: nn.Module, adapter: DecoderAdapter, kept: torch.T
         del dense
         layer.to(home)
     head = model.get_output_embeddings()
-    if head is None or head.weight is adapter.base.embed_tokens.weight:
+    if head is None:
         return None
+    tied = head.weight is adapter.base.embed_tokens.weight
     norm = adapter.final_norm()
+    if tied and getattr(norm, "weight", None) is None:
+        info["final_norm"] = "not compensated: the LM head is tied and the final norm has no weight"
+        return None
     dense_norm = copy.deepcopy(norm).to(device)
     pruned_norm = copy.deepcopy(norm).to(device)
     _slice_norm(pruned_norm, kept)
@@ -443,6 +481,14 @@ def _compensated_layers(model: nn.Module, adapter: DecoderAdapter, kept: torch.T
     for i, (h, _) in enumerate(dense_batches):
         pairs.update(dense_norm(h.to(device)), pruned_norm(pruned_batches[i][0].to(device)) if sequential else None)
     gram, cross, gram_kept = pairs.products()
+    if tied:  # the head is the embedding: scale the final norm's kept outputs instead
+        scales, fit = ridge_diagonal(head.weight, gram, cross, gram_kept, kept, lam)
+        off = adapter.norm_weight_offset
+        w = norm.weight.data
+        k = kept.to(w.device)
+        w[k] = ((w[k].double() + off) * scales.to(w.device) - off).to(w.dtype)
+        info["final_norm"] = {key: fit[key] for key in ("rel_error_uncompensated", "rel_error")}
+        return None
     new, head_info = ridge_inputs(head.weight, gram, cross, gram_kept, kept, lam)
     info["lm_head"] = {k: head_info[k] for k in ("rel_error_uncompensated", "rel_error")}
     return new

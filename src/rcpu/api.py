@@ -64,18 +64,22 @@ def check_seqlen(config, seqlen: int, flag: str = "--seqlen") -> None:
 def calibration_windows_for(tokenizer, cfg: PruneConfig, calib: str
                             ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Tokenise the calibration source once and draw ``nsamples`` windows from ``seed``
-    (plus non-overlapping held-out windows when ridge's lambda is tuned)."""
+    (plus non-overlapping held-out windows when ridge's lambda is tuned); each window starts
+    with BOS when the tokenizer adds one (:func:`rcpu.data.bos_token_id`)."""
     from . import data
 
     text = data.load_text(calib, "calib")
     ids = data.tokenize(tokenizer, text)
-    windows = data.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    bos = data.bos_token_id(tokenizer)  # Gemma: every window starts with BOS
+    windows = data.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed, bos)
     info = {"source": calib, **data.describe_source(calib, "calib"), "source_tokens": int(ids.numel()),
             "windows_sha256": data.token_hash(windows), "nsamples": cfg.nsamples, "seqlen": cfg.seqlen,
             "seed": cfg.seed}
+    if bos is not None:
+        info["bos"] = bos
     heldout = None
     if cfg.needs_heldout:
-        heldout = data.heldout_windows(ids, cfg.nholdout, cfg.nsamples, cfg.seqlen, cfg.seed)
+        heldout = data.heldout_windows(ids, cfg.nholdout, cfg.nsamples, cfg.seqlen, cfg.seed, bos)
         info["heldout_windows"] = {"n": cfg.nholdout, "sha256": data.token_hash(heldout),
                                    "rule": f"non-overlapping with the calibration windows, seed + "
                                            f"{data.HELDOUT_SEED_OFFSET}"}

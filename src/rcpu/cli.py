@@ -249,17 +249,19 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _eval_ids(tokenizer, source: str):
+    """The evaluation text's token ids and the BOS that starts every window (None: none)."""
     from . import data
 
-    return data.tokenize(tokenizer, data.load_text(source, "eval"))
+    return data.tokenize(tokenizer, data.load_text(source, "eval")), data.bos_token_id(tokenizer)
 
 
-def _ppl(model, ids, seqlen, args, device, label):
+def _ppl(model, eval_ids, seqlen, args, device, label):
     from .evaluate import perplexity
 
+    ids, bos = eval_ids
     max_tokens = args.max_eval_tokens or None
     return perplexity(model, ids, seqlen, batch_size=args.eval_batch_size, max_tokens=max_tokens,
-                      device=device, source=label, progress=not args.quiet)
+                      device=device, source=label, progress=not args.quiet, bos=bos)
 
 
 def _ppl_streamed(checkpoint, ids, seqlen, args, dtype, device, label):

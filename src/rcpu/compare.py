@@ -80,11 +80,11 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _ppls(model, eval_ids, eval_seqlens, max_eval_tokens, device, label, progress) -> dict:
+def _ppls(model, eval_ids, eval_seqlens, max_eval_tokens, device, label, progress, bos=None) -> dict:
     out = {}
     for seqlen in eval_seqlens:
         res = perplexity(model, eval_ids, seqlen, max_tokens=max_eval_tokens, device=device, source=label,
-                         progress=progress)
+                         progress=progress, bos=bos)
         logger.info("%s", res.format())
         out[str(seqlen)] = res.to_dict()
     return out
@@ -109,6 +109,7 @@ class CellJob:
     windows: str | None = None
     heldout: str | None = None
     progress: bool = False
+    bos: int | None = None  # the tokenizer's BOS, first in every evaluation window (None: no BOS)
 
 
 def worker_info(device: torch.device) -> dict:
@@ -135,14 +136,15 @@ def run_cell(job: CellJob, tensors: Mapping[str, torch.Tensor], model: torch.nn.
     if job.config is None:
         model.to(device)
         cell = {"method": "dense", "ppl": _ppls(model, eval_ids, job.eval_seqlens, job.max_eval_tokens, device,
-                                                job.eval_label, job.progress)}
+                                                job.eval_label, job.progress, job.bos)}
     else:
         cfg = PruneConfig(**job.config)
         model, report = prune(model, cfg, windows=tensors[job.windows],
                               heldout_windows=tensors[job.heldout] if job.heldout else None, device=device,
                               progress=job.progress)
         model.to(device)
-        ppl = _ppls(model, eval_ids, job.eval_seqlens, job.max_eval_tokens, device, job.eval_label, job.progress)
+        ppl = _ppls(model, eval_ids, job.eval_seqlens, job.max_eval_tokens, device, job.eval_label, job.progress,
+                    job.bos)
         chosen = sorted({f"{layer[part]['lambda']:g}" for layer in report.layers for part in ("attn", "mlp")
                          if "lambda" in layer[part]})
         cell = {
@@ -191,13 +193,15 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
                 check_saveable(dense, cfg)
     calib_ids = data.tokenize(tok, data.load_text(calib, "calib"))
     eval_ids = data.tokenize(tok, data.load_text(eval_source, "eval"))
-    all_windows = data.calibration_windows(calib_ids, max(nsamples), seqlen, seed)
+    bos = data.bos_token_id(tok)
+    all_windows = data.calibration_windows(calib_ids, max(nsamples), seqlen, seed, bos)
     cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else None
     results["protocol_details"] = {
         "calib": data.describe_source(calib, "calib"), "eval": data.describe_source(eval_source, "eval"),
         "calib_tokens": int(calib_ids.numel()), "eval_tokens": int(eval_ids.numel()),
         "windows_sha256": data.token_hash(all_windows), "params_dense": count_params(dense), "versions": versions(),
         "device": str(device) + (f" ({cuda_name})" if cuda_name else ""), "executor": executor,
+        "bos": bos,  # first in every calibration and evaluation window (None: no BOS)
     }
 
     local = executor == "local"
@@ -206,9 +210,9 @@ def run_compare(model_source: str, methods: list[str], ratios: list[float], outp
     job_source = model_source if local or not source_path.exists() else str(source_path.resolve())  # workers' cwd differs
     common = dict(model_source=job_source, dtype=protocol["dtype"], device=job_device,
                   eval_seqlens=tuple(eval_seqlens), max_eval_tokens=max_eval_tokens,
-                  eval_label=f"{eval_source}:eval", progress=progress and local)
+                  eval_label=f"{eval_source}:eval", progress=progress and local, bos=bos)
     jobs, tensors = _jobs(specs, ratios, nsamples, all_windows, calib_ids, eval_ids,
-                          dict(batch_size=batch_size, seqlen=seqlen, seed=seed), common)
+                          dict(batch_size=batch_size, seqlen=seqlen, seed=seed, bos=bos), common)
     for job in jobs:
         if job.key in results["cells"]:
             logger.info("%s: done earlier, skipped", job.key)
@@ -269,7 +273,7 @@ def _jobs(specs: dict[str, dict], ratios: list[float], nsamples: list[int], all_
           calib_ids: torch.Tensor, eval_ids: torch.Tensor, run: dict, common: dict
           ) -> tuple[list[CellJob], dict[str, torch.Tensor]]:
     """The jobs, in table order, and the tensors they name (built once, here). ``run``: the
-    run's batch_size, seqlen and seed."""
+    run's batch_size, seqlen, seed and BOS (None: windows without one)."""
     tensors: dict[str, torch.Tensor] = {"eval": eval_ids}
     jobs = [CellJob(key="dense", method="dense", config=None, **common)]
     for n in nsamples:
@@ -285,7 +289,7 @@ def _jobs(specs: dict[str, dict], ratios: list[float], nsamples: list[int], all_
                     heldout = f"heldout/{cfg.nholdout}"
                     if heldout not in tensors:
                         tensors[heldout] = data.heldout_windows(calib_ids, cfg.nholdout, max(nsamples),
-                                                                run["seqlen"], run["seed"])
+                                                                run["seqlen"], run["seed"], run["bos"])
                 jobs.append(CellJob(key=cell_key(method, ratio, n), method=method,
                                     config=dataclasses.asdict(cfg), windows=f"windows/n{n}", heldout=heldout,
                                     **common))

@@ -470,61 +470,114 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long).reshape(-1)
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def bos_token_id(tokenizer) -> int | None:
+    """The id of the BOS token when ``tokenizer`` starts every encoding with one, else None.
+
+    Read from what the tokenizer does, not from its family or its flags (Gemma's fast tokenizer
+    reports ``add_bos_token=False`` and adds BOS in its post-processor): a short text is encoded
+    with and without special tokens, and BOS counts when only the first encoding starts with
+    ``bos_token_id``. Gemma (and Llama 2/3) add one; SmolLM2 and Qwen2 add none.
+    Every window made for such a tokenizer starts with BOS (see :func:`window_span`).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    probe = "The"
+    try:
+        with_special = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
+        without = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode a word is reported elsewhere
+        return None
+    if with_special[:1] == [bos] and without[:1] != [bos]:
+        return int(bos)
+    return None
+
+
+def window_span(seqlen: int, bos: int | None) -> int:
+    """Text tokens per ``seqlen``-token window: ``seqlen - 1`` when every window starts with
+    ``bos`` (the BOS takes the place of the first text token, which no window scores anyway),
+    else ``seqlen``. Windows are ``seqlen`` tokens long either way, and each yields ``seqlen - 1``
+    next-token predictions: with a BOS, every text token of the window is predicted and the BOS
+    itself never is."""
+    return int(seqlen) - (1 if bos is not None else 0)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), int(bos)), windows], dim=1)
+
+
+def consecutive_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """``[n, seqlen]`` non-overlapping windows of ``ids`` in order, each of ``window_span(seqlen, bos)``
+    text tokens, prefixed with ``bos`` when given; the tail that does not fill a window is dropped
+    (``n`` may be 0). The one place where evaluation and training text is cut into windows."""
+    ids = ids.reshape(-1).long()
+    span = window_span(seqlen, bos)
+    n = ids.numel() // span if span > 0 else 0
+    return _with_bos(ids[: n * span].view(n, span), bos)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` random contiguous windows of ``ids``, reproducible from ``seed``.
 
-    Window starts are drawn uniformly from ``[0, len(ids) - seqlen]`` with a local
-    ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched).
+    Window starts are drawn uniformly from ``[0, len(ids) - span]`` with a local
+    ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched), where ``span`` is
+    :func:`window_span`: ``seqlen`` text tokens, or ``seqlen - 1`` after ``bos`` when given.
     """
     if nsamples < 1:
         raise RcpuError(f"--nsamples is {nsamples}; use at least 1")
-    if seqlen < 1:
-        raise RcpuError(f"--seqlen is {seqlen}; use at least 1")
+    if seqlen < 1 or (bos is not None and seqlen < 2):
+        raise RcpuError(f"--seqlen is {seqlen}; use at least {1 if bos is None else 2}")
     ids = ids.reshape(-1)
     n = ids.numel()
-    if n < seqlen + 1:
+    span = window_span(seqlen, bos)
+    if n < span + 1:
         raise RcpuError(
             f"calibration text has {n} tokens, fewer than --seqlen {seqlen} + 1; "
             "use a longer source or a smaller --seqlen"
         )
-    starts = _window_starts(n, nsamples, seqlen, seed)
-    return _gather(ids, starts, seqlen)
+    starts = _window_starts(n, nsamples, span, seed)
+    return _gather(ids, starts, span, bos)
 
 
-def _window_starts(n: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def _window_starts(n: int, nsamples: int, span: int, seed: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randint(0, n - seqlen + 1, (nsamples,), generator=generator)
+    return torch.randint(0, n - span + 1, (nsamples,), generator=generator)
 
 
-def _gather(ids: torch.Tensor, starts: torch.Tensor, seqlen: int) -> torch.Tensor:
-    index = starts[:, None] + torch.arange(seqlen)[None, :]
-    return ids.long()[index.to(ids.device)]
+def _gather(ids: torch.Tensor, starts: torch.Tensor, span: int, bos: int | None) -> torch.Tensor:
+    index = starts[:, None] + torch.arange(span)[None, :]
+    return _with_bos(ids.long()[index.to(ids.device)], bos)
 
 
 HELDOUT_SEED_OFFSET = 1_000_003
 
 
-def heldout_windows(ids: torch.Tensor, nholdout: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def heldout_windows(ids: torch.Tensor, nholdout: int, nsamples: int, seqlen: int, seed: int,
+                    bos: int | None = None) -> torch.Tensor:
     """``[nholdout, seqlen]`` windows of the calibration text that overlap none of the
-    ``calibration_windows(ids, nsamples, seqlen, seed)``: for choosing hyper-parameters
+    ``calibration_windows(ids, nsamples, seqlen, seed, bos)``: for choosing hyper-parameters
     (ridge λ) on calibration data without touching evaluation text. Drawn from
-    ``seed + 1_000_003`` by rejection."""
+    ``seed + 1_000_003`` by rejection; prefixed with ``bos`` like the calibration windows."""
     ids = ids.reshape(-1)
     n = ids.numel()
-    calibration_windows(ids, nsamples, seqlen, seed)  # same validation
+    calibration_windows(ids, nsamples, seqlen, seed, bos)  # same validation
+    span = window_span(seqlen, bos)
     taken = torch.zeros(n, dtype=torch.bool)
-    for s in _window_starts(n, nsamples, seqlen, seed).tolist():
-        taken[s:s + seqlen] = True
-    # a window starting at s is free iff taken[s:s+seqlen] has no True
+    for s in _window_starts(n, nsamples, span, seed).tolist():
+        taken[s:s + span] = True
+    # a window starting at s is free iff taken[s:s+span] has no True
     busy = torch.cat([torch.zeros(1), taken.double().cumsum(0)])
-    free = (busy[seqlen:] - busy[:-seqlen]) == 0  # for starts 0 .. n - seqlen
+    free = (busy[span:] - busy[:-span]) == 0  # for starts 0 .. n - span
     candidates = free.nonzero().flatten()
     if len(candidates) < nholdout:
         raise RcpuError(f"calibration text is too short for {nholdout} held-out windows of {seqlen} tokens "
                         "beside the calibration windows; use a longer source or fewer --nholdout")
     generator = torch.Generator(device="cpu").manual_seed(int(seed) + HELDOUT_SEED_OFFSET)
     pick = candidates[torch.randperm(len(candidates), generator=generator)[:nholdout]]
-    return _gather(ids, pick, seqlen)
+    return _gather(ids, pick, span, bos)
 
 
 def token_hash(ids: torch.Tensor) -> str:

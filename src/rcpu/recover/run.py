@@ -107,26 +107,31 @@ def prepare_data(tokenizer, cfg: RecoverConfig, inputs: RecoverInputs, texts: tu
     """Tokenise and window the training text (refusing one too short) and tokenise the evaluation text."""
     train_text, eval_text, info = texts if texts is not None else check_texts(inputs)
     ids = data.tokenize(tokenizer, train_text)
-    windows = TrainingWindows.from_ids(ids, cfg.seqlen, cfg.heldout, cfg.seed, source=f"--data {inputs.data}")
+    bos = data.bos_token_id(tokenizer)
+    windows = TrainingWindows.from_ids(ids, cfg.seqlen, cfg.heldout, cfg.seed, source=f"--data {inputs.data}",
+                                       bos=bos)
     eval_ids = None if eval_text is None else data.tokenize(tokenizer, eval_text)
-    info = {**info, "tokens": int(ids.numel()), "seqlen": cfg.seqlen, "train_windows": int(windows.train.shape[0]),
+    info = {**info, "tokens": int(ids.numel()), "seqlen": cfg.seqlen, "bos": bos,
+            "train_windows": int(windows.train.shape[0]),
             "heldout_windows": int(windows.heldout.shape[0]), "heldout_hash": data.token_hash(windows.heldout),
             "epochs": round(windows.epochs(cfg.steps(), cfg.batch_size), 4)}
     return PreparedData(windows, eval_ids, info)
 
 
-def eval_windows(ids: torch.Tensor | None, seqlens, max_tokens: int | None) -> dict[int, torch.Tensor]:
-    """Non-overlapping windows of the first ``max_tokens`` evaluation tokens, per window length: the
-    windows :func:`rcpu.evaluate.perplexity` scores, so the perplexities agree with ``rcpu eval``."""
+def eval_windows(ids: torch.Tensor | None, seqlens, max_tokens: int | None,
+                 bos: int | None = None) -> dict[int, torch.Tensor]:
+    """Non-overlapping windows of the first ``max_tokens`` evaluation tokens, per window length (each
+    after ``bos`` when given): the windows :func:`rcpu.evaluate.perplexity` scores, so the
+    perplexities agree with ``rcpu eval``."""
     if ids is None:
         return {}
     ids = ids[:max_tokens] if max_tokens else ids
     out = {}
     for s in seqlens:
-        n = ids.numel() // s
-        if n == 0:
+        windows = data.consecutive_windows(ids, s, bos)
+        if windows.shape[0] == 0:
             raise RcpuError(f"the evaluation text has {ids.numel():,} tokens, fewer than one --eval_seqlen {s} window")
-        out[s] = ids[: n * s].view(n, s)
+        out[s] = windows
     return out
 
 
@@ -143,7 +148,7 @@ def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_inf
         raise RcpuError("--fsdp needs a way to rebuild the student on rank 0; use recover_checkpoint")
     prepared = prepared or prepare_data(tokenizer, cfg, inputs)
     windows, data_info = prepared.windows, prepared.info
-    sets = eval_windows(prepared.eval_ids, inputs.eval_seqlens, inputs.max_eval_tokens)
+    sets = eval_windows(prepared.eval_ids, inputs.eval_seqlens, inputs.max_eval_tokens, prepared.info.get("bos"))
     label = f"{inputs.eval}:eval"
     digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(getattr(student, "dtype", "")),
                         str(inputs.autocast), ctx.world if cfg.fsdp else 1)

@@ -1,7 +1,9 @@
 """Training text as packed windows: a held-out set, and a seeded order of the rest, epoch by epoch.
 
 The text is tokenised once and cut into consecutive ``seqlen``-token windows (documents are
-packed: a window may span a document boundary, as in the pre-training of these models). A
+packed: a window may span a document boundary, as in the pre-training of these models); for a
+tokenizer that adds a BOS token every window is that BOS and ``seqlen - 1`` text tokens
+(:func:`rcpu.data.consecutive_windows`). A
 seeded permutation puts ``heldout`` windows aside, never trained on; the others are visited in
 a fresh seeded order each epoch. Batch ``k`` is a pure function of (windows, seed, k), which is
 what makes a resumed run see exactly the batches an uninterrupted one would.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import consecutive_windows
 from ..errors import RcpuError
 
 __all__ = ["TrainingWindows", "pack_windows"]
@@ -20,11 +23,10 @@ __all__ = ["TrainingWindows", "pack_windows"]
 _HELDOUT_SEED = 7_919  #: offset of the held-out draw's seed from the run's seed
 
 
-def pack_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """``[len(ids) // seqlen, seqlen]`` consecutive windows (the tail that does not fill one is dropped)."""
-    ids = ids.reshape(-1).long()
-    n = ids.numel() // seqlen
-    return ids[: n * seqlen].view(n, seqlen)
+def pack_windows(ids: torch.Tensor, seqlen: int, bos: int | None = None) -> torch.Tensor:
+    """``[len(ids) // seqlen, seqlen]`` consecutive windows (the tail that does not fill one is dropped);
+    with ``bos``, ``[len(ids) // (seqlen - 1), seqlen]`` windows that start with it."""
+    return consecutive_windows(ids, seqlen, bos)
 
 
 @dataclass
@@ -34,9 +36,9 @@ class TrainingWindows:
     seed: int
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor, seqlen: int, heldout: int, seed: int, source: str = "the training text"
-                 ) -> TrainingWindows:
-        windows = pack_windows(ids, seqlen)
+    def from_ids(cls, ids: torch.Tensor, seqlen: int, heldout: int, seed: int, source: str = "the training text",
+                 bos: int | None = None) -> TrainingWindows:
+        windows = pack_windows(ids, seqlen, bos)
         if windows.shape[0] < heldout + 1:
             raise RcpuError(
                 f"{source} has {ids.numel():,} tokens: {windows.shape[0]} window(s) of --seqlen {seqlen}, too few "

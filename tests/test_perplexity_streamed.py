@@ -150,3 +150,13 @@ def test_cli_prune_save_model_never_loads_the_whole_model(tmp_path, monkeypatch,
         m.setattr(loading, "load_model", _refuse)
         with pytest.raises(AssertionError, match="whole model was loaded"):
             main(args(tmp_path / "refused", "--no-stream"))
+
+
+def test_bos_first_windows(tmp_path):
+    """Gemma's tokenizer adds a BOS: every window starts with it, in both evaluations alike."""
+    checkpoint = _save(make_model("gemma3", layers=2), tmp_path / "m")
+    model = load_model(str(checkpoint)).model
+    mem = perplexity(model, IDS, 32, batch_size=4, progress=False, bos=1)
+    streamed = perplexity_streamed(checkpoint, IDS, 32, batch_size=4, progress=False, bos=1)
+    assert streamed == mem and streamed.bos
+    assert streamed != perplexity_streamed(checkpoint, IDS, 32, batch_size=4, progress=False)

@@ -264,11 +264,12 @@ def _ppl(model, eval_ids, seqlen, args, device, label):
                       device=device, source=label, progress=not args.quiet, bos=bos)
 
 
-def _ppl_streamed(checkpoint, ids, seqlen, args, dtype, device, label):
+def _ppl_streamed(checkpoint, eval_ids, seqlen, args, dtype, device, label):
     """Perplexity of a checkpoint on disk, read one decoder layer at a time (see :func:`_ppl`)."""
     from .evaluate.streamed import perplexity_streamed
 
-    return perplexity_streamed(checkpoint, ids, seqlen, batch_size=args.eval_batch_size,
+    ids, bos = eval_ids
+    return perplexity_streamed(checkpoint, ids, seqlen, bos=bos, batch_size=args.eval_batch_size,
                                max_tokens=args.max_eval_tokens or None, dtype=dtype, device=device,
                                hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib,
                                trust_remote_code=args.trust_remote_code, source=label, progress=not args.quiet)

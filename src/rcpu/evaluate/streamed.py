@@ -128,12 +128,13 @@ def perplexity_streamed(
     trust_remote_code: bool = False,
     source: str = "",
     progress: bool = True,
+    bos: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of the checkpoint ``checkpoint`` on ``ids``, reading one decoder layer at a time.
 
     ``checkpoint`` is a safetensors checkpoint directory (a stock one, or one rcpu wrote with
     per-layer widths) or a GGUF file; its weights are read in ``dtype`` and run on ``device``.
-    ``ids``, ``seqlen``, ``batch_size``, ``max_tokens``, ``source`` and ``progress`` are those of
+    ``ids``, ``seqlen``, ``batch_size``, ``max_tokens``, ``source``, ``progress`` and ``bos`` are those of
     :func:`rcpu.evaluate.perplexity`, and so is the result. ``hidden_states`` / ``max_hidden_gib``:
     where the hidden states of all windows live between layers (see
     :func:`rcpu.layer_io.hidden_state_storage`; "auto" keeps them on a CUDA device when they fit).
@@ -147,7 +148,7 @@ def perplexity_streamed(
     from ..streaming import free_embeddings, open_checkpoint, read_embeddings, read_head, read_layer
 
     ids, seqlen = _check_arguments(ids, seqlen, batch_size, max_tokens)
-    windows = _cut_windows(ids, seqlen)
+    windows = _cut_windows(ids, seqlen, bos)
     n = windows.shape[0]
     bs = min(int(batch_size) if batch_size is not None else max(1, DEFAULT_BATCH_TOKENS // seqlen), n)
     device = torch.device(device)
@@ -189,4 +190,4 @@ def perplexity_streamed(
                                   reduction="sum")
         total_nll += float(nll.item())
         batches[b] = None
-    return _result(total_nll, n, seqlen, _dtype_name(dtype), source)
+    return _result(total_nll, n, seqlen, _dtype_name(dtype), source, bos is not None)

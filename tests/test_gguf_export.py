@@ -488,8 +488,8 @@ def test_llama3_rope_freqs_equal_the_formula(tmp_path):
 
 def test_gemma3_follows_llama_cpps_conventions(tmp_path):
     """Norm weights stored as 1 + w; the model's query scale (query_pre_attn_scalar 16 here, where
-    llama.cpp scales by head_dim 8) folded into the q norm; the per-layer sliding pattern and the
-    local RoPE base; head_dim with the pruned head count."""
+    llama.cpp scales by head_dim 8, or for 62 layers by hidden / heads) folded into the q norm; the
+    per-layer sliding pattern and the local RoPE base; head_dim with the pruned head count."""
     model = cut(family_model("gemma3"))
     path = tmp_path / "g.gguf"
     assert export_gguf(model, bpe_tokenizer(), path, quant="f32").arch == "gemma3"
@@ -507,6 +507,14 @@ def test_gemma3_follows_llama_cpps_conventions(tmp_path):
     np.testing.assert_allclose(tensors["blk.0.attn_q_norm.weight"],
                                (layer.self_attn.q_norm.weight.detach().numpy() + 1) * (16 ** -0.5 / 8 ** -0.5), rtol=1e-6)
     assert "output.weight" not in tensors  # tied
+    # 62 layers: llama.cpp takes the file for Gemma 3 27B and scales by (hidden / heads)^-0.5, with
+    # the heads written (6 here) and integer division, where the model keeps its query_pre_attn_scalar
+    deep = cut(family_model("gemma3", layers=62, layer_types=["sliding_attention", "full_attention"] * 31))
+    export_gguf(deep, bpe_tokenizer(), tmp_path / "deep.gguf", quant="f32")
+    q_norm = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "deep.gguf").tensors}
+    np.testing.assert_allclose(q_norm["blk.61.attn_q_norm.weight"],
+                               (deep.model.layers[61].self_attn.q_norm.weight.detach().numpy() + 1)
+                               * (16 ** -0.5 / (64 // 6) ** -0.5), rtol=1e-6)
 
 
 def test_zero_heads_pad_attention_for_graphs_sized_hidden_by_hidden(tmp_path):
@@ -635,7 +643,8 @@ def assert_llama_cpp_agrees(tmp_path: Path, cases: dict[str, tuple[torch.nn.Modu
 def test_llama_cpp_runs_every_family_as_transformers_does(tmp_path):
     """Every FAMILIES row, pruned (6 of 8 heads, 72 of 96 channels), at f32; and Phi-3 with whole-head
     RoPE (llama graph) and with LongRoPE, OLMo 2 with as many KV heads as query heads (both padded
-    with zero heads), and FLAP's per-layer widths on Llama 3 (deci graph)."""
+    with zero heads), Gemma 3 with 62 layers (llama.cpp's query scale for the 27B model), and FLAP's
+    per-layer widths on Llama 3 (deci graph)."""
     own = {"qwen2": "llama", "mistral": "llama", "llama3": "llama"}
     cases = {f: (cut(family_model(f)), "f32", own.get(f, get_adapter(make_model(f)).gguf_arch)) for f in FAMILIES}
     cases["phi3-whole-rope"] = (cut(family_model("phi3", partial_rotary_factor=1.0)), "f32", "llama")
@@ -647,6 +656,8 @@ def test_llama_cpp_runs_every_family_as_transformers_does(tmp_path):
     mha = cut(family_model("olmo2", kv_heads=8), kv=(0, 2, 3, 4, 5, 7))
     assert mha.model.layers[0].self_attn.k_proj.out_features == 48  # 6 KV heads: padded to 8 with the queries
     cases["olmo2-mha"] = (mha, "f32", "olmo2")
+    deep = family_model("gemma3", layers=62, layer_types=["sliding_attention", "full_attention"] * 31)
+    cases["gemma3-62-layers"] = (cut(deep), "f32", "gemma3")  # llama.cpp's query scale for "27B"
     flap = family_model("llama3")
     prune(flap, PruneConfig(method="flap", pruning_ratio=0.25), windows=make_windows(16, 32), device="cpu",
           progress=False)

@@ -75,8 +75,9 @@ class Graph:
 
 def _gemma3_query_scale(layers: int, hidden: int, heads: int, head_dim: int) -> float:
     # llama.cpp takes a Gemma 3 file of 62 layers for the 27B model and scales queries by
-    # (hidden / heads)^-0.5 there, head_dim^-0.5 otherwise; query_pre_attn_scalar is not read
-    return (hidden / heads) ** -0.5 if layers == 62 else head_dim ** -0.5
+    # (hidden / heads)^-0.5 there, in integer division, head_dim^-0.5 otherwise;
+    # query_pre_attn_scalar is not read
+    return (hidden // heads) ** -0.5 if layers == 62 else head_dim ** -0.5
 
 
 _LLAMA_ROPE = ("linear", "llama3", "longrope")

@@ -477,7 +477,8 @@ def _padded_heads(layout: Layout) -> dict | None:
     if layout.heads is None:
         return None
     w = layout.widths[0]
-    return {"heads": [w["num_attention_heads"], layout.heads[0]], "kv_heads": [w["num_key_value_heads"], layout.heads[1]]}
+    return {"heads": [w["num_attention_heads"], layout.heads[0]],
+            "kv_heads": [w["num_key_value_heads"], layout.heads[1]]}
 
 
 def check_exportable(model_or_config, prune_config=None) -> str:
@@ -488,19 +489,17 @@ def check_exportable(model_or_config, prune_config=None) -> str:
     ``model_or_config``: a model (checked as it is), or a transformers config, with ``prune_config``
     the pruning it will get (a global allocation gives per-layer widths, bias compensation output
     biases): ``rcpu prune --save_gguf`` checks this before pruning."""
-    if isinstance(model_or_config, nn.Module):
-        if prune_config is not None:
-            facts = facts_from_config(model_or_config.config, prune_config)
-            return choose_graph(facts)[0].name
+    is_model = isinstance(model_or_config, nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    if is_model and prune_config is None:
         layout = _layout(model_or_config)
-        if layout.facts.rope.kind == "longrope":
-            longrope_of(model_or_config.config, layout.facts.rope, layout.facts.rotary_dims)
-        return layout.name
-    facts = facts_from_config(model_or_config, prune_config)
-    graph, _ = choose_graph(facts)
-    if facts.rope.kind == "longrope":
-        longrope_of(model_or_config, facts.rope, facts.rotary_dims)
-    return graph.name
+        facts, name = layout.facts, layout.name
+    else:
+        facts = facts_from_config(config, prune_config)
+        name = choose_graph(facts)[0].name
+    if facts.rope.kind == "longrope":  # its factors must fit the rotary dimensions
+        longrope_of(config, facts.rope, facts.rotary_dims)
+    return name
 
 
 def _add_provenance(writer: gguf.GGUFWriter, prov: dict) -> None:

@@ -469,7 +469,7 @@ def tensor_plan(model: nn.Module, layout: Layout) -> list[tuple[str, int, Thunk]
     head = model.get_output_embeddings()
     if head is not None:
         tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
-        key = reader.key(head)
+        key = reader.key(head) or reader.key(embed)  # a tied head may be in the state dict once
         if not tied or graph.needs_output:  # else llama.cpp reuses token_embd
             plan.append((_name(_T.OUTPUT), 2, partial(reader.array, key)))
     rope = layout.facts.rope

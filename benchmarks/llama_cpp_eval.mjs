@@ -8,7 +8,8 @@
 //            "threads": 2}
 // Perplexity: each window is scored on its own from an empty context, no BOS added (as rcpu's
 // transformers evaluation does); p(next token) comes from controlledEvaluate with the full
-// distribution (topK 0, topP 1, minP 0, temperature 1), so nothing is truncated.
+// distribution (topK 0, topP 1, minP 0, temperature 1), so nothing is truncated. With
+// "token_logprobs": true in the job, each result also lists log p(next token) per window position.
 // Speed: models are timed in alternating order within each round, all in this one process, one
 // model loaded at a time.
 // NODE_PATH or a node_modules next to this script must provide node-llama-cpp (3.22.1 tested).
@@ -45,20 +46,25 @@ async function open(modelPath, contextSize) {
     return {model, context, sequence: context.getSequence()};
 }
 
-async function perplexity(sequence, windows) {
+async function perplexity(sequence, windows, keepLogprobs) {
     let nll = 0;
     let count = 0;
+    const logprobs = [];
     for (const window of windows) {
         await sequence.clearHistory();
         const input = window.map((t, i) => (i < window.length - 1 ? [t, {generateNext: full}] : t));
         const out = await sequence.controlledEvaluate(input);
+        const row = [];
         for (let i = 0; i < window.length - 1; i++) {
             const p = out[i]?.next?.probabilities?.get(window[i + 1]) ?? 0;
-            nll -= Math.log(Math.max(p, 1e-30));
+            const lp = Math.log(Math.max(p, 1e-30));
+            nll -= lp;
             count += 1;
+            row.push(lp);
         }
+        logprobs.push(row);
     }
-    return {ppl: Math.exp(nll / count), tokens: count};
+    return {ppl: Math.exp(nll / count), tokens: count, ...(keepLogprobs ? {logprobs} : {})};
 }
 
 async function timeOnce(sequence, prompt, newTokens) {
@@ -96,7 +102,7 @@ for (const modelPath of evaluate ? job.models : []) {
         const text = await completion.generateCompletion(prompt, {maxTokens: job.max_tokens ?? 16, temperature: 0});
         res.completions.push({prompt, text});
     }
-    if (job.windows?.length) Object.assign(res, await perplexity(sequence, job.windows));
+    if (job.windows?.length) Object.assign(res, await perplexity(sequence, job.windows, job.token_logprobs));
     res.load_and_eval_s = (Date.now() - t0) / 1000;
     results[modelPath] = res;
     await context.dispose();

@@ -58,9 +58,9 @@ FAMILIES: dict[str, tuple[type, type, dict]] = {
 def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, head_dim: int = 8,
                intermediate: int = 96, layers: int = 2, seed: int = 0, **extra) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=VOCAB,
-                  max_position_embeddings=256, **extra)
+    common = {**dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=VOCAB,
+                     max_position_embeddings=256), **extra}  # extra may override these (e.g. vocab_size)
     if family not in FAMILIES:
         raise ValueError(family)
     config_cls, model_cls, keys = FAMILIES[family]

@@ -2,7 +2,9 @@
 
 Tiny pruned models (heads 8 -> 4 with head_dim 8, so hidden / heads != head_dim) are exported and
 read back by transformers' GGUF reader (logits compared with the in-memory model) and, when Node
-and node-llama-cpp are installed, by llama.cpp itself (perplexity compared with torch's).
+and node-llama-cpp are installed, by llama.cpp itself (perplexity compared with torch's). Every
+family of conftest's FAMILIES table is exported and run by llama.cpp, whose log-probabilities of
+each next token are compared with transformers'.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import FAMILIES, LLAMA3_ROPE, make_model, make_tokenizer, make_windows
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -29,9 +31,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rcpu.api import prune
 from rcpu.cli import main
+from rcpu.config import PruneConfig
 from rcpu.errors import RcpuError
-from rcpu.gguf_export import export_gguf, permute_qk
+from rcpu.gguf_export import check_exportable, export_gguf, permute_qk
 from rcpu.loading import load_model
 from rcpu.models import get_adapter
 
@@ -205,7 +209,7 @@ def test_quantised_blocks_pad_the_mlp_and_fall_back_to_f16_without_padding(tmp_p
     assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     up = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, gguf.GGMLQuantizationType.Q8_0)
-    ref = model.model.layers[0].mlp.up_proj.weight.numpy()
+    ref = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
     assert up.shape == ref.shape and np.abs(up - ref).max() < np.abs(ref).max() / 100
     # a rounded width (64) needs no fallback, in any block type; 4/5-bit files keep the embedding at q8_0
     for quant in ("q4_0", "q4_1", "q5_0", "q5_1", "bf16"):
@@ -232,7 +236,7 @@ def test_tensor_types_override_the_type_of_matching_matrices(tmp_path):
     assert any("stored by --tensor_type" in line for line in report.summary_lines())
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     down = gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data, gguf.GGMLQuantizationType.Q8_0)
-    ref = model.model.layers[1].mlp.down_proj.weight.numpy()
+    ref = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
     assert down.shape == (64, 64) and not down[:, 40:].any()  # padded to whole blocks
     assert np.abs(down[:, :40] - ref).max() < np.abs(ref).max() / 100
     f16 = export_gguf(model, bpe_tokenizer(), tmp_path / "f16.gguf", quant="f16", tensor_types=["ffn_down=q8_0"])
@@ -403,3 +407,269 @@ def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
         assert res["tokens"] == 3 * 31 and len(res["completions"]) == 1
         tol = 2e-3 if quant == "f32" else 5e-2
         assert abs(res["ppl"] / ppl - 1) < tol, (res["file"], res["ppl"], ppl)
+
+
+# -------------------------------------------------------------------------------------- families
+
+
+def family_model(family: str, **extra) -> torch.nn.Module:
+    """A tiny model of a FAMILIES row with the byte-level vocabulary, weights large enough that
+    errors show. SmolLM3 gets 4 layers with llama.cpp's NoPE pattern (no RoPE in every 4th layer)."""
+    extra = {"vocab_size": len(bpe_tokenizer()), **extra}
+    if family == "smollm3":
+        extra = {"layers": 4, "no_rope_layers": [1, 1, 1, 0], **extra}
+    model = make_model(family, **extra)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def cut(model: torch.nn.Module, heads=(0, 2, 3, 4, 5, 7), kv=(0, 1), channels: int = 72,
+        layers: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """Pruned in place by the adapter's surgery (milliseconds): 8 -> 6 query heads (3 per KV group,
+    so 6 x 8 != hidden 64), MLP 96 -> ``channels``; ``layers``: only these (per-layer widths)."""
+    adapter = get_adapter(model)
+    kept = torch.arange(0, 96, 96 / channels).long()[:channels] if channels != 96 else torch.arange(96)
+    for i, layer in enumerate(adapter.layers):
+        if layers is None or i in layers:
+            adapter.prune_attention(layer, torch.tensor(heads), torch.tensor(kv))
+            adapter.prune_mlp(layer, kept)
+    adapter.finalize()
+    return model
+
+
+def token_logprobs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).logits.float(), -1)
+    return logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+
+
+def run_llama_cpp(tmp_path: Path, files: list[str], x: torch.Tensor) -> list[dict]:
+    job = {"models": files, "windows": x.tolist(), "prompts": [], "threads": 1, "token_logprobs": True}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_eval.mjs"), str(tmp_path / "job.json"),
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RCPU_NODE_MODULES": str(_node_modules())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "out.json").read_text())["results"]
+
+
+def test_llama3_rope_freqs_equal_the_formula(tmp_path):
+    """rope_freqs (llama.cpp divides frequency i by entry i) from Llama 3's formula, written out here,
+    and the same as the ratio of transformers' unscaled to llama3-scaled inverse frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = cut(family_model("llama3", head_dim=16, heads=4, kv_heads=2), heads=(0, 1, 2, 3))
+    path = tmp_path / "l3.gguf"
+    assert export_gguf(model, bpe_tokenizer(), path, quant="f32").arch == "llama"
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    p, dim = LLAMA3_ROPE, 16
+    want = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * np.pi * p["rope_theta"] ** (i / dim)
+        if wavelen < p["original_max_position_embeddings"] / p["high_freq_factor"]:
+            want.append(1.0)
+        elif wavelen > p["original_max_position_embeddings"] / p["low_freq_factor"]:
+            want.append(p["factor"])
+        else:
+            smooth = ((p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"])
+                      / (p["high_freq_factor"] - p["low_freq_factor"]))
+            want.append(1 / ((1 - smooth) / p["factor"] + smooth))
+    assert got.shape == (dim // 2,) and len(set(want)) == 3  # all three regimes occur
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    inv_scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    inv_plain = 1.0 / p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    np.testing.assert_allclose(got, (inv_plain / inv_scaled.double()).numpy(), rtol=1e-5)
+    meta = fields(path)
+    assert "llama.rope.scaling.type" not in meta and meta["llama.rope.freq_base"] == p["rope_theta"]
+
+
+def test_gemma3_follows_llama_cpps_conventions(tmp_path):
+    """Norm weights stored as 1 + w; the model's query scale (query_pre_attn_scalar 16 here, where
+    llama.cpp scales by head_dim 8, or for 62 layers by hidden / heads) folded into the q norm; the
+    per-layer sliding pattern and the local RoPE base; head_dim with the pruned head count."""
+    model = cut(family_model("gemma3"))
+    path = tmp_path / "g.gguf"
+    assert export_gguf(model, bpe_tokenizer(), path, quant="f32").arch == "gemma3"
+    meta = fields(path)
+    assert meta["gemma3.attention.head_count"] == 6 and meta["gemma3.attention.key_length"] == 8
+    assert meta["gemma3.attention.sliding_window"] == 8
+    assert meta["gemma3.attention.sliding_window_pattern"] == [True, False]
+    assert meta["gemma3.rope.freq_base"] == 1e6 and meta["gemma3.rope.freq_base_swa"] == 1e4
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    layer = model.model.layers[0]
+    np.testing.assert_allclose(tensors["blk.0.attn_norm.weight"], layer.input_layernorm.weight.detach().numpy() + 1)
+    np.testing.assert_allclose(tensors["blk.0.post_ffw_norm.weight"],
+                               layer.post_feedforward_layernorm.weight.detach().numpy() + 1)
+    np.testing.assert_allclose(tensors["blk.0.attn_k_norm.weight"], layer.self_attn.k_norm.weight.detach().numpy() + 1)
+    np.testing.assert_allclose(tensors["blk.0.attn_q_norm.weight"],
+                               (layer.self_attn.q_norm.weight.detach().numpy() + 1) * (16 ** -0.5 / 8 ** -0.5), rtol=1e-6)
+    assert "output.weight" not in tensors  # tied
+    # 62 layers: llama.cpp takes the file for Gemma 3 27B and scales by (hidden / heads)^-0.5, with
+    # the heads written (6 here) and integer division, where the model keeps its query_pre_attn_scalar
+    deep = cut(family_model("gemma3", layers=62, layer_types=["sliding_attention", "full_attention"] * 31))
+    export_gguf(deep, bpe_tokenizer(), tmp_path / "deep.gguf", quant="f32")
+    q_norm = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "deep.gguf").tensors}
+    np.testing.assert_allclose(q_norm["blk.61.attn_q_norm.weight"],
+                               (deep.model.layers[61].self_attn.q_norm.weight.detach().numpy() + 1)
+                               * (16 ** -0.5 / (64 // 6) ** -0.5), rtol=1e-6)
+
+
+def test_zero_heads_pad_attention_for_graphs_sized_hidden_by_hidden(tmp_path):
+    """llama.cpp's phi3 and olmo2 graphs load q and o as hidden x hidden: 6 kept heads are written as
+    8, two of them zero (q rows, o columns); OLMo 2's q norm over the whole projection gets zeros
+    there and its weights scaled by sqrt(6 / 8), since its RMS then runs over 8 heads."""
+    for family in ("phi3", "olmo2"):
+        model = cut(family_model(family))
+        path = tmp_path / f"{family}.gguf"
+        report = export_gguf(model, bpe_tokenizer(), path, quant="f32")
+        assert report.arch == family and report.padded_heads == {"heads": [6, 8], "kv_heads": [2, 2]}
+        assert any("padded with zero heads" in line for line in report.summary_lines())
+        meta = fields(path)
+        assert meta[f"{family}.attention.head_count"] == 8 and meta[f"{family}.attention.head_count_kv"] == 2
+        tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+        o = tensors["blk.0.attn_output.weight"].reshape(64, 8, 8)  # (hidden, head, head_dim)
+        assert not o[:, [3, 7]].any() and o[:, [0, 1, 2, 4, 5, 6]].all()  # each group: 3 kept, 1 zero head
+    assert meta["olmo2.rope.dimension_count"] == 8 and "output.weight" in tensors  # olmo2 requires output
+    q_norm = tensors["blk.0.attn_q_norm.weight"].reshape(8, 8)
+    kept = model.model.layers[0].self_attn.q_norm.weight.detach().numpy().reshape(6, 8)
+    np.testing.assert_allclose(q_norm[[0, 1, 2, 4, 5, 6]], kept * np.sqrt(6 / 8), rtol=1e-6)
+    assert not q_norm[[3, 7]].any()
+    assert fields(tmp_path / "phi3.gguf")["phi3.rope.dimension_count"] == 6  # partial_rotary_factor 0.75
+
+
+def test_families_with_llamas_layout_fall_back_to_the_llama_graph(tmp_path):
+    """Phi-3 with whole-head RoPE (Phi-3-mini): pruned heads go to llama.cpp's llama graph (fused qkv
+    kept, [gate; up] split), per-layer widths to deci; with partial RoPE only its own graph runs it."""
+    full = {"partial_rotary_factor": 1.0}
+    assert export_gguf(cut(family_model("phi3", **full)), bpe_tokenizer(), tmp_path / "a.gguf").arch == "llama"
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"} <= names
+    assert export_gguf(cut(family_model("phi3", **full), layers=(1,)), bpe_tokenizer(),
+                       tmp_path / "b.gguf").arch == "deci"
+    unpruned = family_model("phi3")
+    cut(unpruned, heads=tuple(range(8)))  # MLP only: the heads fill hidden, phi3's own graph
+    assert export_gguf(unpruned, bpe_tokenizer(), tmp_path / "c.gguf").arch == "phi3"
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "c.gguf").tensors}
+    assert "blk.0.ffn_up.weight" in names and "blk.0.ffn_gate.weight" not in names  # [gate; up] fused
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3", "olmo2", "smollm3"])
+def test_per_layer_widths_are_refused_where_llama_cpp_takes_one_width(tmp_path, family):
+    """Only llama.cpp's deci graph reads per-layer head counts / MLP widths (the others size every
+    layer like layer 0); it has Llama's layout, so other families must be pruned with uniform widths."""
+    model = cut(family_model(family), layers=(0,))
+    with pytest.raises(RcpuError, match=rf"llama.cpp's {family} graph takes one width .*--allocation uniform"):
+        export_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RcpuError, match="--allocation uniform"):
+        check_exportable(family_model(family).config, PruneConfig(method="flap"))
+    check_exportable(family_model(family).config, PruneConfig(method="rcpu"))
+
+
+def test_check_exportable_refuses_before_anything_is_written():
+    from transformers import GPT2Config
+
+    assert check_exportable(family_model("llama").config) == "llama"
+    assert check_exportable(family_model("qwen2").config) == "qwen2"
+    assert check_exportable(family_model("llama3").config, PruneConfig(method="flap")) == "deci"
+    assert check_exportable(family_model("mistral"), PruneConfig(method="flap-ridge")) == "deci"
+    assert check_exportable(cut(family_model("qwen2"))) == "llama"  # pruned heads: llama.cpp's llama graph
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64}
+    for config, message in (
+            (GPT2Config(), "GGUF export supports .* not model type 'gpt2'"),
+            (family_model("qwen3", rope_parameters=yarn).config, "qwen3 graph has no yarn RoPE scaling"),
+            (family_model("gemma3", attn_logit_softcapping=50.0).config, "no attention logit soft-capping"),
+            (make_model("smollm3").config,  # conftest's pattern: layer 0 without RoPE
+             r"smollm3 graph leaves RoPE out of layers \[\] .* this model out of layers \[0\]"),
+            (family_model("olmo2", hidden_act="gelu").config, "uses silu in the MLP and this model gelu")):
+        with pytest.raises(RcpuError, match=message) as info:
+            check_exportable(config)
+        assert "\n" not in str(info.value)
+    with pytest.raises(RcpuError, match="qwen3 graph has no o_proj / MLP biases .*--compensation"):
+        check_exportable(family_model("qwen3").config, PruneConfig(method="rcpu", compensation="bias"))
+
+
+def test_cli_prune_refuses_an_unexportable_model_before_pruning(tmp_path, monkeypatch, capsys):
+    from rcpu import api, streaming
+
+    def started(*a, **k):
+        raise AssertionError("the pruning run started")
+
+    monkeypatch.setattr(api, "prune", started)
+    monkeypatch.setattr(streaming, "prune_checkpoint", started)
+    family_model("gemma3").save_pretrained(tmp_path / "model")
+    bpe_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(" ".join(f"the w{i % 37}." for i in range(2000)))
+    capsys.readouterr()
+    common = ["prune", "--model", str(tmp_path / "model"), "--calib", str(tmp_path / "text.txt"), "--eval", "none",
+              "--method", "flap", "--save_gguf", str(tmp_path / "m.gguf"), "-q"]
+    for extra in ([], ["--save_model", str(tmp_path / "pruned")]):  # in memory, streamed
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert "llama.cpp's gemma3 graph" in err and "--allocation uniform" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()
+
+
+needs_llama_cpp = pytest.mark.skipif(
+    shutil.which("node") is None or _node_modules() is None,
+    reason="needs node and node-llama-cpp (npm install node-llama-cpp@3.22.1 into ~/.cache/rcpu/node)")
+
+
+def assert_llama_cpp_agrees(tmp_path: Path, cases: dict[str, tuple[torch.nn.Module, str, str]],
+                            x: torch.Tensor | None = None) -> None:
+    """Export each case (model, quant, expected llama.cpp arch), run all files in llama.cpp, and
+    compare log p(next token) at every position with transformers'. llama.cpp keeps its KV cache in
+    f16, which moves them by up to ~1e-2; a wrong RoPE base, query scale, NoPE layer or norm by 0.4 to 1."""
+    x = ids(n=3, length=32) if x is None else x
+    files, refs = [], []
+    for name, (model, quant, arch) in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        # named "tiny": llama.cpp gives a model whose general.name says phi3 Phi-3's special tokens
+        assert export_gguf(model, bpe_tokenizer(), path, quant=quant, name="tiny").arch == arch, name
+        files.append(str(path))
+        refs.append(token_logprobs(model, x))
+    results = run_llama_cpp(tmp_path, files, x)
+    for name, res, ref in zip(cases, results, refs, strict=True):
+        diff = float((torch.tensor(res["logprobs"]) - ref).abs().max())
+        ratio = res["ppl"] / float((-ref.mean()).exp())
+        f16 = cases[name][1] == "f16"
+        assert diff < (0.1 if f16 else 3e-2) and abs(ratio - 1) < (1e-2 if f16 else 2e-3), (name, diff, ratio)
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_every_family_as_transformers_does(tmp_path):
+    """Every FAMILIES row, pruned (6 of 8 heads, 72 of 96 channels), at f32; and Phi-3 with whole-head
+    RoPE (llama graph) and with LongRoPE, OLMo 2 with as many KV heads as query heads (both padded
+    with zero heads), Gemma 3 with 62 layers (llama.cpp's query scale for the 27B model), and FLAP's
+    per-layer widths on Llama 3 (deci graph)."""
+    own = {"qwen2": "llama", "mistral": "llama", "llama3": "llama"}
+    cases = {f: (cut(family_model(f)), "f32", own.get(f, get_adapter(make_model(f)).gguf_arch)) for f in FAMILIES}
+    cases["phi3-whole-rope"] = (cut(family_model("phi3", partial_rotary_factor=1.0)), "f32", "llama")
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 1024, "long_factor": [1.0, 2.0, 4.0],
+                "short_factor": [1.0, 1.5, 3.0]}  # llama.cpp's context (512) is within 1024: short factors
+    cases["phi3-longrope"] = (cut(family_model("phi3", rope_parameters=longrope, max_position_embeddings=4096)),
+                              "f32", "phi3")
+    mha = cut(family_model("olmo2", kv_heads=8), kv=(0, 2, 3, 4, 5, 7))
+    assert mha.model.layers[0].self_attn.k_proj.out_features == 48  # 6 KV heads: padded to 8 with the queries
+    cases["olmo2-mha"] = (mha, "f32", "olmo2")
+    deep = family_model("gemma3", layers=62, layer_types=["sliding_attention", "full_attention"] * 31)
+    cases["gemma3-62-layers"] = (cut(deep), "f32", "gemma3")  # llama.cpp's query scale for "27B"
+    flap = family_model("llama3")
+    prune(flap, PruneConfig(method="flap", pruning_ratio=0.25), windows=make_windows(16, 32), device="cpu",
+          progress=False)
+    cases["llama3-flap"] = (flap, "f32", "deci")
+    assert_llama_cpp_agrees(tmp_path, cases)
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_llama3_with_a_128k_vocabulary(tmp_path):
+    """Llama 3.x's 128256-token vocabulary (a 261-token tokenizer padded as llama.cpp's converter pads),
+    rope_freqs, tied and untied output, f16. One short window: every position's full distribution
+    crosses from llama.cpp to node as 128k probabilities."""
+    assert_llama_cpp_agrees(tmp_path, {
+        f"llama3-{kind}": (cut(family_model("llama3", vocab_size=128256, tie_word_embeddings=kind == "tied")),
+                           "f16", "llama") for kind in ("tied", "untied")}, x=ids(n=1, length=24))

@@ -275,6 +275,14 @@ def _ppl_streamed(checkpoint, eval_ids, seqlen, args, dtype, device, label):
                                trust_remote_code=args.trust_remote_code, source=label, progress=not args.quiet)
 
 
+def _check_gguf_exportable(args, config, cfg: PruneConfig) -> None:
+    """With --save_gguf: a model llama.cpp could not run as pruned fails now, before the pruning run."""
+    if args.save_gguf:
+        from .gguf_export import check_exportable
+
+        check_exportable(config, cfg)
+
+
 def _save_gguf(args, model, tok, report) -> None:
     from .gguf_export import export_gguf, source_gguf_for
 
@@ -368,6 +376,7 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
+    _check_gguf_exportable(args, model.config, cfg)
     check_seqlen(model.config, cfg.seqlen)
     check_seqlen(model.config, args.eval_seqlen, "--eval_seqlen")
     if cfg.allocation == "uniform":
@@ -419,6 +428,7 @@ def _prune_streaming(args, cfg: PruneConfig, path, dtype, device):
     from .streaming import load_source_config, prune_checkpoint
 
     config, tok, _ = load_source_config(path, args.trust_remote_code)
+    _check_gguf_exportable(args, config, cfg)
     check_seqlen(config, cfg.seqlen)
     check_seqlen(config, args.eval_seqlen, "--eval_seqlen")
     print(f"model {args.model}: {config.model_type}, {config.num_hidden_layers} layers, {args.dtype}, "

@@ -1,16 +1,21 @@
 """Write a (pruned) model as a GGUF file for llama.cpp, Ollama and LM Studio.
 
 The file is built with the ``gguf`` package (its writer, tensor-name map, quantisers and
-vocabulary helpers); nothing here writes the binary format by hand. What pruning changes,
+vocabulary helpers); nothing here writes the binary format by hand. Which of llama.cpp's graphs
+runs the model, and the tensors and keys that graph reads, is :mod:`rcpu.gguf_layout`'s part
+(every family: Llama / Llama 3.x, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3, OLMo 2, SmolLM3);
+:func:`check_exportable` asks it before anything is pruned or written. What pruning changes,
 and how it is expressed in llama.cpp's metadata:
 
 - fewer heads: ``{arch}.attention.head_count`` / ``head_count_kv`` are the pruned counts and
   ``attention.key_length`` / ``value_length`` are written explicitly, because after pruning
-  ``embedding_length / head_count`` is no longer the head size;
+  ``embedding_length / head_count`` is no longer the head size (graphs that size attention as
+  hidden x hidden get the kept heads plus zero heads instead, see ``gguf_layout``);
 - a narrower MLP: ``{arch}.feed_forward_length``;
-- different widths per layer (global allocation): the three keys become per-layer arrays,
-  llama.cpp's convention for models whose layers differ. llama.cpp (and so Ollama and
-  LM Studio, which embed it) reads them; transformers' GGUF reader does not.
+- different widths per layer (global allocation): the three keys become per-layer arrays in
+  llama.cpp's ``deci`` graph, the one graph that reads them, for families with Llama's layout.
+  llama.cpp (and so Ollama and LM Studio, which embed it) reads them; transformers' GGUF reader
+  does not.
 
 With the 4- and 5-bit types the embedding / output matrix is stored as q8_0, as llama.cpp's own
 quantiser keeps it above the file's type. Quantised types (q8_0, q4_0, q4_1, q5_0, q5_1) store blocks
@@ -22,10 +27,6 @@ so the file computes the same function and every weight matrix takes the request
 other row length that does not fit falls back to f16, and every padding and fallback is reported
 (logged and returned). Prune with ``--round_to 32`` to need no padding at all.
 
-Llama-architecture files (llama, mistral) store q/k rows in llama.cpp's interleaved RoPE
-order; this is the permutation llama.cpp's own converter applies, done per layer with the
-pruned head counts. Qwen2 files are not permuted.
-
 The write is atomic: a temporary sibling is written, read back and checked, then renamed.
 """
 
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,15 +45,23 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import RcpuError
+from .gguf_layout import (
+    Layout,
+    choose_graph,
+    choose_layout,
+    facts_from_config,
+    longrope_of,
+    permute_qk,
+    tensor_plan,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_QUANTS", "GGUFExportReport", "export_gguf", "llama_cpp_names", "match_tensor_types",
-           "parse_tensor_types", "source_gguf_for", "load_provenance"]
+__all__ = ["GGUF_QUANTS", "GGUFExportReport", "check_exportable", "export_gguf", "llama_cpp_names",
+           "match_tensor_types", "parse_tensor_types", "permute_qk", "source_gguf_for", "load_provenance"]
 
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType
@@ -66,14 +76,6 @@ GGUF_QUANTS: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "q4_1": (_Q.Q4_1, _F.MOSTLY_Q4_1),
     "q5_0": (_Q.Q5_0, _F.MOSTLY_Q5_0),
     "q5_1": (_Q.Q5_1, _F.MOSTLY_Q5_1),
-}
-
-#: HF model_type (without an ``rcpu_`` prefix) -> (llama.cpp architecture, permute q/k rows).
-#: Mistral is written as llama, as llama.cpp's converter does for these checkpoints.
-_ARCHS: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
-    "llama": (gguf.MODEL_ARCH.LLAMA, True),
-    "mistral": (gguf.MODEL_ARCH.LLAMA, True),
-    "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
 }
 
 #: tokenizer.json pre-tokenizer patterns -> llama.cpp's ``tokenizer.ggml.pre`` name.
@@ -97,6 +99,9 @@ class GGUFExportReport:
     fallbacks: list[dict] = field(default_factory=list)  #: {"tensor", "shape", "type", "reason"}
     padded: list[dict] = field(default_factory=list)  #: {"layer", "from", "to"}: MLP widths padded with zeros
     overrides: list[dict] = field(default_factory=list)  #: {"tensor", "type", "pattern"}: set by ``tensor_types``
+    #: {"heads": [kept, written], "kv_heads": [kept, written]}: attention padded with zero heads for a
+    #: graph that sizes it as hidden x hidden (None: written as pruned)
+    padded_heads: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -118,6 +123,11 @@ class GGUFExportReport:
             lines.append(f"{len(self.overrides)} weight matrices stored by --tensor_type: "
                          + ", ".join(f"{o['tensor']} {o['type']}" for o in self.overrides[:6])
                          + (", ..." if len(self.overrides) > 6 else ""))
+        if self.padded_heads:
+            h, kv = self.padded_heads["heads"], self.padded_heads["kv_heads"]
+            lines.append(f"attention padded with zero heads to {h[1]} query / {kv[1]} KV heads per layer "
+                         f"(kept {h[0]} / {kv[0]}; same function): llama.cpp's {self.arch} graph sizes attention "
+                         f"as hidden x hidden, so the file's attention is not smaller than the unpruned model's")
         if not self.uniform:
             lines.append("per-layer widths are written as per-layer arrays: llama.cpp (and Ollama, LM Studio) "
                          "load this file, transformers' GGUF reader does not")
@@ -162,17 +172,6 @@ def source_gguf_for(source: str | None) -> Path | None:
 # --------------------------------------------------------------------------------------- tensors
 
 
-def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder q/k rows (or bias entries) of each head from HF's rotate-half layout to llama.cpp's
-    interleaved RoPE layout: within a head, row ``i`` of the first half and row ``i`` of the
-    second half become neighbours."""
-    head_dim = weight.shape[0] // n_heads
-    if head_dim * n_heads != weight.shape[0] or head_dim % 2:
-        raise ValueError(f"{weight.shape[0]} rows are not {n_heads} heads of an even size")
-    w = weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)
-
-
 def _layer_widths(model: nn.Module) -> list[dict]:
     from .nonuniform import layer_widths
 
@@ -180,37 +179,6 @@ def _layer_widths(model: nn.Module) -> list[dict]:
         return layer_widths(model)
     except ValueError as exc:
         raise RcpuError(f"cannot export this model to GGUF: {exc}") from exc
-
-
-def _rope_theta(config) -> float:
-    theta = getattr(config, "rope_theta", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    if theta is None and isinstance(params, dict):
-        theta = params.get("rope_theta")
-    return float(theta if theta is not None else 10000.0)
-
-
-def _rope_scaling(config) -> dict | None:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(params, dict):
-        return None
-    kind = params.get("rope_type", params.get("type", "default"))
-    return None if kind in (None, "default") else params
-
-
-def _pad_mlp(name: str, data: np.ndarray, widths: list[dict]) -> np.ndarray:
-    """Zero channels up to the layout's (padded) MLP width: rows of gate/up, columns of down."""
-    down = ".ffn_down." in name
-    if not (down or ".ffn_gate." in name or ".ffn_up." in name) or (down and data.ndim == 1):
-        return data  # a down_proj bias lives in the hidden dimension
-    width = widths[int(name.split(".")[1])]["intermediate_size"]
-    axis = 1 if down else 0
-    extra = width - data.shape[axis]
-    if extra <= 0:
-        return data
-    pad = [(0, 0)] * data.ndim
-    pad[axis] = (0, extra)
-    return np.pad(data, pad)
 
 
 def _gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
@@ -251,16 +219,14 @@ def parse_tensor_types(specs: Sequence[str], flag: str = "--tensor_type",
     return pairs
 
 
-def _matrix_types(model: nn.Module, layout: _Layout, tensor_types: Sequence[tuple[str, str]]) -> dict[str, dict]:
+def _matrix_types(plan: Sequence[tuple[str, int, Any]], tensor_types: Sequence[tuple[str, str]]) -> dict[str, dict]:
     """GGUF name -> {"type", "pattern"} for every weight matrix a ``tensor_types`` pattern selects.
 
     Computed from the names alone, before anything is converted, so that a pattern which selects
     nothing (a typo, HF names instead of llama.cpp's) fails at once."""
     if not tensor_types:
         return {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    matrices = [n for n, t in model.state_dict().items() if t.ndim >= 2 and not (n == "lm_head.weight" and tied)]
-    return match_tensor_types(llama_cpp_names(matrices, len(layout.widths), layout.arch), tensor_types)
+    return match_tensor_types([name for name, ndim, _ in plan if ndim >= 2], tensor_types)
 
 
 def match_tensor_types(names: Sequence[str], tensor_types: Sequence[tuple[str, str]],
@@ -280,30 +246,6 @@ def match_tensor_types(names: Sequence[str], tensor_types: Sequence[tuple[str, s
         raise RcpuError(f"{flag} pattern {unused[0]!r} selects no weight matrix; patterns are searched in "
                         f"llama.cpp's names, e.g. {', '.join(list(names)[:3])}")
     return chosen
-
-
-def _tensor_plan(model: nn.Module, arch: gguf.MODEL_ARCH, permute: bool, widths: list[dict],
-                 zero_o_bias: bool = False):
-    """Yield (gguf name, float32 array) for every tensor, in llama.cpp's naming, MLPs padded to ``widths``."""
-    n_layers = len(widths)
-    names = gguf.get_tensor_name_map(arch, n_layers)
-    state = model.state_dict()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for hf_name, tensor in state.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        if hf_name == "lm_head.weight" and tied:
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        new_name = _gguf_name(names, hf_name)
-        data = tensor.detach().to("cpu", torch.float32).numpy()
-        if permute and (".attn_q." in new_name or ".attn_k." in new_name):
-            layer = int(new_name.split(".")[1])
-            key = "num_attention_heads" if ".attn_q." in new_name else "num_key_value_heads"
-            data = permute_qk(data, widths[layer][key])
-        yield new_name, _pad_mlp(new_name, data, widths)
-        if zero_o_bias and new_name.endswith(".attn_output.weight"):
-            # the q/k/v biases need attention_bias in a llama config, which also builds an o_proj bias
-            yield new_name.replace(".weight", ".bias"), np.zeros(data.shape[0], dtype=np.float32)
 
 
 def _quantise(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, fallbacks: list[dict],
@@ -449,34 +391,58 @@ def check_gguf_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+#: byte sizes of GGUF's scalar metadata types (gguf.GGUFValueType values)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY)
+
+
+def _tensor_infos(path: Path) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
+    """name -> (numpy shape, type) of every tensor a GGUF file lists, read from its header.
+
+    The metadata is skipped, not decoded: ``gguf.GGUFReader`` decodes every value, which takes a
+    minute for the 128k token strings of a Llama 3 vocabulary."""
+    with open(path, "rb") as fh:
+        magic, version, n_tensors, n_kv = struct.unpack("<IIQQ", fh.read(24))
+        if magic != gguf.GGUF_MAGIC or version != 3:
+            raise RcpuError(f"{path} is not a GGUF v3 file")
+
+        def u32() -> int:
+            return struct.unpack("<I", fh.read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", fh.read(8))[0]
+
+        def skip(vtype: int, count: int = 1) -> None:
+            if vtype == _STRING:
+                for _ in range(count):
+                    fh.seek(u64(), os.SEEK_CUR)
+            elif vtype == _ARRAY:
+                for _ in range(count):
+                    sub = u32()
+                    skip(sub, u64())
+            else:
+                fh.seek(_SCALAR_SIZES[vtype] * count, os.SEEK_CUR)
+
+        for _ in range(n_kv):
+            skip(_STRING)  # the key
+            skip(u32())
+        found = {}
+        for _ in range(n_tensors):
+            name = fh.read(u64()).decode("utf-8")
+            n_dims = u32()
+            dims = struct.unpack(f"<{n_dims}Q", fh.read(8 * n_dims))
+            qtype = gguf.GGMLQuantizationType(u32())
+            u64()  # offset
+            found[name] = (tuple(reversed(dims)), qtype)
+    return found
+
+
 def _verify(path: Path, expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]) -> None:
     """Read the written file back: every tensor present with its shape and type, nothing extra."""
-    reader = gguf.GGUFReader(path)
-    found = {t.name: (tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type) for t in reader.tensors}
+    found = _tensor_infos(path)
     if found != expected:
         missing = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found.get(k))
         raise RcpuError(f"the GGUF file did not read back as written ({missing[:3]}); nothing was saved")
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The llama.cpp graph a model is written for, and what that graph needs beyond the HF weights."""
-
-    model_type: str  #: HF model_type without an ``rcpu_`` prefix
-    arch: gguf.MODEL_ARCH
-    permute: bool  #: q/k rows go into llama.cpp's interleaved RoPE order
-    widths: list[dict]  #: per layer: num_attention_heads, num_key_value_heads, intermediate_size (padded)
-    head_dim: int
-    uniform: bool  #: every layer has the same widths
-    zero_o_bias: bool  #: write a zero o_proj bias (a qwen2 model written as llama)
-
-    @property
-    def name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.arch]
-
-    def per_layer(self, key: str) -> int | list[int]:
-        """One value for a uniform model, llama.cpp's per-layer array otherwise."""
-        return self.widths[0][key] if self.uniform else [w[key] for w in self.widths]
 
 
 def _padded_widths(widths: list[dict], pad_to: int) -> tuple[list[dict], list[dict]]:
@@ -497,41 +463,39 @@ def _default_pad_to(*quants: str) -> int:
     return max(blocks, default=1)
 
 
-def _layout(model: nn.Module, pad_to: int = 1) -> tuple[_Layout, list[dict]]:
-    """Pick the llama.cpp graph that can run ``model`` as pruned, with MLP widths padded to ``pad_to``."""
-    config = model.config
-    model_type = str(getattr(config, "model_type", "")).removeprefix("rcpu_")
-    if model_type not in _ARCHS:
-        raise RcpuError(f"GGUF export supports {', '.join(_ARCHS)} models, not {config.model_type!r}")
-    arch, permute = _ARCHS[model_type]
+def _layout(model: nn.Module, pad_to: int = 1) -> Layout:
+    """The llama.cpp graph that runs ``model`` as pruned, with MLP widths padded to ``pad_to``."""
     widths, padded = _padded_widths(_layer_widths(model), pad_to)
-    head_dim = model.model.layers[0].self_attn.head_dim
-    hidden_size = int(config.hidden_size)
-    layers = model.model.layers
-    o_bias = any(layer.self_attn.o_proj.bias is not None for layer in layers)
-    down_bias = any(layer.mlp.down_proj.bias is not None for layer in layers)
-    if arch == gguf.MODEL_ARCH.QWEN2 and (o_bias or down_bias
-                                          or any(w["num_attention_heads"] * head_dim != hidden_size for w in widths)):
-        # llama.cpp's qwen2 graph sizes q/o as hidden x hidden, so pruned heads do not fit it, and it has
-        # no o_proj / down_proj biases (bias compensation); its llama graph takes the same weights (with
-        # q/k biases, optional output biases) once q/k rows are in llama's RoPE order.
-        arch, permute = gguf.MODEL_ARCH.LLAMA, True
-    uniform = len({tuple(w.values()) for w in widths}) <= 1
-    if not uniform:
-        # llama.cpp's llama and qwen2 graphs take one width for all layers; its "deci" graph (the llama
-        # layout with per-layer head counts and MLP widths, made for Nemotron-NAS models) takes arrays.
-        arch, permute = gguf.MODEL_ARCH.DECI, True
-    zero_o_bias = model_type == "qwen2" and arch != gguf.MODEL_ARCH.QWEN2 and not o_bias
-    return _Layout(model_type, arch, permute, widths, head_dim, uniform, zero_o_bias), padded
+    return choose_layout(model, widths, padded)
 
 
-def _exportable_rope_scaling(config) -> dict | None:
-    """The model's RoPE scaling, if any; only the kinds llama.cpp's metadata can express here pass."""
-    scaling = _rope_scaling(config)
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "linear":
-        raise RcpuError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} cannot be exported "
-                        f"to GGUF by rcpu yet (supported: none, linear)")
-    return scaling
+def _padded_heads(layout: Layout) -> dict | None:
+    if layout.heads is None:
+        return None
+    w = layout.widths[0]
+    return {"heads": [w["num_attention_heads"], layout.heads[0]],
+            "kv_heads": [w["num_key_value_heads"], layout.heads[1]]}
+
+
+def check_exportable(model_or_config, prune_config=None) -> str:
+    """The llama.cpp architecture a model would be written as; a one-line RcpuError (nothing
+    written) when llama.cpp cannot run it: an unsupported family, RoPE scaling, activation, NoPE
+    pattern, or per-layer widths / output biases the family's graph cannot take.
+
+    ``model_or_config``: a model (checked as it is), or a transformers config, with ``prune_config``
+    the pruning it will get (a global allocation gives per-layer widths, bias compensation output
+    biases): ``rcpu prune --save_gguf`` checks this before pruning."""
+    is_model = isinstance(model_or_config, nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    if is_model and prune_config is None:
+        layout = _layout(model_or_config)
+        facts, name = layout.facts, layout.name
+    else:
+        facts = facts_from_config(config, prune_config)
+        name = choose_graph(facts)[0].name
+    if facts.rope.kind == "longrope":  # its factors must fit the rotary dimensions
+        longrope_of(config, facts.rope, facts.rotary_dims)
+    return name
 
 
 def _add_provenance(writer: gguf.GGUFWriter, prov: dict) -> None:
@@ -573,9 +537,9 @@ def _add_general(writer: gguf.GGUFWriter, name: str, provenance: dict | None, qu
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config, layout: _Layout, n_vocab: int, hidden: int,
-                 scaling: dict | None) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, config, layout: Layout, n_vocab: int, hidden: int) -> None:
     """The architecture keys, with head sizes written explicitly since pruning breaks hidden / heads."""
+    graph, facts, rope = layout.graph, layout.facts, layout.facts.rope
     writer.add_vocab_size(n_vocab)
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
@@ -585,19 +549,33 @@ def _add_hparams(writer: gguf.GGUFWriter, config, layout: _Layout, n_vocab: int,
     writer.add_head_count_kv(layout.per_layer("num_key_value_heads"))
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    if scaling is not None:
+    writer.add_rope_dimension_count(facts.rotary_dims)
+    writer.add_rope_freq_base(rope.theta)
+    if rope.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(rope.params["factor"]))
+    elif rope.kind == "longrope":  # the factors are tensors (rope_factors_long / _short)
+        longrope = longrope_of(config, rope, facts.rotary_dims)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_orig_ctx_len(longrope.original_context)
+        writer.add_rope_scaling_attn_factors(longrope.attn_factor)
+    # llama3: nothing here, its factors are the rope_freqs tensor
+    if graph.sliding_window and any(facts.sliding):
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern(list(facts.sliding))
+        if rope.sliding_theta is not None:
+            writer.add_rope_freq_base_swa(rope.sliding_theta)
+    if graph.final_softcap and facts.final_softcap:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, layout: _Layout, quant: str, fallbacks: list[dict],
+def _add_tensors(writer: gguf.GGUFWriter, plan: Sequence[tuple[str, int, Any]], quant: str, fallbacks: list[dict],
                  overrides: dict[str, dict]) -> dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]]:
     """Queue every tensor in its stored type; returns name -> (shape, type), what the read-back expects."""
     expected: dict[str, tuple[tuple[int, ...], gguf.GGMLQuantizationType]] = {}
-    for tname, data in _tensor_plan(model, layout.arch, layout.permute, layout.widths, layout.zero_o_bias):
+    for tname, _, make in plan:
+        data = np.ascontiguousarray(make(), dtype=np.float32)
         chosen = overrides.get(tname)
         qtype = GGUF_QUANTS[chosen["type"] if chosen else quant][0]
         stored, stype = _quantise(tname, data, qtype, fallbacks, explicit=chosen is not None)
@@ -627,7 +605,9 @@ def export_gguf(
     pad_to: int | None = None,
     tensor_types: Sequence[str] = (),
 ) -> GGUFExportReport:
-    """Write ``model`` (Llama, Mistral or Qwen2 layout, pruned or not) as a GGUF file at ``path``.
+    """Write ``model`` (any family rcpu prunes, pruned or not) as a GGUF file at ``path`` for the
+    llama.cpp graph :func:`check_exportable` names; a one-line RcpuError, and no file, when llama.cpp
+    cannot run it.
 
     ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` metadata is copied unchanged (use the file
     the model came from); otherwise the vocabulary is built from ``tokenizer``. ``provenance`` is
@@ -644,9 +624,10 @@ def export_gguf(
         raise RcpuError(f"pad_to is {pad_to}; use a positive channel multiple (1 = no padding)")
     pairs = parse_tensor_types(tensor_types)
     out = check_gguf_target(path, overwrite)
-    layout, padded = _layout(model, _default_pad_to(quant, *(q for _, q in pairs)) if pad_to is None else pad_to)
-    overrides = _matrix_types(model, layout, pairs)
-    scaling = _exportable_rope_scaling(model.config)
+    layout = _layout(model, _default_pad_to(quant, *(q for _, q in pairs)) if pad_to is None else pad_to)
+    plan = tensor_plan(model, layout)
+    overrides = _matrix_types(plan, pairs)
+    padded = layout.padded
     embed = model.get_input_embeddings().weight
     n_vocab, hidden = int(embed.shape[0]), int(embed.shape[1])
 
@@ -656,14 +637,14 @@ def export_gguf(
     try:
         writer = gguf.GGUFWriter(tmp, layout.name)
         _add_general(writer, name or out.stem, provenance, quant)
-        _add_hparams(writer, model.config, layout, n_vocab, hidden, scaling)
+        _add_hparams(writer, model.config, layout, n_vocab, hidden)
         if tokenizer_gguf is not None:
             _copy_tokenizer(writer, Path(tokenizer_gguf), n_vocab)
             tok_desc = f"copied from {Path(tokenizer_gguf).name}"
         else:
             tok_desc = _build_tokenizer(writer, tokenizer, n_vocab)
         fallbacks: list[dict] = []
-        expected = _add_tensors(writer, model, layout, quant, fallbacks, overrides)
+        expected = _add_tensors(writer, plan, quant, fallbacks, overrides)
         _write_file(writer)
         _verify(tmp, expected)
         os.chmod(tmp, 0o644)
@@ -678,7 +659,8 @@ def export_gguf(
                     ", ".join(f"layer {p['layer']} {p['from']} -> {p['to']}" for p in padded))
     report = GGUFExportReport(path=str(out), quant=quant, arch=layout.name, tensors=len(expected),
                               bytes=out.stat().st_size, tokenizer=tok_desc, uniform=layout.uniform,
-                              fallbacks=fallbacks, padded=padded, overrides=list(overrides.values()))
+                              fallbacks=fallbacks, padded=padded, overrides=list(overrides.values()),
+                              padded_heads=_padded_heads(layout))
     logger.info("wrote %s", out)
     return report
 

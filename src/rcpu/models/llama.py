@@ -27,3 +27,4 @@ class MistralAdapter(DecoderAdapter):
 class Qwen2Adapter(DecoderAdapter):
     name = "qwen2"
     model_types = ("qwen2", "rcpu_qwen2")
+    gguf_arch = "qwen2"

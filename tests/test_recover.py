@@ -279,24 +279,27 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
     assert "resumed at step" in resumed.stdout and (out / "rcpu_provenance.json").is_file()
 
 
-@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--fsdp"]),
-                                            ("fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"])])
-def test_two_cpu_processes_equal_one(pruned, tmp_path, strategy, extra):
-    """torchrun with 2 gloo processes (DDP, or FSDP2 sharding both models) gives the one-process weights
-    for the same global batch."""
+@pytest.mark.parametrize("nproc,strategy,extra", [
+    (2, "ddp", []), (2, "fsdp", ["--fsdp"]), (2, "fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"]),
+    (1, "fsdp", ["--fsdp"])],
+    ids=["ddp", "fsdp", "fsdp-lora", "fsdp-1"])
+def test_cpu_processes_equal_one(pruned, tmp_path, nproc, strategy, extra):
+    """torchrun with gloo processes (DDP, or FSDP2 sharding both models; one process under torchrun
+    still wraps) gives the one-process weights for the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
     base = _recover_args(pruned, one, "--tokens", "2560", "--eval_every", "0", *extra)
     run = subprocess.run([sys.executable, "-m", "rcpu.cli", *base], capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr
     args = list(base)
     args[args.index("--save_model") + 1] = str(two)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(nproc), "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("saved to") == 1  # one report, from rank 0
     rec = json.loads((two / "rcpu_provenance.json").read_text())["recovery"]
-    assert rec["distributed"]["world_size"] == 2 and rec["distributed"]["strategy"] == strategy
+    assert rec["distributed"]["world_size"] == nproc and rec["distributed"]["strategy"] == strategy
     single = json.loads((one / "rcpu_provenance.json").read_text())["recovery"]
+    assert single["distributed"]["strategy"] == "single"
     for a, b in zip(single["curve"], rec["curve"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"])
     assert abs(single["evaluation"]["after"]["perplexity"][0]["ppl"] - rec["evaluation"]["after"]["perplexity"][0]["ppl"]) < 1e-3
@@ -382,3 +385,84 @@ def test_recovered_checkpoint_exports_to_gguf(tmp_path):
                      "--max_eval_tokens", "512", "--device", "cpu", "-q", "--output", str(tmp_path / "e.json")]) == 0
         ppl.append(json.loads((tmp_path / "e.json").read_text())["perplexity"][0]["ppl"])
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------- process placement
+
+
+class _FakeGroup:
+    """torch.distributed and torch.cuda as torchrun on a 4-GPU node would show them to one process."""
+
+    def __init__(self, monkeypatch, rank: int, world: int = 4, gpus: int = 4):
+        import torch.distributed as dist
+
+        self.rank, self.world, self.initialized = rank, world, False
+        self.calls: list = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: self.calls.append(("set_device", torch.device(d))))
+        monkeypatch.setattr(dist, "is_initialized", lambda: self.initialized)
+        monkeypatch.setattr(dist, "init_process_group", self._init)
+        monkeypatch.setattr(dist, "destroy_process_group", self._destroy)
+        monkeypatch.setattr(dist, "get_rank", lambda: self.rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: self.world)
+
+    def _init(self, backend, **kw):
+        self.calls.append(("init", backend, kw.get("device_id")))
+        self.initialized = True
+
+    def _destroy(self):
+        self.calls.append(("destroy",))
+        self.initialized = False
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_each_torchrun_process_runs_on_its_local_rank_gpu(monkeypatch, local_rank):
+    from rcpu.recover.train import distributed
+
+    # the rank comes from the process group; the environment's RANK (here deliberately another number) is not used
+    group = _FakeGroup(monkeypatch, rank=4 + local_rank, world=8)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with distributed(torch.device("cuda")) as ctx:
+        assert ctx.device == torch.device("cuda", local_rank) and ctx.local_rank == local_rank
+        assert ctx.rank == 4 + local_rank and ctx.world == 8 and not ctx.main and ctx.distributed
+        assert group.calls[:2] == [("set_device", torch.device("cuda", local_rank)),
+                                   ("init", "nccl", torch.device("cuda", local_rank))]
+    assert group.calls[-1] == ("destroy",) and not group.initialized  # the group it created is destroyed
+
+
+def test_rank_zero_is_the_groups_and_a_group_made_elsewhere_is_left_alone(monkeypatch):
+    from rcpu.recover.train import distributed
+
+    group = _FakeGroup(monkeypatch, rank=0, world=2)
+    group.initialized = True  # the caller created it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with distributed(torch.device("cuda")) as ctx:
+        assert ctx.main and ctx.device == torch.device("cuda", 1)
+    assert ("destroy",) not in group.calls and not any(c[0] == "init" for c in group.calls)
+
+
+def test_torchrun_device_errors_and_cpu_processes(monkeypatch):
+    from rcpu.errors import RcpuError
+    from rcpu.recover.train import dist_context, distributed
+
+    group = _FakeGroup(monkeypatch, rank=1, world=2, gpus=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RcpuError, match="LOCAL_RANK"):  # --device cuda:0 on the process of GPU 1
+        dist_context(torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RcpuError, match="2 CUDA device"):  # more processes than GPUs
+        dist_context(torch.device("cuda"))
+    assert not group.calls  # nothing was bound or joined
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with distributed(torch.device("cpu")) as ctx:  # CPU processes: gloo, no GPU binding
+        assert ctx.device == torch.device("cpu") and ctx.rank == 1
+    assert group.calls == [("init", "gloo", None), ("destroy",)]
+    monkeypatch.delenv("WORLD_SIZE")  # not under torchrun: one process, the device as given, no group
+    ctx = dist_context(torch.device("cuda", 1))
+    assert ctx.device == torch.device("cuda", 1) and not ctx.distributed and ctx.main

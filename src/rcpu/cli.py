@@ -522,6 +522,7 @@ def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
 def cmd_recover(args) -> int:
     from .api import resolve_device
     from .recover import recover_checkpoint
+    from .recover.train import distributed
 
     if not args.model:
         raise RcpuError("rcpu recover needs --model: the pruned checkpoint to recover")
@@ -529,16 +530,17 @@ def cmd_recover(args) -> int:
     device = resolve_device(args.device)
     if any(s < 2 for s in args.eval_seqlen):
         raise RcpuError("--eval_seqlen values must be >= 2")
-    _, record, path = recover_checkpoint(
-        args.model, args.save_model, cfg, _recover_inputs(args, args.eval_seqlen), teacher=args.teacher,
-        device=device, dtype=parse_dtype(args.dtype),
-        teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
-        resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
-        _print_recovery(record, path)
-        if args.report:
-            with open(args.report, "w") as fh:
-                json.dump(record.to_dict(), fh, indent=2, default=str)
+    with distributed(device) as ctx:  # under torchrun: one process per GPU, the group destroyed at the end
+        _, record, path = recover_checkpoint(
+            args.model, args.save_model, cfg, _recover_inputs(args, args.eval_seqlen), teacher=args.teacher,
+            device=device, dtype=parse_dtype(args.dtype),
+            teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
+            resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+        if ctx.main:  # under torchrun, one report
+            _print_recovery(record, path)
+            if args.report:
+                with open(args.report, "w") as fh:
+                    json.dump(record.to_dict(), fh, indent=2, default=str)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .. import data
 from ..errors import RcpuError
 from ..report import count_params, versions
 from .config import RecoverConfig, RecoverRecord
-from .train import StudentLoss, dist_context, train
+from .train import StudentLoss, distributed, process_device, train
 from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
@@ -136,10 +135,17 @@ def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_inf
                   rebuild=None) -> tuple[nn.Module | None, RecoverRecord]:
     """Distil ``teacher`` into ``student`` (both loaded); returns the merged student (None on ranks
     other than 0 under FSDP) and its record. ``rebuild`` makes a fresh untrained student (FSDP)."""
-    ctx = dist_context(device)
+    with distributed(device) as ctx:
+        return _recover_model(student, tokenizer, teacher, teacher_info, cfg, inputs, ctx=ctx, work_dir=work_dir,
+                              resume=resume, progress=progress, prepared=prepared, rebuild=rebuild)
+
+
+def _recover_model(student, tokenizer, teacher, teacher_info, cfg, inputs, *, ctx, work_dir, resume, progress,
+                   prepared, rebuild):
+    device = ctx.device
     check_work_dir(work_dir, resume)
     ctx.barrier()  # every rank has looked before rank 0 writes into the work directory
-    if cfg.fsdp and ctx.world > 1 and rebuild is None:
+    if cfg.fsdp and ctx.distributed and rebuild is None:
         raise RcpuError("--fsdp needs a way to rebuild the student on rank 0; use recover_checkpoint")
     prepared = prepared or prepare_data(tokenizer, cfg, inputs)
     windows, data_info = prepared.windows, prepared.info
@@ -147,7 +153,7 @@ def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_inf
     label = f"{inputs.eval}:eval"
     digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(getattr(student, "dtype", "")),
                         str(inputs.autocast), ctx.world if cfg.fsdp else 1)
-    if not cfg.fsdp or ctx.world == 1:
+    if not (cfg.fsdp and ctx.distributed):  # FSDP moves each shard to the device itself
         student.to(device)
         teacher.to(device)
     record = RecoverRecord(config=cfg.to_dict(), teacher=teacher_info, data=data_info, versions=versions())
@@ -179,7 +185,7 @@ def recover_model(student: nn.Module, tokenizer, teacher: nn.Module, teacher_inf
                      "resumed_at_step": res.resumed_at}
     record.memory = res.memory
     record.distributed = {"world_size": ctx.world, "device": str(device),
-                          "strategy": "fsdp" if cfg.fsdp and ctx.world > 1 else ("ddp" if ctx.world > 1 else "single")}
+                          "strategy": ("fsdp" if cfg.fsdp else "ddp") if ctx.distributed else "single"}
     return res.model, record
 
 
@@ -194,8 +200,10 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
                        teacher_dtype: torch.dtype | None = None, overwrite: bool = False, resume: bool = False,
                        trust_remote_code: bool = False, progress: bool = True, announce=print,
                        provenance: dict | None = None) -> tuple[nn.Module, RecoverRecord, Path | None]:
-    """Load the pruned ``model`` and its teacher, recover it, and write it to ``save_model`` (if given)."""
-    from ..api import check_seqlen
+    """Load the pruned ``model`` and its teacher, recover it, and write it to ``save_model`` (if given).
+
+    Under torchrun each process runs on ``cuda:LOCAL_RANK`` (GPUs) and the process group this call
+    creates is destroyed when it returns; the merged model is None off rank 0 under FSDP."""
     from ..export import check_output_dir, save_pruned
     from ..gguf_export import load_provenance
     from ..loading import check_model_source, resolve_model_dir
@@ -213,6 +221,31 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
         local = Path(resolve_model_dir(model))
         provenance = load_provenance(local) if local.is_dir() else None
     teacher_source = teacher_for(provenance, teacher, model)
+    device = process_device(device)  # cuda:LOCAL_RANK under torchrun; a conflicting --device fails here
+    with distributed(device) as ctx:
+        merged, record, tokenizer = _load_and_recover(model, teacher_source, cfg, inputs, ctx=ctx, dtype=dtype,
+                                           teacher_dtype=teacher_dtype, texts=texts, work=work, resume=resume,
+                                           trust_remote_code=trust_remote_code, progress=progress, announce=announce)
+        record.timing["total_seconds"] = round(time.perf_counter() - t0, 2)
+        record.config["student"] = model
+        record.config["dtype"] = str(dtype).removeprefix("torch.")
+        path = None
+        if out is not None and ctx.main:
+            prov = dict(provenance or {})
+            prov["recovery"] = record.to_dict()
+            merged.to("cpu")
+            path = save_pruned(merged, tokenizer, out, prov, overwrite=overwrite)
+            shutil.rmtree(work, ignore_errors=True)
+        ctx.barrier()
+    return merged, record, path
+
+
+def _load_and_recover(model: str, teacher_source: str, cfg: RecoverConfig, inputs: RecoverInputs, *, ctx, dtype,
+                      teacher_dtype, texts, work, resume, trust_remote_code, progress, announce):
+    """Load student and teacher (every input already checked), then recover: (merged, record, tokenizer)."""
+    from ..api import check_seqlen
+
+    device = ctx.device
     student = _load(model, dtype, trust_remote_code)
     check_seqlen(student.model.config, cfg.seqlen)
     for s in inputs.eval_seqlens:
@@ -221,10 +254,11 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
     tdtype = teacher_dtype or default_teacher_dtype(device, dtype)
     teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
     check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if ctx.main:
         announce(f"student {model}: {count_params(student.model):,} parameters; teacher {teacher_source}: "
                  f"{count_params(teacher_loaded.model):,} parameters ({str(tdtype).removeprefix('torch.')}); "
-                 f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, device {device}")
+                 f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, "
+                 f"device {device}" + (f" (rank 0 of {ctx.world})" if ctx.distributed else ""))
     teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
                     "parameters": count_params(teacher_loaded.model)}
 
@@ -236,19 +270,7 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
     merged, record = recover_model(student.model, student.tokenizer, teacher_loaded.model, teacher_info, cfg, inputs,
                                    device=device, work_dir=work, resume=resume, progress=progress, prepared=prepared,
                                    rebuild=rebuild)
-    record.timing["total_seconds"] = round(time.perf_counter() - t0, 2)
-    record.config["student"] = model
-    record.config["dtype"] = str(dtype).removeprefix("torch.")
-    ctx = dist_context(device)
-    path = None
-    if out is not None and ctx.main:
-        prov = dict(provenance or {})
-        prov["recovery"] = record.to_dict()
-        merged.to("cpu")
-        path = save_pruned(merged, student.tokenizer, out, prov, overwrite=overwrite)
-        shutil.rmtree(work, ignore_errors=True)
-    ctx.barrier()
-    return merged, record, path
+    return merged, record, student.tokenizer
 
 
 def summary_lines(record: RecoverRecord) -> list[str]:

@@ -1,9 +1,10 @@
 """The distillation loop: frozen teacher, trained student, held-out measurements, checkpoints, DDP.
 
-One process, or one per device under ``torchrun`` (``WORLD_SIZE`` set): every rank builds the
-same models and windows and takes its slice of each global batch; DDP averages the gradients
-(or FSDP2 shards both models, ``--fsdp``), so N processes compute the one-process step for the
-same global batch. Rank 0 writes checkpoints and shows progress.
+One process, or one per device under ``torchrun`` (``WORLD_SIZE`` and ``LOCAL_RANK`` set; on
+GPUs each process on ``cuda:LOCAL_RANK``): every rank builds the same models and windows and
+takes its slice of each global batch; DDP averages the gradients (or FSDP2 shards both models,
+``--fsdp``), so N processes compute the one-process step for the same global batch. Rank 0 (the
+process group's) writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,40 +34,87 @@ from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "Pair", "StudentLoss", "TeacherHidden", "dist_context", "train"]
+__all__ = ["DistContext", "Pair", "StudentLoss", "TeacherHidden", "dist_context", "distributed", "process_device",
+           "train", "under_torchrun"]
 
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in the run: its rank (from the process group), the process count,
+    ``LOCAL_RANK`` and the device it computes on (``cuda:LOCAL_RANK`` under ``torchrun`` on GPUs).
+    ``distributed`` is true under ``torchrun`` (a process group is in use, even with one process)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             dist.barrier()
 
     def mean(self, value: float, device: torch.device) -> float:
-        if self.world == 1:
+        if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
 
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` (or another launcher setting its variables) started this process."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def process_device(device: torch.device) -> torch.device:
+    """The device this process computes on: ``device`` alone, ``cuda:LOCAL_RANK`` under torchrun."""
+    device = torch.device(device)
+    if device.type != "cuda" or not under_torchrun():
+        return device
+    local = int(os.environ["LOCAL_RANK"])
+    if device.index is not None and device.index != local:
+        raise RcpuError(f"--device {device} under torchrun: each process uses the GPU of its LOCAL_RANK "
+                        f"(this one cuda:{local}); pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise RcpuError(f"LOCAL_RANK {local} but {count} CUDA device(s) visible; start at most {count} processes "
+                        "per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local)
+
+
 def dist_context(device: torch.device) -> DistContext:
-    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo on the CPU), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo on the CPU), or run alone.
+
+    Under torchrun each process is bound to ``cuda:LOCAL_RANK`` (``torch.cuda.set_device``) before
+    the group is created, so NCCL and FSDP's device mesh use that GPU; the rank is the group's."""
+    if not under_torchrun():
+        return DistContext(device=torch.device(device))
+    device = process_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                       local_rank=int(os.environ["LOCAL_RANK"]), device=device, distributed=True)
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[DistContext]:
+    """:func:`dist_context` for the length of a ``with`` block; the process group is destroyed at its
+    end (also on an error) when this block created it."""
+    created = under_torchrun() and not dist.is_initialized()
+    ctx = dist_context(device)
+    try:
+        yield ctx
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -321,7 +369,7 @@ def _prepare(student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, ctx: Di
     model.train()
     if cfg.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sharding = sharding_for(cfg.fsdp, ctx.world, device)
+    sharding = sharding_for(cfg.fsdp, ctx.distributed, device)
     pair = Pair.build(model, teacher, cfg, sharding, device, autocast)
     params = [p for p in pair.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)

@@ -82,15 +82,51 @@ def test_merged_lora_gives_the_adapter_models_logits():
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_allora_scales_gradients_by_row_norm():
-    model = make_model("llama", layers=1)
-    cfg = RecoverConfig(parameters="allora", lora_rank=4, lora_targets=("q_proj",), allora_eta=3.0)
-    peft_model = attach_trainable(model, cfg)
-    lora_a = next(p for n, p in peft_model.named_parameters() if "lora_A" in n)
-    rows = lora_a.detach().pow(2).sum(1, keepdim=True)
-    grad = torch.ones_like(lora_a)
-    lora_a.backward(grad)  # the hook sees the incoming gradient
-    torch.testing.assert_close(lora_a.grad, grad / torch.sqrt(rows + 1 / 9.0))
+def _adapter_steps(cfg: RecoverConfig, steps: int) -> tuple[list[dict], list[dict]]:
+    """Train a tiny model's adapters for ``steps`` AdamW steps as recovery builds them: the adapter
+    tensors before each step and after the last, and the gradient each step saw."""
+    from rcpu.recover.params import build_optimizer
+
+    model = attach_trainable(make_model("llama", layers=1), cfg)
+    _, optimizer = build_optimizer(model, cfg)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    states, grads = [{n: p.detach().clone() for n, p in named.items()}], []
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in named.items()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        states.append({n: p.detach().clone() for n, p in named.items()})
+    return states, grads
+
+
+def test_allora_is_the_papers_per_row_learning_rate_under_adamw():
+    """ALLoRA (arXiv:2410.09692): each row of an adapter matrix learns at lr / sqrt(|row|^2 + 1/eta^2).
+    Under AdamW that must change the update itself: scaling the gradient before Adam would cancel."""
+    eta, lr, wd = 3.0, 1e-2, 0.1
+    cfg = RecoverConfig(parameters="allora", lora_rank=4, lora_targets=("q_proj", "v_proj"), allora_eta=eta,
+                        lr=lr, weight_decay=wd)
+    states, grads = _adapter_steps(cfg, 3)
+    # the rule computed directly: AdamW's moments from the gradients, each row's step scaled by its coefficient
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for name in states[0]:
+        m = v = torch.zeros_like(states[0][name])
+        for t, g in enumerate((gr[name] for gr in grads), start=1):
+            theta = states[t - 1][name]
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            adam = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+            row_lr = lr / torch.sqrt(theta.pow(2).sum(1, keepdim=True) + 1 / eta**2)
+            torch.testing.assert_close(states[t][name], theta - row_lr * (wd * theta + adam), rtol=1e-5, atol=1e-7)
+    # LoRA at scale 1 (lora_alpha = rank) from the same start sees the same first gradient, and moves less:
+    # B starts at zero, so its rows learn at eta * lr under ALLoRA and at lr under LoRA
+    lora, lora_grads = _adapter_steps(RecoverConfig(parameters="lora", lora_rank=4, lora_alpha=4.0,
+                                                    lora_targets=("q_proj", "v_proj"), lr=lr, weight_decay=wd), 1)
+    b_name = next(n for n in states[0] if "lora_B" in n)
+    torch.testing.assert_close(lora_grads[0][b_name], grads[0][b_name])
+    step_allora, step_lora = states[1][b_name] - states[0][b_name], lora[1][b_name] - lora[0][b_name]
+    assert step_lora.abs().max() > 0
+    torch.testing.assert_close(step_allora, eta * step_lora, rtol=1e-4, atol=1e-9)
 
 
 def test_windows_hold_out_and_batch_reproducibly():
@@ -281,8 +317,8 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
 
 @pytest.mark.parametrize("nproc,strategy,extra", [
     (2, "ddp", []), (2, "fsdp", ["--fsdp"]), (2, "fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"]),
-    (1, "fsdp", ["--fsdp"])],
-    ids=["ddp", "fsdp", "fsdp-lora", "fsdp-1"])
+    (2, "fsdp", ["--fsdp", "--parameters", "allora", "--lr", "3e-3"]), (1, "fsdp", ["--fsdp"])],
+    ids=["ddp", "fsdp", "fsdp-lora", "fsdp-allora", "fsdp-1"])
 def test_cpu_processes_equal_one(pruned, tmp_path, nproc, strategy, extra):
     """torchrun with gloo processes (DDP, or FSDP2 sharding both models; one process under torchrun
     still wraps) gives the one-process weights for the same global batch."""

@@ -27,7 +27,7 @@ from ..errors import RcpuError
 from ..report import PeakMemory
 from .config import RecoverConfig
 from .loss import distillation_loss, loss_terms
-from .params import attach_trainable, merge_trainable, unwrap
+from .params import attach_trainable, build_optimizer, merge_trainable, unwrap
 from .sharding import Replicated, sharding_for
 from .state import load_checkpoint, save_checkpoint
 from .windows import TrainingWindows
@@ -371,8 +371,7 @@ def _prepare(student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, ctx: Di
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharding = sharding_for(cfg.fsdp, ctx.distributed, device)
     pair = Pair.build(model, teacher, cfg, sharding, device, autocast)
-    params = [p for p in pair.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    params, optimizer = build_optimizer(pair.student, cfg)  # after wrapping: the parameters DDP / FSDP train
     return pair, params, optimizer
 
 

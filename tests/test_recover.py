@@ -301,6 +301,47 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path, extra):
     assert not work_dir_for(out).exists()
 
 
+#: run the CLI with the checkpoint of step 3 killed between its two renames (the old one moved aside,
+#: the new one not yet in place): what a power cut there leaves
+_KILL_BETWEEN_RENAMES = """
+import json, os, sys
+from pathlib import Path
+rename = Path.rename
+def killing_rename(self, target):
+    if Path(target).name == "checkpoint" and json.loads((self / "state.json").read_text())["step"] == 3:
+        os._exit(9)
+    return rename(self, target)
+Path.rename = killing_rename
+from rcpu.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(pruned, tmp_path):
+    common = _recover_args(pruned, tmp_path / "x", "--tokens", "1280", "--save_every", "1", "--eval_every", "0")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+
+    def args(target):
+        a = list(common)
+        a[a.index("--save_model") + 1] = str(target)
+        return a
+
+    run = subprocess.run([sys.executable, "-m", "rcpu.cli", *args(ref)], capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr
+    killed = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, *args(out)], capture_output=True, text=True,
+                            env=_env())
+    assert killed.returncode == 9, killed.stderr
+    work = work_dir_for(out)
+    assert not (work / "checkpoint").exists() and (work / ".checkpoint.old" / "state.json").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "rcpu.cli", *args(out), "--resume"], capture_output=True,
+                             text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 2" in resumed.stdout  # from the old checkpoint, not from step 0
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not work.exists()
+
+
 def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rcpu.cli",

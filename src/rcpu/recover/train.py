@@ -29,7 +29,7 @@ from .config import RecoverConfig
 from .loss import distillation_loss, loss_terms
 from .params import attach_trainable, build_optimizer, merge_trainable, unwrap
 from .sharding import Replicated, sharding_for
-from .state import load_checkpoint, save_checkpoint
+from .state import has_checkpoint, load_checkpoint, save_checkpoint
 from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
                         "give a global batch that splits evenly")
     pair, params, optimizer = _prepare(student, teacher, cfg, ctx, device, autocast)
     run = _Run(pair, params, optimizer, windows, cfg, ctx, device, steps, work_dir, digest, eval_sets or {})
-    if resume and work_dir is not None and (work_dir / "checkpoint").exists():
+    if resume and has_checkpoint(work_dir):  # also the .old one a kill between its two renames leaves
         run.resume()
     run.scheduler = _schedule(optimizer, cfg, steps, run.done)
     if run.done == 0:

@@ -543,3 +543,87 @@ def test_torchrun_device_errors_and_cpu_processes(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")  # not under torchrun: one process, the device as given, no group
     ctx = dist_context(torch.device("cuda", 1))
     assert ctx.device == torch.device("cuda", 1) and not ctx.distributed and ctx.main
+
+
+# ------------------------------------------------------------------------------ teacher and paths
+
+
+def test_prune_records_the_source_absolute_and_recover_resolves_older_relative_ones(pruned, tmp_path, monkeypatch):
+    from rcpu.errors import RcpuError
+    from rcpu.recover import teacher_for
+
+    monkeypatch.chdir(pruned)
+    out = tmp_path / "rel"
+    assert main(["prune", "--model", "dense", "--calib", "train.txt", "--eval", "none", "--nsamples", "8",
+                 "--seqlen", "32", "--pruning_ratio", "0.5", "--save_model", str(out), "--no-stream", "-q"]) == 0
+    model = json.loads((out / "rcpu_provenance.json").read_text())["model"]
+    assert model["source"] == str(pruned / "dense") and model["source_kind"] == "local"
+    monkeypatch.chdir(tmp_path)  # another working directory: the recorded path still names the teacher
+    assert teacher_for(json.loads((out / "rcpu_provenance.json").read_text()), None, str(out), out) == str(pruned / "dense")
+
+    # a checkpoint from before: the source relative to where pruning ran, no kind; found beside the checkpoint
+    old = {"model": {"source": "dense"}}
+    assert teacher_for(old, None, "p", pruned / "pruned") == str(pruned / "dense")
+    # not found there: refused, never looked up on the hub
+    with pytest.raises(RcpuError, match="relative path 'models/dense'.*pass --teacher"):
+        teacher_for({"model": {"source": "models/dense"}}, None, "p", pruned / "pruned")
+    with pytest.raises(RcpuError, match="does not exist"):
+        teacher_for({"model": {"source": str(tmp_path / "moved")}}, None, "p", pruned / "pruned")
+    # hub ids and built-in names recorded as such stay what they are
+    assert teacher_for({"model": {"source": "org/model", "source_kind": "hub"}}, None, "p", None) == "org/model"
+    assert teacher_for({"model": {"source": "smollm2-135m"}}, None, "p", None) == "smollm2-135m"
+    assert teacher_for(old, "given", "p", None) == "given"
+
+
+def test_every_path_is_checked_before_loading_and_a_failed_run_leaves_nothing(pruned, tmp_path, capsys, monkeypatch):
+    from rcpu.recover import run as recover_run
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    out = tmp_path / "a" / "b" / "out"  # its parent folders do not exist yet
+    with monkeypatch.context() as m:
+        m.setattr(recover_run, "_load", no_loading)
+        _fails(capsys, _recover_args(pruned, out, "--teacher", str(tmp_path / "nope")), "teacher: model path")
+        _fails(capsys, _recover_args(pruned, out, "--teacher", str(pruned / "train.txt")), "not a .gguf file")
+        missing = _recover_args(pruned, out)
+        missing[missing.index("--data") + 1] = str(tmp_path / "missing.txt")
+        _fails(capsys, missing, "text file not found")
+        missing = _recover_args(pruned, out)
+        missing[missing.index("--eval") + 1] = str(tmp_path / "missing.txt")
+        _fails(capsys, missing, "text file not found")
+        _fails(capsys, _recover_args(pruned, out, "--report", str(tmp_path / "no" / "r.json")), "does not exist")
+        _fails(capsys, _recover_args(pruned, out, "--report", str(tmp_path)), "is a directory")
+        # the provenance's teacher moved away
+        moved = tmp_path / "moved"
+        shutil.copytree(pruned / "pruned", moved)
+        prov = json.loads((moved / "rcpu_provenance.json").read_text())
+        prov["model"]["source"] = str(tmp_path / "gone")
+        (moved / "rcpu_provenance.json").write_text(json.dumps(prov))
+        args = _recover_args(pruned, out)
+        args[args.index("--model") + 1] = str(moved)
+        _fails(capsys, args, "does not exist (moved or deleted?)")
+    assert not (tmp_path / "a").exists()
+
+    # failing after the models loaded (another vocabulary) and interrupted before any checkpoint: nothing left
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=140)).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    _fails(capsys, _recover_args(pruned, out, "--teacher", str(other)), "vocabulary")
+    assert not (tmp_path / "a").exists()
+    from rcpu.recover.train import _Run
+
+    step = _Run.step
+
+    def interrupted(self, i, bar):
+        if i == 3:
+            raise KeyboardInterrupt
+        step(self, i, bar)
+
+    monkeypatch.setattr(_Run, "step", interrupted)
+    assert main(_recover_args(pruned, out, "--tokens", "2000", "--save_every", "0", "--eval_every", "0")) == 130
+    assert not (tmp_path / "a").exists()
+    # with a checkpoint written, the interrupted run keeps it (and its folders) for --resume
+    assert main(_recover_args(pruned, out, "--tokens", "2000", "--save_every", "2", "--eval_every", "0")) == 130
+    assert (work_dir_for(out) / "checkpoint" / "state.json").is_file() and not out.exists()

@@ -350,7 +350,7 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
     """Load the whole model, prune it, evaluate, recover, save: (report, dense ppl, pruned ppl)."""
     from .api import check_saveable, check_seqlen, prune
     from .export import save_pruned
-    from .loading import load_model
+    from .loading import load_model, source_record
     from .report import count_params
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
@@ -370,7 +370,7 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
         print(f"dense : {dense.format()}")
     model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet,
                           hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib)
-    report.model["source"] = args.model  # the streamed path records it when it writes the provenance
+    report.model.update(source_record(args.model))  # the streamed path records it when it writes the provenance
     _print_report(report)
     if eval_ids is not None:
         model.to(device)
@@ -504,12 +504,12 @@ def _pruned_dir_for(save_model: str):
 def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
     """``prune --recover_tokens`` on an in-memory model: distil the dense model (reloaded) into it.
     Its checkpoints (with --save_model) stay until the caller has saved the result."""
-    from .loading import load_model
+    from .loading import load_model, source_record
     from .recover import default_teacher_dtype, recover_model, work_dir_for
 
     tdtype = default_teacher_dtype(device, dtype)
     teacher = load_model(args.model, dtype=tdtype, device="cpu", trust_remote_code=args.trust_remote_code).model
-    info = {"source": args.model, "dtype": str(tdtype).removeprefix("torch.")}
+    info = {"source": source_record(args.model)["source"], "dtype": str(tdtype).removeprefix("torch.")}
     model, record = recover_model(model, tok, teacher, info, _recover_config_for_prune(args),
                                   _recover_inputs(args, [args.eval_seqlen]), device=device,
                                   work_dir=work_dir_for(args.save_model) if args.save_model else None,
@@ -522,11 +522,14 @@ def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
 def cmd_recover(args) -> int:
     from .api import resolve_device
     from .recover import recover_checkpoint
+    from .recover.run import check_report_path
     from .recover.train import distributed
 
     if not args.model:
         raise RcpuError("rcpu recover needs --model: the pruned checkpoint to recover")
     cfg = _recover_config(args)
+    if args.report:
+        check_report_path(args.report)  # written last: its folder is checked first
     device = resolve_device(args.device)
     if any(s < 2 for s in args.eval_seqlen):
         raise RcpuError("--eval_seqlen values must be >= 2")

@@ -555,6 +555,20 @@ def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
     return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None
 
 
+def source_record(source: str | os.PathLike) -> dict:
+    """How a provenance names the model ``source`` it was made from: ``source`` (a local path made
+    absolute, so that it names the same model from any working directory; a built-in name or hub
+    id as given) and ``source_kind`` ("local", "builtin" or "hub"), so that a later step (recovery's
+    teacher) never mistakes a path for a hub id."""
+    source = os.fspath(source)
+    if _builtin_key(source) is not None:
+        return {"source": source, "source_kind": "builtin"}
+    expanded = Path(os.path.expanduser(source))
+    if expanded.exists():
+        return {"source": str(expanded.resolve()), "source_kind": "local"}
+    return {"source": source, "source_kind": "hub"}
+
+
 def check_model_source(source: str) -> None:
     """Fail fast on a model argument that can never load (a path that does not exist, a file that is
     not .gguf), before a command downloads calibration text or computes anything."""

@@ -264,8 +264,9 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     The weights written are those :func:`rcpu.api.prune` followed by
     :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
     ``announce`` receives the "resuming at layer N of M" line (default: the log). ``source_name``
-    is what the provenance records as the source (default: the path), e.g. the built-in name the
-    user gave, so that later steps (a GGUF export's tokenizer, recovery's teacher) find the original.
+    is what the provenance records as the source (default: the path; a local path absolute), e.g. the
+    built-in name the user gave, so that later steps (a GGUF export's tokenizer, recovery's teacher)
+    find the original.
     """
     from .driver import check_saveable, run_pruning
     from .export import check_output_dir, finish_checkpoint
@@ -309,7 +310,9 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     run = run_pruning(model, adapter, cfg, windows, heldout_windows, device, store, progress=progress,
                       hidden_states=hidden_states, max_hidden_gib=max_hidden_gib)
     adapter.finalize(store.biases)
-    report = run.report(cfg, adapter, {"source": source_name or str(src), "device": str(device),
+    from .loading import source_record
+
+    report = run.report(cfg, adapter, {**source_record(source_name or src), "device": str(device),
                                        "dtype": str(dtype).replace("torch.", ""), "streamed": True}, calib_info or {})
     final = finish_checkpoint(model, work, out, report.to_dict(), tokenizer=tokenizer, generation_config=generation,
                               shards=[shard_name(k, n_layers + 1) for k in range(n_layers + 1)], dtype=dtype,

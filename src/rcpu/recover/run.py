@@ -10,8 +10,10 @@ checkpoint for uniform widths, rcpu's per-layer classes otherwise) and appears a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -61,15 +63,62 @@ def default_teacher_dtype(device: torch.device, dtype: torch.dtype) -> torch.dty
     return torch.bfloat16 if device.type == "cuda" else dtype
 
 
-def teacher_for(provenance: dict | None, teacher: str | None, where: str) -> str:
-    """The teacher to use: ``--teacher``, else the source model in the student's provenance."""
+def teacher_for(provenance: dict | None, teacher: str | None, where: str, model_dir: Path | None = None) -> str:
+    """The teacher to use: ``--teacher``, else the source model in the student's provenance.
+
+    ``rcpu prune`` records a local source as an absolute path, and says which kind of source it
+    was (``source_kind``). Older checkpoints may name a local model by a path relative to where
+    pruning ran: that is looked for beside the pruned directory ``model_dir`` (in the folder that
+    holds it, then inside it), and a relative name found in neither place is refused rather than
+    looked up on the hub, unless the provenance says it is a hub id."""
+    from ..loading import _builtin_key
+
     if teacher:
         return teacher
-    source = ((provenance or {}).get("model") or {}).get("source")
+    model_info = (provenance or {}).get("model") or {}
+    source = model_info.get("source")
     if not source:
         raise RcpuError(f"{where} has no rcpu_provenance.json naming the model it was pruned from; "
                         "pass --teacher with the dense model")
-    return str(source)
+    source, kind = str(source), model_info.get("source_kind")
+    if kind in ("hub", "builtin") or _builtin_key(source) is not None:
+        return source
+    path = Path(os.path.expanduser(source))
+    if path.is_absolute():
+        if not path.exists():
+            raise RcpuError(f"the teacher {source}, from the provenance of {where}, does not exist (moved or deleted?); "
+                            "pass --teacher with the dense model")
+        return source
+    tried = [d / path for d in (model_dir.parent, model_dir)] if model_dir is not None else []
+    for candidate in tried:
+        if candidate.exists():
+            return str(candidate.resolve())
+    looked = " or ".join(str(c) for c in tried) or "beside it"
+    raise RcpuError(f"the provenance of {where} names its teacher by the relative path {source!r}, which is not in "
+                    f"{looked}; pass --teacher with the dense model (a hub id too)")
+
+
+def check_teacher_path(teacher: str) -> None:
+    """A teacher path that does not exist, or a file that is not .gguf, fails before any model loads
+    (the texts are checked by :func:`check_texts`)."""
+    from ..loading import check_model_source
+
+    try:
+        check_model_source(teacher)
+    except RcpuError as exc:
+        raise RcpuError(f"teacher: {exc}") from None
+
+
+def check_report_path(report: str) -> None:
+    """``--report`` must name a file in a folder that exists and is writable (it is written last)."""
+    path = Path(report).expanduser()
+    if path.is_dir():
+        raise RcpuError(f"--report {report} is a directory; name a file")
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise RcpuError(f"--report {report}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise RcpuError(f"--report {report}: cannot write to {parent}")
 
 
 def _text_hash(text: str) -> str:
@@ -202,30 +251,35 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
                        provenance: dict | None = None) -> tuple[nn.Module, RecoverRecord, Path | None]:
     """Load the pruned ``model`` and its teacher, recover it, and write it to ``save_model`` (if given).
 
-    Under torchrun each process runs on ``cuda:LOCAL_RANK`` (GPUs) and the process group this call
-    creates is destroyed when it returns; the merged model is None off rank 0 under FSDP."""
+    Every input (settings, student, teacher, texts, output) is checked before a model loads. A run
+    that fails leaves nothing behind but the checkpoints it completed (for ``--resume``): no empty
+    work directory, no parent folder of ``save_model`` it created. Under torchrun each process runs
+    on ``cuda:LOCAL_RANK`` (GPUs) and the process group this call creates is destroyed when it
+    returns; the merged model is None off rank 0 under FSDP."""
     from ..export import check_output_dir, save_pruned
     from ..gguf_export import load_provenance
-    from ..loading import check_model_source, resolve_model_dir
+    from ..loading import check_model_source
 
     t0 = time.perf_counter()
     cfg.validate()
     check_model_source(model)
-    out = check_output_dir(save_model, overwrite) if save_model else None
+    out = check_output_dir(save_model, overwrite, create=False) if save_model else None
     work = work_dir_for(out) if out is not None else None
     if resume and out is None:
         raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
     check_work_dir(work, resume)
-    texts = check_texts(inputs)  # unreadable, empty or overlapping texts fail before any model loads
+    local = Path(os.path.expanduser(model))
     if provenance is None:
-        local = Path(resolve_model_dir(model))
         provenance = load_provenance(local) if local.is_dir() else None
-    teacher_source = teacher_for(provenance, teacher, model)
+    teacher_source = teacher_for(provenance, teacher, model, local if local.is_dir() else None)
+    check_teacher_path(teacher_source)
+    texts = check_texts(inputs)  # unreadable, empty or overlapping texts fail before any model loads
     device = process_device(device)  # cuda:LOCAL_RANK under torchrun; a conflicting --device fails here
-    with distributed(device) as ctx:
+    with distributed(device) as ctx, _nothing_left_on_failure(out, work, ctx):
         merged, record, tokenizer = _load_and_recover(model, teacher_source, cfg, inputs, ctx=ctx, dtype=dtype,
-                                           teacher_dtype=teacher_dtype, texts=texts, work=work, resume=resume,
-                                           trust_remote_code=trust_remote_code, progress=progress, announce=announce)
+                                                      teacher_dtype=teacher_dtype, texts=texts, work=work,
+                                                      resume=resume, trust_remote_code=trust_remote_code,
+                                                      progress=progress, announce=announce)
         record.timing["total_seconds"] = round(time.perf_counter() - t0, 2)
         record.config["student"] = model
         record.config["dtype"] = str(dtype).removeprefix("torch.")
@@ -238,6 +292,38 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
             shutil.rmtree(work, ignore_errors=True)
         ctx.barrier()
     return merged, record, path
+
+
+def _missing_parents(out: Path | None) -> list[Path]:
+    """The folders above ``out`` that do not exist yet, deepest first."""
+    missing = []
+    parent = out.parent if out is not None else None
+    while parent is not None and not parent.exists():
+        missing.append(parent)
+        parent = parent.parent if parent.parent != parent else None
+    return missing
+
+
+@contextlib.contextmanager
+def _nothing_left_on_failure(out: Path | None, work: Path | None, ctx):
+    """On an error (Ctrl-C included): remove the work directory unless it holds a checkpoint to resume
+    from, and the parent folders of ``out`` this run created, if empty (rank 0 does it)."""
+    from .state import has_checkpoint
+
+    created = _missing_parents(out)
+    had_work = work is not None and work.exists()
+    try:
+        yield
+    except BaseException:
+        if ctx.main:
+            if work is not None and not had_work and work.exists() and not has_checkpoint(work):
+                shutil.rmtree(work, ignore_errors=True)
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (a checkpoint kept for --resume), or gone
+                    break
+        raise
 
 
 def _load_and_recover(model: str, teacher_source: str, cfg: RecoverConfig, inputs: RecoverInputs, *, ctx, dtype,

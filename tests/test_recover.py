@@ -142,6 +142,53 @@ def test_windows_hold_out_and_batch_reproducibly():
     assert sorted(epoch[:, 0].tolist()) == sorted(train_starts)
 
 
+# ------------------------------------------------------------------------ evaluation text in training
+
+
+@pytest.mark.parametrize("chunk", [1 << 23, 97])  # one piece, or many (runs crossing the pieces' borders)
+def test_training_text_holding_evaluation_passages_is_found_whatever_the_whitespace(monkeypatch, chunk):
+    from rcpu.recover import overlap
+
+    monkeypatch.setattr(overlap, "_CHUNK", chunk)
+    train, ev = make_text(3000, seed=0), make_text(1500, seed=5)
+    ev_words = ev.split()
+    passage = " ".join(ev_words[700:740])  # 40 words: about one evaluation window of these words
+    leaks = {
+        "train + eval": train + "\n\n" + ev,
+        "eval + train": ev + train,  # no separator: a file boundary mid-line
+        "extra newlines": ev.replace(" w1", "\n\nw1"),
+        "changed spaces": "  ".join(ev_words[:200]).replace("w2", "\tw2 "),
+        "one passage inside": train[:5000] + " " + passage.replace(" ", "\n", 3) + " " + train[5000:],
+    }
+    for name, leaked in leaks.items():
+        found = overlap.find_overlap(leaked, ev)
+        assert found and found.example, name
+        assert " ".join(found.example.split()) in " ".join(ev.split()), name
+    whole = overlap.find_overlap(train + "\n" + ev, ev)
+    assert whole.eval_runs == whole.eval_total  # every run of the evaluation text is there
+    clean = overlap.find_overlap(train, ev)
+    assert not clean and clean.runs == 0 and clean.eval_total == len(overlap.words(ev)) - overlap.NGRAM + 1
+    assert not overlap.find_overlap(train, " ".join(ev_words[:overlap.NGRAM - 1]))  # shorter than a run
+
+
+def test_recover_refuses_training_text_with_evaluation_passages(pruned, tmp_path, capsys):
+    out = tmp_path / "never"
+    ev = (pruned / "eval.txt").read_text()
+    words = ev.split()
+    cases = {"concatenated": (pruned / "train.txt").read_text() + ev,
+             "reflowed": "\n".join(" ".join(words[i:i + 7]) for i in range(0, len(words), 7)),
+             "a window inside": (pruned / "train.txt").read_text() + "  ".join(words[1000:1040])}
+    for name, text in cases.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        args = _recover_args(pruned, out)
+        args[args.index("--data") + 1] = str(tmp_path / f"{name}.txt")
+        _fails(capsys, args, "contains the evaluation text")
+    assert not out.exists() and not work_dir_for(out).exists()
+    from rcpu.recover import RecoverInputs, check_texts
+
+    check_texts(RecoverInputs(data=str(pruned / "train.txt"), eval=str(pruned / "eval.txt")))  # the clean pair passes
+
+
 # ------------------------------------------------------------------------------- end to end (CLI)
 
 
@@ -402,7 +449,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     _fails(capsys, _recover_args(pruned, out, "--tokens", "0"), "--tokens is 0")
     same = _recover_args(pruned, out)
     same[same.index("--eval") + 1] = str(pruned / "train.txt")
-    _fails(capsys, same, "is the evaluation text")
+    _fails(capsys, same, "contains the evaluation text")
     (tmp_path / "short.txt").write_text("w1 w2 w3 w4 w5")
     short = _recover_args(pruned, out)
     short[short.index("--data") + 1] = str(tmp_path / "short.txt")
@@ -423,7 +470,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     # prune --recover_tokens refuses overlapping texts before it prunes
     _fails(capsys, ["prune", "--model", str(pruned / "dense"), "--calib", str(pruned / "train.txt"), "--eval",
                     str(pruned / "train.txt"), "--recover_tokens", "1000", "--save_model", str(out), "-q"],
-           "is the evaluation text")
+           "contains the evaluation text")
     # an existing output directory
     (tmp_path / "exists").mkdir()
     _fails(capsys, _recover_args(pruned, tmp_path / "exists"), "already exists")

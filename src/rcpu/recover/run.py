@@ -126,12 +126,19 @@ def _text_hash(text: str) -> str:
 
 
 def check_texts(inputs: RecoverInputs) -> tuple[str, str | None, dict]:
-    """Load the training and evaluation text, refusing the same text for both."""
+    """Load the training and evaluation text, refusing training text that contains any passage of
+    the evaluation text (runs of words compared, whatever the files or the whitespace:
+    :mod:`rcpu.recover.overlap`)."""
+    from .overlap import NGRAM, find_overlap
+
     train_text = data.load_text(inputs.data, "calib")
     eval_text = None if inputs.eval == "none" else data.load_text(inputs.eval, "eval")
-    if eval_text is not None and _text_hash(train_text) == _text_hash(eval_text):
-        raise RcpuError(f"--data {inputs.data} is the evaluation text (--eval {inputs.eval}); train on other text, "
-                        "e.g. --data builtin (its calibration part) with --eval builtin (its held-out part)")
+    shared = find_overlap(train_text, eval_text) if eval_text is not None else None
+    if shared:
+        raise RcpuError(f"--data {inputs.data} contains the evaluation text (--eval {inputs.eval}): {shared.eval_runs:,} "
+                        f"of its {shared.eval_total:,} runs of {NGRAM} words, e.g. \"{shared.example[:80]}\"; train on "
+                        "text without it, e.g. --data builtin (its calibration part) with --eval builtin (its held-out "
+                        "part)")
     info = {"source": inputs.data, **data.describe_source(inputs.data, "calib"), "text_sha256": _text_hash(train_text)}
     return train_text, eval_text, info
 

@@ -10,8 +10,11 @@ the statistics; it does not grow with depth.
 Resume: the output is assembled in a work directory beside the target
 (``.<name>.rcpu-partial``). After every layer it holds the layer's shard, the next layer's
 input hidden states and ``rcpu_resume.json`` (the per-layer results and a hash of the
-settings and the model). ``resume=True`` continues from the last finished layer and gives
-the same bytes as an uninterrupted run; a finished run renames the directory into place.
+settings, the calibration windows and the model's content as sampled: each weight file's size,
+header and 16 blocks of 64 KiB, :func:`rcpu.loading.content_fingerprint`; not its path or
+modification time, so a model moved or copied resumes, and one with other weights is refused).
+``resume=True`` continues from the last finished layer and gives the same bytes as an
+uninterrupted run; a finished run renames the directory into place.
 """
 
 from __future__ import annotations
@@ -93,8 +96,10 @@ class GGUFCheckpoint:
         return out
 
     def fingerprint(self) -> dict:
-        st = self.path.stat()
-        return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
+        """The file's content as sampled (:func:`rcpu.loading.content_fingerprint`), not its path."""
+        from .loading import content_fingerprint
+
+        return {"files": {"gguf": content_fingerprint(self.path)}}
 
 
 def load_source_config(src: Path, trust_remote_code: bool = False):

@@ -674,3 +674,33 @@ def test_every_path_is_checked_before_loading_and_a_failed_run_leaves_nothing(pr
     # with a checkpoint written, the interrupted run keeps it (and its folders) for --resume
     assert main(_recover_args(pruned, out, "--tokens", "2000", "--save_every", "2", "--eval_every", "0")) == 130
     assert (work_dir_for(out) / "checkpoint" / "state.json").is_file() and not out.exists()
+
+
+def test_top_k_teacher_loss_is_the_kl_to_the_renormalised_top_k():
+    """With all V logits the top-k loss is the full one; with k < V it is the KL to the teacher's
+    softmax over its k largest logits, gradients included."""
+    torch.manual_seed(0)
+    n, h, v, alpha, temperature = 23, 8, 40, 0.6, 2.0
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    zt = t_hidden @ t_weight.T
+    full = distillation_loss(hidden, weight, None, labels, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                             alpha=alpha, temperature=temperature, chunk_elements=5 * v)
+    every = distillation_loss(hidden, weight, None, labels, teacher_topk=torch.topk(zt, v), alpha=alpha,
+                              temperature=temperature, chunk_elements=5 * v)
+    assert abs(every.item() - full.item()) < 1e-6 * max(1.0, full.item())
+    torch.testing.assert_close(torch.autograd.grad(every, [hidden, weight]), torch.autograd.grad(full, [hidden, weight]))
+    k = 6
+    top = torch.topk(zt, k)
+    got = distillation_loss(hidden, weight, None, labels, teacher_topk=top, alpha=alpha, temperature=temperature,
+                            chunk_elements=5 * v)
+    z = F.linear(hidden, weight)  # direct: the teacher's logits outside its top k at minus infinity
+    masked = torch.full_like(zt, float("-inf")).scatter(1, top.indices, top.values)
+    p = torch.softmax(masked / temperature, -1)
+    kl = (p * (torch.log_softmax(masked / temperature, -1).nan_to_num(neginf=0.0)
+               - torch.log_softmax(z / temperature, -1))).sum(-1).mean()
+    direct = alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(z, labels)
+    assert abs(got.item() - direct.item()) < 1e-5 * max(1.0, direct.item())
+    torch.testing.assert_close(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(direct, [hidden, weight]))

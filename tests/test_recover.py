@@ -704,3 +704,67 @@ def test_top_k_teacher_loss_is_the_kl_to_the_renormalised_top_k():
     direct = alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(z, labels)
     assert abs(got.item() - direct.item()) < 1e-5 * max(1.0, direct.item())
     torch.testing.assert_close(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(direct, [hidden, weight]))
+
+
+# ------------------------------------------------------------------------------------- teacher cache
+
+
+def test_teacher_cache_is_written_once_then_read_without_the_teacher(pruned, tmp_path, monkeypatch):
+    from rcpu.recover import run as recover_run
+
+    cache = tmp_path / "cache"
+    common = ("--tokens", "1500", "--eval_every", "0")
+    assert main(_recover_args(pruned, tmp_path / "full", *common)) == 0
+    # k = the whole (tiny) vocabulary: the same training as with the teacher running
+    assert main(_recover_args(pruned, tmp_path / "a", *common, "--teacher_cache", str(cache),
+                              "--teacher_topk", "128")) == 0
+    assert (cache / "meta.json").is_file()
+    load = recover_run._load
+
+    def student_only(source, *a, **k):
+        assert source != str(pruned / "dense"), "the teacher was loaded although the cache holds its logits"
+        return load(source, *a, **k)
+
+    monkeypatch.setattr(recover_run, "_load", student_only)
+    assert main(_recover_args(pruned, tmp_path / "b", *common, "--teacher_cache", str(cache), "--teacher_topk",
+                              "128")) == 0
+    assert main(_recover_args(pruned, tmp_path / "k8", *common, "--teacher_cache", str(cache), "--teacher_topk",
+                              "8")) == 0  # fewer logits from the same cache
+    full, a, b, k8 = (_weights(tmp_path / n) for n in ("full", "a", "b", "k8"))
+    for name in full:
+        assert torch.equal(a[name], b[name])
+        torch.testing.assert_close(a[name], full[name], rtol=1e-3, atol=1e-5)  # summed in another order
+    assert any(not torch.allclose(k8[n], a[n], rtol=1e-3, atol=1e-5) for n in a)  # the top 8 train otherwise
+    rec = json.loads((tmp_path / "k8" / "rcpu_provenance.json").read_text())["recovery"]
+    assert rec["config"]["teacher_cache"] == {"path": str(cache), "topk": 8}
+    assert rec["teacher"]["source"] == str(pruned / "dense")
+    full_rec = json.loads((tmp_path / "full" / "rcpu_provenance.json").read_text())["recovery"]
+    assert rec["evaluation"]["before"] == full_rec["evaluation"]["before"]  # measured over the whole vocabulary
+
+
+def test_teacher_cache_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys, monkeypatch):
+    out, cache = tmp_path / "never", tmp_path / "cache"
+
+    def args(*extra):
+        return _recover_args(pruned, out, "--tokens", "600", "--teacher_cache", str(cache), *extra)
+
+    _fails(capsys, args("--teacher_topk", "0"), "--teacher_topk is 0")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_topk", "8"), "give --teacher_cache")
+    _fails(capsys, args("--teacher_topk", "129"), "more than the vocabulary's 128")
+    _fails(capsys, args("--alpha", "0"), "needs no teacher")
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_cache", str(tmp_path / "file")), "is a file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_cache", str(tmp_path / "full")), "holds no teacher cache")
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("LOCAL_RANK", "0")
+        _fails(capsys, args(), "without torchrun")
+    assert not out.exists() and not cache.exists() and not work_dir_for(out).exists()
+    assert main(args("--teacher_topk", "16", "--save_model", str(tmp_path / "ok"))) == 0  # writes the cache
+    _fails(capsys, args("--teacher_topk", "32"), "holds")  # more logits than it keeps
+    _fails(capsys, args("--teacher_topk", "16", "--seqlen", "16", "--eval_seqlen", "16"), "lacks")  # other windows
+    _fails(capsys, args("--teacher_topk", "16", "--tokens", "5000"), "lacks")  # a larger budget: windows it lacks
+    _fails(capsys, args("--teacher_topk", "16", "--teacher", str(tmp_path / "elsewhere")), "was written from the teacher")
+    assert not out.exists() and not work_dir_for(out).exists()

@@ -91,6 +91,11 @@ def _recover_parser(sub) -> None:
     _add(r, "eval_seqlen", type=int, nargs="+", default=[128], help="perplexity window length(s)")
     _add(r, "autocast", default="none", choices=["none", "bfloat16", "float16"],
          help="run both models' forward passes under torch.autocast in this dtype")
+    _add(r, "teacher_cache", default=None,
+         help="a directory for the teacher's top logits over the training windows: written once (the teacher "
+              "runs), then read by later runs with the same text and windows instead of loading the teacher")
+    _add(r, "teacher_topk", type=int, default=None,
+         help="with --teacher_cache: logits per position kept and distilled from (default 64)")
     _add_recover_fields(r)
     _add(r, "save_model", default=None, help="write the recovered checkpoint to this directory")
     _add(r, "overwrite", action="store_true", help="replace an existing --save_model directory")
@@ -464,7 +469,8 @@ def _recover_inputs(args, eval_seqlens):
     return RecoverInputs(data=args.data if args.command == "recover" else args.calib,  # prune trains on --calib
                          eval=args.eval, eval_seqlens=tuple(eval_seqlens),
                          max_eval_tokens=16384 if args.max_eval_tokens is None else (args.max_eval_tokens or None),
-                         autocast=autocast)
+                         autocast=autocast, teacher_cache=getattr(args, "teacher_cache", None),
+                         teacher_topk=getattr(args, "teacher_topk", None) or 64)
 
 
 def _print_recovery(record, path) -> None:
@@ -522,7 +528,7 @@ def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
 def cmd_recover(args) -> int:
     from .api import resolve_device
     from .recover import recover_checkpoint
-    from .recover.run import check_report_path
+    from .recover.run import check_report_path, check_teacher_cache
     from .recover.train import distributed
 
     if not args.model:
@@ -533,9 +539,15 @@ def cmd_recover(args) -> int:
     device = resolve_device(args.device)
     if any(s < 2 for s in args.eval_seqlen):
         raise RcpuError("--eval_seqlen values must be >= 2")
+    if args.teacher_topk is not None and not args.teacher_cache:
+        raise RcpuError("--teacher_topk sets how many teacher logits --teacher_cache keeps; give --teacher_cache DIR")
+    if args.teacher_topk is not None and args.teacher_topk < 1:
+        raise RcpuError(f"--teacher_topk is {args.teacher_topk}; keep at least 1 logit per position")
+    inputs = _recover_inputs(args, args.eval_seqlen)
+    check_teacher_cache(inputs, cfg)  # (again in recover_checkpoint) before a process group is joined
     with distributed(device) as ctx:  # under torchrun: one process per GPU, the group destroyed at the end
         _, record, path = recover_checkpoint(
-            args.model, args.save_model, cfg, _recover_inputs(args, args.eval_seqlen), teacher=args.teacher,
+            args.model, args.save_model, cfg, inputs, teacher=args.teacher,
             device=device, dtype=parse_dtype(args.dtype),
             teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
             resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)

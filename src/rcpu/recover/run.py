@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -45,6 +46,10 @@ class RecoverInputs:
     eval_seqlens: tuple[int, ...] = (128,)
     max_eval_tokens: int | None = 16384
     autocast: torch.dtype | None = None
+    #: a directory for the teacher's top-k logits over the training windows (read if there, else written)
+    teacher_cache: str | None = None
+    #: logits per position kept in and read from the teacher cache
+    teacher_topk: int = 64
 
 
 def work_dir_for(out: str | Path) -> Path:
@@ -207,14 +212,19 @@ def _recover_model(student, tokenizer, teacher, teacher_info, cfg, inputs, *, ct
     windows, data_info = prepared.windows, prepared.info
     sets = eval_windows(prepared.eval_ids, inputs.eval_seqlens, inputs.max_eval_tokens)
     label = f"{inputs.eval}:eval"
+    cache = ["teacher_topk", inputs.teacher_topk] if inputs.teacher_cache else []  # the top k trains other weights
     digest = cfg.digest(teacher_info, data_info["text_sha256"], count_params(student), str(getattr(student, "dtype", "")),
-                        str(inputs.autocast), ctx.world if cfg.fsdp else 1)
+                        str(inputs.autocast), ctx.world if cfg.fsdp else 1, *cache)
     if not (cfg.fsdp and ctx.distributed):  # FSDP moves each shard to the device itself
         student.to(device)
         teacher.to(device)
+    if inputs.teacher_cache:
+        record_cache = {"path": str(Path(inputs.teacher_cache).expanduser().resolve()), "topk": inputs.teacher_topk}
     record = RecoverRecord(config=cfg.to_dict(), teacher=teacher_info, data=data_info, versions=versions())
     record.config["steps"] = cfg.steps()
     record.config["autocast"] = None if inputs.autocast is None else str(inputs.autocast).removeprefix("torch.")
+    if inputs.teacher_cache:
+        record.config["teacher_cache"] = record_cache
     res = train(student, teacher, windows, cfg, device=device, ctx=ctx, work_dir=work_dir, resume=resume,
                 digest=digest, autocast=inputs.autocast, progress=progress, rebuild=rebuild,
                 eval_sets={str(s): w for s, w in sets.items()})
@@ -275,11 +285,21 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
     if resume and out is None:
         raise RcpuError("--resume continues an interrupted --save_model run; give the same --save_model")
     check_work_dir(work, resume)
+    cached = check_teacher_cache(inputs, cfg)
     local = Path(os.path.expanduser(model))
     if provenance is None:
         provenance = load_provenance(local) if local.is_dir() else None
-    teacher_source = teacher_for(provenance, teacher, model, local if local.is_dir() else None)
-    check_teacher_path(teacher_source)
+    try:
+        teacher_source = teacher_for(provenance, teacher, model, local if local.is_dir() else None)
+    except RcpuError:
+        if cached is None:
+            raise
+        teacher_source = cached["teacher"]["source"]  # the cache names the teacher it was written from
+    if cached is None:
+        check_teacher_path(teacher_source)
+    elif teacher_source != cached["teacher"]["source"]:
+        raise RcpuError(f"--teacher_cache {inputs.teacher_cache} was written from the teacher "
+                        f"{cached['teacher']['source']}, not {teacher_source}; use another directory")
     texts = check_texts(inputs)  # unreadable, empty or overlapping texts fail before any model loads
     device = process_device(device)  # cuda:LOCAL_RANK under torchrun; a conflicting --device fails here
     with distributed(device) as ctx, _nothing_left_on_failure(out, work, ctx):
@@ -299,6 +319,76 @@ def recover_checkpoint(model: str, save_model: str | None, cfg: RecoverConfig, i
             shutil.rmtree(work, ignore_errors=True)
         ctx.barrier()
     return merged, record, path
+
+
+def check_teacher_cache(inputs: RecoverInputs, cfg: RecoverConfig) -> dict | None:
+    """``--teacher_cache`` / ``--teacher_topk`` checked before a model loads; the cache's meta when the
+    directory holds one already."""
+    from .teacher_cache import META, check_cache_dir
+    from .train import under_torchrun
+
+    if not inputs.teacher_cache:
+        return None
+    if inputs.teacher_topk < 1:
+        raise RcpuError(f"--teacher_topk is {inputs.teacher_topk}; keep at least 1 logit per position")
+    if under_torchrun():
+        raise RcpuError("--teacher_cache runs in one process; start rcpu recover without torchrun")
+    if cfg.alpha == 0:
+        raise RcpuError("--teacher_cache with --alpha 0: the LM loss needs no teacher; drop --teacher_cache")
+    path = check_cache_dir(inputs.teacher_cache)
+    if not (path / META).is_file():
+        return None
+    try:
+        meta = json.loads((path / META).read_text())
+    except ValueError as exc:
+        raise RcpuError(f"the teacher cache in {path} is unreadable ({exc}); remove it and run again") from exc
+    if inputs.teacher_topk > meta.get("topk", 0):
+        raise RcpuError(f"--teacher_topk {inputs.teacher_topk} is more than the {meta.get('topk')} logits per position "
+                        f"the teacher cache in {path} holds; use at most {meta.get('topk')} or another --teacher_cache")
+    return meta
+
+
+def _cached_teacher(student, teacher_source: str, tdtype, cfg: RecoverConfig, inputs: RecoverInputs,
+                    prepared: PreparedData, *, device, trust_remote_code: bool, progress: bool, announce):
+    """The teacher read from ``--teacher_cache``, written first (loading the teacher) when the
+    directory holds none; refuses a cache without this run's windows or of another vocabulary."""
+    from .teacher_cache import build_cache, load_cache, remove_partial, vocab_digest
+
+    path = Path(inputs.teacher_cache).expanduser().resolve()
+    rows = student.model.get_output_embeddings().weight.shape[0]
+    if inputs.teacher_topk > rows:
+        raise RcpuError(f"--teacher_topk {inputs.teacher_topk} is more than the vocabulary's {rows:,} tokens")
+    windows = prepared.windows
+    measured = {"heldout": windows.heldout,
+                **{f"eval{s}": w for s, w in eval_windows(prepared.eval_ids, inputs.eval_seqlens,
+                                                          inputs.max_eval_tokens).items()}}
+    visited = windows.visited(cfg.steps(), cfg.batch_size)
+    cached = load_cache(path, inputs.teacher_topk)
+    if cached is None:
+        teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
+        check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
+        info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
+                "parameters": count_params(teacher_loaded.model)}
+        announce(f"writing the teacher cache {path}: top {inputs.teacher_topk} logits of {visited.shape[0]:,} windows")
+        existed, t0 = path.exists(), time.perf_counter()
+        try:
+            build_cache(path, teacher_loaded.model, info, vocab_digest(student.tokenizer), visited, measured,
+                        inputs.teacher_topk, device=device, batch_size=cfg.batch_size, autocast=inputs.autocast,
+                        progress=progress)
+        except BaseException:
+            remove_partial(path, existed)
+            raise
+        logger.info("teacher cache written in %.1f s", time.perf_counter() - t0)
+        del teacher_loaded
+        cached = load_cache(path, inputs.teacher_topk)
+    if cached.meta["vocab"] != vocab_digest(student.tokenizer) or cached.model.head.weight.shape[0] != rows:
+        raise RcpuError(f"the teacher cache in {path} was written for another vocabulary than the student's")
+    train_missing, measured_missing = cached.missing(visited, list(measured.values()))
+    if train_missing or measured_missing:
+        raise RcpuError(f"the teacher cache in {path} lacks {train_missing:,} of this run's {visited.shape[0]:,} training "
+                        f"windows and {measured_missing:,} measured ones: it was written for other text, --seqlen, "
+                        "--seed, --heldout, evaluation or a smaller --tokens; use another directory")
+    return cached, dict(cached.meta["teacher"])
 
 
 def _missing_parents(out: Path | None) -> list[Path]:
@@ -345,22 +435,29 @@ def _load_and_recover(model: str, teacher_source: str, cfg: RecoverConfig, input
         check_seqlen(student.model.config, s, "--eval_seqlen")
     prepared = prepare_data(student.tokenizer, cfg, inputs, texts)  # too little text fails before the teacher loads
     tdtype = teacher_dtype or default_teacher_dtype(device, dtype)
-    teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
-    check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
+    if inputs.teacher_cache:
+        teacher_model, teacher_info = _cached_teacher(student, teacher_source, tdtype, cfg, inputs, prepared,
+                                                      device=device, trust_remote_code=trust_remote_code,
+                                                      progress=progress and ctx.main, announce=announce)
+    else:
+        teacher_loaded = _load(teacher_source, tdtype, trust_remote_code)
+        check_vocabulary(student.model, student.tokenizer, teacher_loaded.model, teacher_loaded.tokenizer)
+        teacher_model = teacher_loaded.model
+        teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
+                        "parameters": count_params(teacher_model)}
     if ctx.main:
         announce(f"student {model}: {count_params(student.model):,} parameters; teacher {teacher_source}: "
-                 f"{count_params(teacher_loaded.model):,} parameters ({str(tdtype).removeprefix('torch.')}); "
-                 f"{cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training {cfg.parameters}, "
-                 f"device {device}" + (f" (rank 0 of {ctx.world})" if ctx.distributed else ""))
-    teacher_info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
-                    "parameters": count_params(teacher_loaded.model)}
+                 f"{teacher_info['parameters']:,} parameters ({teacher_info['dtype']})"
+                 + (f", read from {inputs.teacher_cache} (top {inputs.teacher_topk} logits)" if inputs.teacher_cache
+                    else "") + f"; {cfg.steps()} steps of {cfg.batch_size} x {cfg.seqlen} tokens, training "
+                 f"{cfg.parameters}, device {device}" + (f" (rank 0 of {ctx.world})" if ctx.distributed else ""))
 
     def rebuild() -> nn.Module:  # a fresh untrained student in its loss module, for gathering FSDP shards
         from .params import attach_trainable
 
         return StudentLoss(attach_trainable(_load(model, dtype, trust_remote_code).model, cfg), cfg)
 
-    merged, record = recover_model(student.model, student.tokenizer, teacher_loaded.model, teacher_info, cfg, inputs,
+    merged, record = recover_model(student.model, student.tokenizer, teacher_model, teacher_info, cfg, inputs,
                                    device=device, work_dir=work, resume=resume, progress=progress, prepared=prepared,
                                    rebuild=rebuild)
     return merged, record, student.tokenizer

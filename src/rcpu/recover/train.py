@@ -154,7 +154,7 @@ class StudentLoss(nn.Module):
         self.cfg = cfg
 
     def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module,
-                measure: bool = False):
+                measure: bool = False, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
         decoder, head = _parts(self.model)
         hidden = _hidden(decoder, ids)[:, :-1]
         if measure:
@@ -163,7 +163,8 @@ class StudentLoss(nn.Module):
         return distillation_loss(
             hidden, head.weight, head.bias, ids[:, 1:],
             teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
-            alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_elements=self.cfg.chunk_elements)
+            alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_elements=self.cfg.chunk_elements,
+            teacher_topk=teacher_topk)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -185,7 +186,10 @@ class Pair:
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, sharding: Replicated,
               device: torch.device, autocast: torch.dtype | None = None) -> Pair:
-        loss_module, teacher_module = sharding.wrap(StudentLoss(student, cfg), TeacherHidden(teacher))
+        from .teacher_cache import CachedTeacher
+
+        cached = isinstance(teacher, CachedTeacher)  # read from --teacher_cache: one process, nothing to wrap
+        loss_module, teacher_module = sharding.wrap(StudentLoss(student, cfg), teacher if cached else TeacherHidden(teacher))
         return cls(loss_module, teacher_module, sharding, device, autocast)
 
     @property
@@ -198,6 +202,10 @@ class Pair:
         return hidden.clone()  # an ordinary tensor (not an inference tensor), usable by autograd
 
     def loss(self, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+        topk = getattr(self.teacher, "topk", None)  # a teacher cache: its top-k logits instead of a forward pass
+        if topk is not None:
+            with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
+                return self.student(ids, None, head, teacher_topk=topk(ids) if alpha > 0 else None)
         hidden = self.teacher_hidden(ids) if alpha > 0 else None
         with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
             return self.student(ids, hidden, head)

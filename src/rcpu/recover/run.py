@@ -370,13 +370,16 @@ def _cached_teacher(student, teacher_source: str, tdtype, cfg: RecoverConfig, in
         info = {"source": teacher_source, "dtype": str(tdtype).removeprefix("torch."),
                 "parameters": count_params(teacher_loaded.model)}
         announce(f"writing the teacher cache {path}: top {inputs.teacher_topk} logits of {visited.shape[0]:,} windows")
-        existed, t0 = path.exists(), time.perf_counter()
+        existed, created, t0 = path.exists(), _missing_parents(path), time.perf_counter()
         try:
             build_cache(path, teacher_loaded.model, info, vocab_digest(student.tokenizer), visited, measured,
                         inputs.teacher_topk, device=device, batch_size=cfg.batch_size, autocast=inputs.autocast,
                         progress=progress)
         except BaseException:
             remove_partial(path, existed)
+            for folder in created if not path.exists() else []:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         logger.info("teacher cache written in %.1f s", time.perf_counter() - t0)
         del teacher_loaded

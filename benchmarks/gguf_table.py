@@ -21,8 +21,8 @@ which transformers' GGUF reader cannot load (its column shows –).
 ``--tensor_type PATTERN=TYPE`` (repeatable) adds each ``--recovered`` file once more with those
 per-tensor types (``rcpu export --tensor_type``).
 
-Needs Node 20 and ``npm install node-llama-cpp@3.22.1`` in ``~/.cache/rcpu/node`` (or
-``$RCPU_NODE_MODULES`` pointing at a node_modules). Writes results.json and results.md to
+Needs Node 20 and ``npm install node-llama-cpp@3.22.1`` in rcpu's cache (``$RCPU_CACHE/node``,
+default ``~/.cache/rcpu/node``; or ``$RCPU_NODE_MODULES`` pointing at a node_modules). Writes results.json and results.md to
 ``--output`` and prints the table. Re-running reuses checkpoints and exports.
 """
 
@@ -53,10 +53,12 @@ PROMPT = "The capital of France is"
 
 
 def _node_modules() -> Path:
-    for base in (os.environ.get("RCPU_NODE_MODULES"), Path.home() / ".cache" / "rcpu" / "node" / "node_modules"):
-        if base and (Path(base) / "node-llama-cpp" / "package.json").is_file():
-            return Path(base)
-    sys.exit("node-llama-cpp not found: npm install node-llama-cpp@3.22.1 in ~/.cache/rcpu/node")
+    from rcpu.assets import NODE_LLAMA_CPP, cache_dir, node_modules
+
+    found = node_modules()
+    if found is None:
+        sys.exit(f"node-llama-cpp not found: npm install --prefix {cache_dir('node', create=False)} {NODE_LLAMA_CPP}")
+    return found
 
 
 def _run(argv: list[str]) -> None:

@@ -5,7 +5,11 @@
 #      20 % on the GPU in bfloat16, streamed layer by layer, with its time and memory record;
 #   3. the speed of that pruned model against the dense one on the GPU (batch 1 decode-bound,
 #      batch 16 with long prompts), and of the same prune with --round_to 64;
-#   4. the whole test suite with the GPU visible (the CLI then defaults to CUDA).
+#   4. recovery of that pruned model under torchrun (rcpu recover, 16 steps of 8 x 128 tokens of a
+#      synthetic text): with two or more GPUs, 2 processes with DDP (LoRA), FSDP (every weight) and
+#      FSDP (ALLoRA); with one GPU, one process with DDP and one with FSDP (the same wrapping code on
+#      one device). Each run's report must name the strategy and process count it ran with;
+#   5. the whole test suite with the GPU visible (the CLI then defaults to CUDA).
 # A failing step does not stop the later ones; the exit status says whether all passed.
 #
 #     bash benchmarks/gpu_checks.sh [OUTPUT_DIR]      # default benchmarks/results/gpu
@@ -84,6 +88,41 @@ step prune_round64 bash -o pipefail -c "python -m rcpu.cli prune --model '$work/
 step speed_b16_round64 python benchmarks/speed.py --model "$work/rcpu20r64" --baseline "$work/dense" \
     --device "$device" --dtype bfloat16 --batch_size 16 --prompt_len 512 --new_tokens 32 --quiet \
     --output "$out/speed_b16_round64.json"
+# recovery under torchrun: a synthetic text (seeded random words; train and eval from other seeds)
+python - "$work" <<'EOF'
+import builtins, keyword, random, sys
+words = sorted(set(keyword.kwlist) | {w.lower() for w in dir(builtins) if w.isalpha()})
+for name, seed, n in (("train", 0, 40000), ("eval", 1, 8000)):
+    rng = random.Random(seed)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(n // 60))
+    open(f"{sys.argv[1]}/{name}.txt", "w").write(text)
+EOF
+recover_run() {  # recover_run NAME NPROC STRATEGY FLAGS...: a torchrun recovery, then its report checked
+    local name="$1" nproc="$2" strategy="$3"
+    shift 3
+    torchrun --standalone --nproc_per_node "$nproc" -m rcpu.cli recover --model "$work/rcpu20" \
+        --teacher "$work/dense" --data "$work/train.txt" --eval "$work/eval.txt" --device cuda --dtype float32 \
+        --autocast bfloat16 --tokens 16384 --seqlen 128 --batch_size 8 --eval_seqlen 128 --max_eval_tokens 4096 \
+        --heldout 8 --eval_every 8 --save_every 8 "$@" --save_model "$work/$name" --report "$out/$name.json" \
+        2>&1 | tee "$out/$name.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
+    rm -rf "$work/$name"
+    python - "$out/$name.json" "$strategy" "$nproc" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["distributed"]
+want = (sys.argv[2], int(sys.argv[3]), "cuda:0")
+sys.exit(0 if (r["strategy"], r["world_size"], r["device"]) == want else f"ran as {r}, expected {want}")
+EOF
+}
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge 2 ]; then  # two processes, one per GPU (cuda:LOCAL_RANK)
+    step recover_ddp2 recover_run recover_ddp2 2 ddp --parameters lora --lr 1e-3
+    step recover_fsdp2 recover_run recover_fsdp2 2 fsdp --fsdp --parameters full --gradient_checkpointing
+    step recover_fsdp2_allora recover_run recover_fsdp2_allora 2 fsdp --fsdp --parameters allora --lr 1e-3
+else  # one process under torchrun still wraps the models with DDP / FSDP
+    step recover_ddp1 recover_run recover_ddp1 1 ddp --parameters lora --lr 1e-3
+    step recover_fsdp1 recover_run recover_fsdp1 1 fsdp --fsdp --parameters full --gradient_checkpointing
+fi
 rm -rf "$work/dense" "$work/rcpu20" "$work/rcpu20r64"
 
 step test_suite env ${SUITE_THREADS:+OMP_NUM_THREADS=$SUITE_THREADS} bash -o pipefail -c "python -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee '$out/test_all.log'"

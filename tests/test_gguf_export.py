@@ -337,16 +337,42 @@ def test_cli_prune_save_gguf_export_and_eval(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ llama.cpp
 
 
-def _node_modules() -> Path | None:
-    for base in (os.environ.get("RCPU_NODE_MODULES"), Path.home() / ".cache" / "rcpu" / "node" / "node_modules"):
-        if base and (Path(base) / "node-llama-cpp" / "package.json").is_file():
-            return Path(base)
-    return None
+def _node_modules() -> Path:
+    """node-llama-cpp's node_modules (rcpu.assets.node_modules); the test is skipped without node or
+    it, and fails instead when RCPU_REQUIRE_LLAMA_CPP is set (CI sets it when it installed them)."""
+    from rcpu.assets import NODE_LLAMA_CPP, cache_dir, node_modules
+
+    found = node_modules()
+    missing = ("node" if shutil.which("node") is None else
+               None if found is not None else f"{NODE_LLAMA_CPP} in {cache_dir('node', create=False)}")
+    if missing:
+        if os.environ.get("RCPU_REQUIRE_LLAMA_CPP"):
+            pytest.fail(f"RCPU_REQUIRE_LLAMA_CPP is set but {missing} was not found")
+        pytest.skip(f"needs node and {NODE_LLAMA_CPP} (npm install --prefix {cache_dir('node', create=False)} "
+                    f"{NODE_LLAMA_CPP}); {missing} not found")
+    return found
 
 
-@pytest.mark.skipif(shutil.which("node") is None or _node_modules() is None,
-                    reason="needs node and node-llama-cpp (npm install node-llama-cpp@3.22.1 into ~/.cache/rcpu/node)")
+def test_llama_cpp_is_looked_for_in_rcpus_cache_and_required_where_ci_installed_it(tmp_path, monkeypatch):
+    from rcpu.assets import node_modules
+
+    monkeypatch.delenv("RCPU_NODE_MODULES", raising=False)
+    monkeypatch.delenv("RCPU_REQUIRE_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("RCPU_CACHE", str(tmp_path))  # where .ci/run installs it: $RCPU_CACHE/node
+    assert node_modules() is None and not (tmp_path / "node").exists()
+    with pytest.raises(pytest.skip.Exception):
+        _node_modules()
+    monkeypatch.setenv("RCPU_REQUIRE_LLAMA_CPP", "1")
+    with pytest.raises(pytest.fail.Exception, match="RCPU_REQUIRE_LLAMA_CPP is set"):
+        _node_modules()
+    package = tmp_path / "node" / "node_modules" / "node-llama-cpp"
+    package.mkdir(parents=True)
+    (package / "package.json").write_text("{}")
+    assert node_modules() == tmp_path / "node" / "node_modules"
+
+
 def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
+    node_modules = _node_modules()
     x = ids(n=3, length=32)
     files, expected = [], []
     for family in ("llama", "qwen2"):
@@ -400,7 +426,7 @@ def test_llama_cpp_runs_exports_with_torch_perplexity(tmp_path):
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run(["node", str(REPO / "benchmarks" / "llama_cpp_eval.mjs"), str(tmp_path / "job.json"),
                            str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RCPU_NODE_MODULES": str(_node_modules())})
+                          env={**os.environ, "RCPU_NODE_MODULES": str(node_modules)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "out.json").read_text())["results"]
     for res, (quant, ppl) in zip(results, expected, strict=True):

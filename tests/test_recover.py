@@ -82,15 +82,51 @@ def test_merged_lora_gives_the_adapter_models_logits():
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_allora_scales_gradients_by_row_norm():
-    model = make_model("llama", layers=1)
-    cfg = RecoverConfig(parameters="allora", lora_rank=4, lora_targets=("q_proj",), allora_eta=3.0)
-    peft_model = attach_trainable(model, cfg)
-    lora_a = next(p for n, p in peft_model.named_parameters() if "lora_A" in n)
-    rows = lora_a.detach().pow(2).sum(1, keepdim=True)
-    grad = torch.ones_like(lora_a)
-    lora_a.backward(grad)  # the hook sees the incoming gradient
-    torch.testing.assert_close(lora_a.grad, grad / torch.sqrt(rows + 1 / 9.0))
+def _adapter_steps(cfg: RecoverConfig, steps: int) -> tuple[list[dict], list[dict]]:
+    """Train a tiny model's adapters for ``steps`` AdamW steps as recovery builds them: the adapter
+    tensors before each step and after the last, and the gradient each step saw."""
+    from rcpu.recover.params import build_optimizer
+
+    model = attach_trainable(make_model("llama", layers=1), cfg)
+    _, optimizer = build_optimizer(model, cfg)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    states, grads = [{n: p.detach().clone() for n, p in named.items()}], []
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in named.items()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        states.append({n: p.detach().clone() for n, p in named.items()})
+    return states, grads
+
+
+def test_allora_is_the_papers_per_row_learning_rate_under_adamw():
+    """ALLoRA (arXiv:2410.09692): each row of an adapter matrix learns at lr / sqrt(|row|^2 + 1/eta^2).
+    Under AdamW that must change the update itself: scaling the gradient before Adam would cancel."""
+    eta, lr, wd = 3.0, 1e-2, 0.1
+    cfg = RecoverConfig(parameters="allora", lora_rank=4, lora_targets=("q_proj", "v_proj"), allora_eta=eta,
+                        lr=lr, weight_decay=wd)
+    states, grads = _adapter_steps(cfg, 3)
+    # the rule computed directly: AdamW's moments from the gradients, each row's step scaled by its coefficient
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for name in states[0]:
+        m = v = torch.zeros_like(states[0][name])
+        for t, g in enumerate((gr[name] for gr in grads), start=1):
+            theta = states[t - 1][name]
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            adam = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+            row_lr = lr / torch.sqrt(theta.pow(2).sum(1, keepdim=True) + 1 / eta**2)
+            torch.testing.assert_close(states[t][name], theta - row_lr * (wd * theta + adam), rtol=1e-5, atol=1e-7)
+    # LoRA at scale 1 (lora_alpha = rank) from the same start sees the same first gradient, and moves less:
+    # B starts at zero, so its rows learn at eta * lr under ALLoRA and at lr under LoRA
+    lora, lora_grads = _adapter_steps(RecoverConfig(parameters="lora", lora_rank=4, lora_alpha=4.0,
+                                                    lora_targets=("q_proj", "v_proj"), lr=lr, weight_decay=wd), 1)
+    b_name = next(n for n in states[0] if "lora_B" in n)
+    torch.testing.assert_close(lora_grads[0][b_name], grads[0][b_name])
+    step_allora, step_lora = states[1][b_name] - states[0][b_name], lora[1][b_name] - lora[0][b_name]
+    assert step_lora.abs().max() > 0
+    torch.testing.assert_close(step_allora, eta * step_lora, rtol=1e-4, atol=1e-9)
 
 
 def test_windows_hold_out_and_batch_reproducibly():
@@ -104,6 +140,53 @@ def test_windows_hold_out_and_batch_reproducibly():
         assert torch.equal(w.batch(step, 4), again.batch(step, 4))
     epoch = torch.cat([w.batch(s, 5) for s in range(19)])  # one epoch visits every window once
     assert sorted(epoch[:, 0].tolist()) == sorted(train_starts)
+
+
+# ------------------------------------------------------------------------ evaluation text in training
+
+
+@pytest.mark.parametrize("chunk", [1 << 23, 97])  # one piece, or many (runs crossing the pieces' borders)
+def test_training_text_holding_evaluation_passages_is_found_whatever_the_whitespace(monkeypatch, chunk):
+    from rcpu.recover import overlap
+
+    monkeypatch.setattr(overlap, "_CHUNK", chunk)
+    train, ev = make_text(3000, seed=0), make_text(1500, seed=5)
+    ev_words = ev.split()
+    passage = " ".join(ev_words[700:740])  # 40 words: about one evaluation window of these words
+    leaks = {
+        "train + eval": train + "\n\n" + ev,
+        "eval + train": ev + train,  # no separator: a file boundary mid-line
+        "extra newlines": ev.replace(" w1", "\n\nw1"),
+        "changed spaces": "  ".join(ev_words[:200]).replace("w2", "\tw2 "),
+        "one passage inside": train[:5000] + " " + passage.replace(" ", "\n", 3) + " " + train[5000:],
+    }
+    for name, leaked in leaks.items():
+        found = overlap.find_overlap(leaked, ev)
+        assert found and found.example, name
+        assert " ".join(found.example.split()) in " ".join(ev.split()), name
+    whole = overlap.find_overlap(train + "\n" + ev, ev)
+    assert whole.eval_runs == whole.eval_total  # every run of the evaluation text is there
+    clean = overlap.find_overlap(train, ev)
+    assert not clean and clean.runs == 0 and clean.eval_total == len(overlap.words(ev)) - overlap.NGRAM + 1
+    assert not overlap.find_overlap(train, " ".join(ev_words[:overlap.NGRAM - 1]))  # shorter than a run
+
+
+def test_recover_refuses_training_text_with_evaluation_passages(pruned, tmp_path, capsys):
+    out = tmp_path / "never"
+    ev = (pruned / "eval.txt").read_text()
+    words = ev.split()
+    cases = {"concatenated": (pruned / "train.txt").read_text() + ev,
+             "reflowed": "\n".join(" ".join(words[i:i + 7]) for i in range(0, len(words), 7)),
+             "a window inside": (pruned / "train.txt").read_text() + "  ".join(words[1000:1040])}
+    for name, text in cases.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        args = _recover_args(pruned, out)
+        args[args.index("--data") + 1] = str(tmp_path / f"{name}.txt")
+        _fails(capsys, args, "contains the evaluation text")
+    assert not out.exists() and not work_dir_for(out).exists()
+    from rcpu.recover import RecoverInputs, check_texts
+
+    check_texts(RecoverInputs(data=str(pruned / "train.txt"), eval=str(pruned / "eval.txt")))  # the clean pair passes
 
 
 # ------------------------------------------------------------------------------- end to end (CLI)
@@ -265,6 +348,47 @@ def test_resume_after_sigkill_gives_identical_weights(pruned, tmp_path, extra):
     assert not work_dir_for(out).exists()
 
 
+#: run the CLI with the checkpoint of step 3 killed between its two renames (the old one moved aside,
+#: the new one not yet in place): what a power cut there leaves
+_KILL_BETWEEN_RENAMES = """
+import json, os, sys
+from pathlib import Path
+rename = Path.rename
+def killing_rename(self, target):
+    if Path(target).name == "checkpoint" and json.loads((self / "state.json").read_text())["step"] == 3:
+        os._exit(9)
+    return rename(self, target)
+Path.rename = killing_rename
+from rcpu.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(pruned, tmp_path):
+    common = _recover_args(pruned, tmp_path / "x", "--tokens", "1280", "--save_every", "1", "--eval_every", "0")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+
+    def args(target):
+        a = list(common)
+        a[a.index("--save_model") + 1] = str(target)
+        return a
+
+    run = subprocess.run([sys.executable, "-m", "rcpu.cli", *args(ref)], capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr
+    killed = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_RENAMES, *args(out)], capture_output=True, text=True,
+                            env=_env())
+    assert killed.returncode == 9, killed.stderr
+    work = work_dir_for(out)
+    assert not (work / "checkpoint").exists() and (work / ".checkpoint.old" / "state.json").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "rcpu.cli", *args(out), "--resume"], capture_output=True,
+                             text=True, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 2" in resumed.stdout  # from the old checkpoint, not from step 0
+    a, b = _weights(ref), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not work.exists()
+
+
 def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "rcpu.cli",
@@ -279,24 +403,27 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(pruned, tmp_path):
     assert "resumed at step" in resumed.stdout and (out / "rcpu_provenance.json").is_file()
 
 
-@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--fsdp"]),
-                                            ("fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"])])
-def test_two_cpu_processes_equal_one(pruned, tmp_path, strategy, extra):
-    """torchrun with 2 gloo processes (DDP, or FSDP2 sharding both models) gives the one-process weights
-    for the same global batch."""
+@pytest.mark.parametrize("nproc,strategy,extra", [
+    (2, "ddp", []), (2, "fsdp", ["--fsdp"]), (2, "fsdp", ["--fsdp", "--parameters", "lora", "--lr", "1e-2"]),
+    (2, "fsdp", ["--fsdp", "--parameters", "allora", "--lr", "3e-3"]), (1, "fsdp", ["--fsdp"])],
+    ids=["ddp", "fsdp", "fsdp-lora", "fsdp-allora", "fsdp-1"])
+def test_cpu_processes_equal_one(pruned, tmp_path, nproc, strategy, extra):
+    """torchrun with gloo processes (DDP, or FSDP2 sharding both models; one process under torchrun
+    still wraps) gives the one-process weights for the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
     base = _recover_args(pruned, one, "--tokens", "2560", "--eval_every", "0", *extra)
     run = subprocess.run([sys.executable, "-m", "rcpu.cli", *base], capture_output=True, text=True, env=_env())
     assert run.returncode == 0, run.stderr
     args = list(base)
     args[args.index("--save_model") + 1] = str(two)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(nproc), "-m", "rcpu.cli", *args], capture_output=True, text=True, env=_env(), timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("saved to") == 1  # one report, from rank 0
     rec = json.loads((two / "rcpu_provenance.json").read_text())["recovery"]
-    assert rec["distributed"]["world_size"] == 2 and rec["distributed"]["strategy"] == strategy
+    assert rec["distributed"]["world_size"] == nproc and rec["distributed"]["strategy"] == strategy
     single = json.loads((one / "rcpu_provenance.json").read_text())["recovery"]
+    assert single["distributed"]["strategy"] == "single"
     for a, b in zip(single["curve"], rec["curve"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"])
     assert abs(single["evaluation"]["after"]["perplexity"][0]["ppl"] - rec["evaluation"]["after"]["perplexity"][0]["ppl"]) < 1e-3
@@ -322,7 +449,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     _fails(capsys, _recover_args(pruned, out, "--tokens", "0"), "--tokens is 0")
     same = _recover_args(pruned, out)
     same[same.index("--eval") + 1] = str(pruned / "train.txt")
-    _fails(capsys, same, "is the evaluation text")
+    _fails(capsys, same, "contains the evaluation text")
     (tmp_path / "short.txt").write_text("w1 w2 w3 w4 w5")
     short = _recover_args(pruned, out)
     short[short.index("--data") + 1] = str(tmp_path / "short.txt")
@@ -343,7 +470,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys):
     # prune --recover_tokens refuses overlapping texts before it prunes
     _fails(capsys, ["prune", "--model", str(pruned / "dense"), "--calib", str(pruned / "train.txt"), "--eval",
                     str(pruned / "train.txt"), "--recover_tokens", "1000", "--save_model", str(out), "-q"],
-           "is the evaluation text")
+           "contains the evaluation text")
     # an existing output directory
     (tmp_path / "exists").mkdir()
     _fails(capsys, _recover_args(pruned, tmp_path / "exists"), "already exists")
@@ -382,3 +509,262 @@ def test_recovered_checkpoint_exports_to_gguf(tmp_path):
                      "--max_eval_tokens", "512", "--device", "cpu", "-q", "--output", str(tmp_path / "e.json")]) == 0
         ppl.append(json.loads((tmp_path / "e.json").read_text())["perplexity"][0]["ppl"])
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------- process placement
+
+
+class _FakeGroup:
+    """torch.distributed and torch.cuda as torchrun on a 4-GPU node would show them to one process."""
+
+    def __init__(self, monkeypatch, rank: int, world: int = 4, gpus: int = 4):
+        import torch.distributed as dist
+
+        self.rank, self.world, self.initialized = rank, world, False
+        self.calls: list = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: self.calls.append(("set_device", torch.device(d))))
+        monkeypatch.setattr(dist, "is_initialized", lambda: self.initialized)
+        monkeypatch.setattr(dist, "init_process_group", self._init)
+        monkeypatch.setattr(dist, "destroy_process_group", self._destroy)
+        monkeypatch.setattr(dist, "get_rank", lambda: self.rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: self.world)
+
+    def _init(self, backend, **kw):
+        self.calls.append(("init", backend, kw.get("device_id")))
+        self.initialized = True
+
+    def _destroy(self):
+        self.calls.append(("destroy",))
+        self.initialized = False
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_each_torchrun_process_runs_on_its_local_rank_gpu(monkeypatch, local_rank):
+    from rcpu.recover.train import distributed
+
+    # the rank comes from the process group; the environment's RANK (here deliberately another number) is not used
+    group = _FakeGroup(monkeypatch, rank=4 + local_rank, world=8)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with distributed(torch.device("cuda")) as ctx:
+        assert ctx.device == torch.device("cuda", local_rank) and ctx.local_rank == local_rank
+        assert ctx.rank == 4 + local_rank and ctx.world == 8 and not ctx.main and ctx.distributed
+        assert group.calls[:2] == [("set_device", torch.device("cuda", local_rank)),
+                                   ("init", "nccl", torch.device("cuda", local_rank))]
+    assert group.calls[-1] == ("destroy",) and not group.initialized  # the group it created is destroyed
+
+
+def test_rank_zero_is_the_groups_and_a_group_made_elsewhere_is_left_alone(monkeypatch):
+    from rcpu.recover.train import distributed
+
+    group = _FakeGroup(monkeypatch, rank=0, world=2)
+    group.initialized = True  # the caller created it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with distributed(torch.device("cuda")) as ctx:
+        assert ctx.main and ctx.device == torch.device("cuda", 1)
+    assert ("destroy",) not in group.calls and not any(c[0] == "init" for c in group.calls)
+
+
+def test_torchrun_device_errors_and_cpu_processes(monkeypatch):
+    from rcpu.errors import RcpuError
+    from rcpu.recover.train import dist_context, distributed
+
+    group = _FakeGroup(monkeypatch, rank=1, world=2, gpus=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RcpuError, match="LOCAL_RANK"):  # --device cuda:0 on the process of GPU 1
+        dist_context(torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RcpuError, match="2 CUDA device"):  # more processes than GPUs
+        dist_context(torch.device("cuda"))
+    assert not group.calls  # nothing was bound or joined
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with distributed(torch.device("cpu")) as ctx:  # CPU processes: gloo, no GPU binding
+        assert ctx.device == torch.device("cpu") and ctx.rank == 1
+    assert group.calls == [("init", "gloo", None), ("destroy",)]
+    monkeypatch.delenv("WORLD_SIZE")  # not under torchrun: one process, the device as given, no group
+    ctx = dist_context(torch.device("cuda", 1))
+    assert ctx.device == torch.device("cuda", 1) and not ctx.distributed and ctx.main
+
+
+# ------------------------------------------------------------------------------ teacher and paths
+
+
+def test_prune_records_the_source_absolute_and_recover_resolves_older_relative_ones(pruned, tmp_path, monkeypatch):
+    from rcpu.errors import RcpuError
+    from rcpu.recover import teacher_for
+
+    monkeypatch.chdir(pruned)
+    out = tmp_path / "rel"
+    assert main(["prune", "--model", "dense", "--calib", "train.txt", "--eval", "none", "--nsamples", "8",
+                 "--seqlen", "32", "--pruning_ratio", "0.5", "--save_model", str(out), "--no-stream", "-q"]) == 0
+    model = json.loads((out / "rcpu_provenance.json").read_text())["model"]
+    assert model["source"] == str(pruned / "dense") and model["source_kind"] == "local"
+    monkeypatch.chdir(tmp_path)  # another working directory: the recorded path still names the teacher
+    assert teacher_for(json.loads((out / "rcpu_provenance.json").read_text()), None, str(out), out) == str(pruned / "dense")
+
+    # a checkpoint from before: the source relative to where pruning ran, no kind; found beside the checkpoint
+    old = {"model": {"source": "dense"}}
+    assert teacher_for(old, None, "p", pruned / "pruned") == str(pruned / "dense")
+    # not found there: refused, never looked up on the hub
+    with pytest.raises(RcpuError, match="relative path 'models/dense'.*pass --teacher"):
+        teacher_for({"model": {"source": "models/dense"}}, None, "p", pruned / "pruned")
+    with pytest.raises(RcpuError, match="does not exist"):
+        teacher_for({"model": {"source": str(tmp_path / "moved")}}, None, "p", pruned / "pruned")
+    # hub ids and built-in names recorded as such stay what they are
+    assert teacher_for({"model": {"source": "org/model", "source_kind": "hub"}}, None, "p", None) == "org/model"
+    assert teacher_for({"model": {"source": "smollm2-135m"}}, None, "p", None) == "smollm2-135m"
+    assert teacher_for(old, "given", "p", None) == "given"
+
+
+def test_every_path_is_checked_before_loading_and_a_failed_run_leaves_nothing(pruned, tmp_path, capsys, monkeypatch):
+    from rcpu.recover import run as recover_run
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    out = tmp_path / "a" / "b" / "out"  # its parent folders do not exist yet
+    with monkeypatch.context() as m:
+        m.setattr(recover_run, "_load", no_loading)
+        _fails(capsys, _recover_args(pruned, out, "--teacher", str(tmp_path / "nope")), "teacher: model path")
+        _fails(capsys, _recover_args(pruned, out, "--teacher", str(pruned / "train.txt")), "not a .gguf file")
+        missing = _recover_args(pruned, out)
+        missing[missing.index("--data") + 1] = str(tmp_path / "missing.txt")
+        _fails(capsys, missing, "text file not found")
+        missing = _recover_args(pruned, out)
+        missing[missing.index("--eval") + 1] = str(tmp_path / "missing.txt")
+        _fails(capsys, missing, "text file not found")
+        _fails(capsys, _recover_args(pruned, out, "--report", str(tmp_path / "no" / "r.json")), "does not exist")
+        _fails(capsys, _recover_args(pruned, out, "--report", str(tmp_path)), "is a directory")
+        # the provenance's teacher moved away
+        moved = tmp_path / "moved"
+        shutil.copytree(pruned / "pruned", moved)
+        prov = json.loads((moved / "rcpu_provenance.json").read_text())
+        prov["model"]["source"] = str(tmp_path / "gone")
+        (moved / "rcpu_provenance.json").write_text(json.dumps(prov))
+        args = _recover_args(pruned, out)
+        args[args.index("--model") + 1] = str(moved)
+        _fails(capsys, args, "does not exist (moved or deleted?)")
+    assert not (tmp_path / "a").exists()
+
+    # failing after the models loaded (another vocabulary) and interrupted before any checkpoint: nothing left
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+                                 num_key_value_heads=2, head_dim=8, vocab_size=140)).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    _fails(capsys, _recover_args(pruned, out, "--teacher", str(other)), "vocabulary")
+    assert not (tmp_path / "a").exists()
+    from rcpu.recover.train import _Run
+
+    step = _Run.step
+
+    def interrupted(self, i, bar):
+        if i == 3:
+            raise KeyboardInterrupt
+        step(self, i, bar)
+
+    monkeypatch.setattr(_Run, "step", interrupted)
+    assert main(_recover_args(pruned, out, "--tokens", "2000", "--save_every", "0", "--eval_every", "0")) == 130
+    assert not (tmp_path / "a").exists()
+    # with a checkpoint written, the interrupted run keeps it (and its folders) for --resume
+    assert main(_recover_args(pruned, out, "--tokens", "2000", "--save_every", "2", "--eval_every", "0")) == 130
+    assert (work_dir_for(out) / "checkpoint" / "state.json").is_file() and not out.exists()
+
+
+def test_top_k_teacher_loss_is_the_kl_to_the_renormalised_top_k():
+    """With all V logits the top-k loss is the full one; with k < V it is the KL to the teacher's
+    softmax over its k largest logits, gradients included."""
+    torch.manual_seed(0)
+    n, h, v, alpha, temperature = 23, 8, 40, 0.6, 2.0
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, h, dtype=torch.float64), torch.randn(v, h, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    zt = t_hidden @ t_weight.T
+    full = distillation_loss(hidden, weight, None, labels, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                             alpha=alpha, temperature=temperature, chunk_elements=5 * v)
+    every = distillation_loss(hidden, weight, None, labels, teacher_topk=torch.topk(zt, v), alpha=alpha,
+                              temperature=temperature, chunk_elements=5 * v)
+    assert abs(every.item() - full.item()) < 1e-6 * max(1.0, full.item())
+    torch.testing.assert_close(torch.autograd.grad(every, [hidden, weight]), torch.autograd.grad(full, [hidden, weight]))
+    k = 6
+    top = torch.topk(zt, k)
+    got = distillation_loss(hidden, weight, None, labels, teacher_topk=top, alpha=alpha, temperature=temperature,
+                            chunk_elements=5 * v)
+    z = F.linear(hidden, weight)  # direct: the teacher's logits outside its top k at minus infinity
+    masked = torch.full_like(zt, float("-inf")).scatter(1, top.indices, top.values)
+    p = torch.softmax(masked / temperature, -1)
+    kl = (p * (torch.log_softmax(masked / temperature, -1).nan_to_num(neginf=0.0)
+               - torch.log_softmax(z / temperature, -1))).sum(-1).mean()
+    direct = alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(z, labels)
+    assert abs(got.item() - direct.item()) < 1e-5 * max(1.0, direct.item())
+    torch.testing.assert_close(torch.autograd.grad(got, [hidden, weight]), torch.autograd.grad(direct, [hidden, weight]))
+
+
+# ------------------------------------------------------------------------------------- teacher cache
+
+
+def test_teacher_cache_is_written_once_then_read_without_the_teacher(pruned, tmp_path, monkeypatch):
+    from rcpu.recover import run as recover_run
+
+    cache = tmp_path / "cache"
+    common = ("--tokens", "1500", "--eval_every", "0")
+    assert main(_recover_args(pruned, tmp_path / "full", *common)) == 0
+    # k = the whole (tiny) vocabulary: the same training as with the teacher running
+    assert main(_recover_args(pruned, tmp_path / "a", *common, "--teacher_cache", str(cache),
+                              "--teacher_topk", "128")) == 0
+    assert (cache / "meta.json").is_file()
+    load = recover_run._load
+
+    def student_only(source, *a, **k):
+        assert source != str(pruned / "dense"), "the teacher was loaded although the cache holds its logits"
+        return load(source, *a, **k)
+
+    monkeypatch.setattr(recover_run, "_load", student_only)
+    assert main(_recover_args(pruned, tmp_path / "b", *common, "--teacher_cache", str(cache), "--teacher_topk",
+                              "128")) == 0
+    assert main(_recover_args(pruned, tmp_path / "k8", *common, "--teacher_cache", str(cache), "--teacher_topk",
+                              "8")) == 0  # fewer logits from the same cache
+    full, a, b, k8 = (_weights(tmp_path / n) for n in ("full", "a", "b", "k8"))
+    for name in full:
+        assert torch.equal(a[name], b[name])
+        torch.testing.assert_close(a[name], full[name], rtol=1e-3, atol=1e-5)  # summed in another order
+    assert any(not torch.allclose(k8[n], a[n], rtol=1e-3, atol=1e-5) for n in a)  # the top 8 train otherwise
+    rec = json.loads((tmp_path / "k8" / "rcpu_provenance.json").read_text())["recovery"]
+    assert rec["config"]["teacher_cache"] == {"path": str(cache), "topk": 8}
+    assert rec["teacher"]["source"] == str(pruned / "dense")
+    full_rec = json.loads((tmp_path / "full" / "rcpu_provenance.json").read_text())["recovery"]
+    assert rec["evaluation"]["before"] == full_rec["evaluation"]["before"]  # measured over the whole vocabulary
+
+
+def test_teacher_cache_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys, monkeypatch):
+    out, cache = tmp_path / "never", tmp_path / "cache"
+
+    def args(*extra):
+        return _recover_args(pruned, out, "--tokens", "600", "--teacher_cache", str(cache), *extra)
+
+    _fails(capsys, args("--teacher_topk", "0"), "--teacher_topk is 0")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_topk", "8"), "give --teacher_cache")
+    _fails(capsys, args("--teacher_topk", "129"), "more than the vocabulary's 128")
+    _fails(capsys, args("--alpha", "0"), "needs no teacher")
+    (tmp_path / "file").write_text("x")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_cache", str(tmp_path / "file")), "is a file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    _fails(capsys, _recover_args(pruned, out, "--teacher_cache", str(tmp_path / "full")), "holds no teacher cache")
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")
+        m.setenv("LOCAL_RANK", "0")
+        _fails(capsys, args(), "without torchrun")
+    assert not out.exists() and not cache.exists() and not work_dir_for(out).exists()
+    assert main(args("--teacher_topk", "16", "--save_model", str(tmp_path / "ok"))) == 0  # writes the cache
+    _fails(capsys, args("--teacher_topk", "32"), "holds")  # more logits than it keeps
+    _fails(capsys, args("--teacher_topk", "16", "--seqlen", "16", "--eval_seqlen", "16"), "lacks")  # other windows
+    _fails(capsys, args("--teacher_topk", "16", "--tokens", "5000"), "lacks")  # a larger budget: windows it lacks
+    _fails(capsys, args("--teacher_topk", "16", "--teacher", str(tmp_path / "elsewhere")), "was written from the teacher")
+    assert not out.exists() and not work_dir_for(out).exists()

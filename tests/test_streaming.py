@@ -2,6 +2,7 @@
 killed process, and one-line errors for devices and window lengths."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,30 @@ def test_streamed_from_gguf_equals_in_memory(tmp_path, family):
     save_pruned(model, loaded.tokenizer, tmp_path / "memory", report.to_dict())
     res = prune_checkpoint(gguf, cfg, tmp_path / "streamed", windows=windows, progress=False)
     _assert_same_checkpoint(tmp_path / "memory", res.path)
+
+
+def test_the_resume_key_identifies_the_model_by_content_not_path_or_time(tmp_path):
+    """A copy elsewhere with a new modification time is the same model; other weights of the same
+    shapes (same file size) are not, in safetensors and GGUF files alike."""
+    import os
+
+    from rcpu.loading import SafetensorsCheckpoint, content_fingerprint
+
+    src = _checkpoint(tmp_path, layers=2)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(src, copy)
+    os.utime(copy / "model.safetensors", (1, 1))
+    fp = SafetensorsCheckpoint(src, torch.float32).fingerprint()
+    assert SafetensorsCheckpoint(copy, torch.float32).fingerprint() == fp
+    assert str(src) not in json.dumps(fp)
+    other = tmp_path / "other"
+    make_model("llama", layers=2, seed=1).save_pretrained(other)  # the same shapes, other values
+    assert (other / "model.safetensors").stat().st_size == (src / "model.safetensors").stat().st_size
+    assert SafetensorsCheckpoint(other, torch.float32).fingerprint() != fp
+    blob = tmp_path / "model.gguf"  # any other file: size, first block and sampled blocks
+    data = bytearray(os.urandom(1 << 20))
+    blob.write_bytes(data)
+    before = content_fingerprint(blob)
+    data[len(data) // 2] ^= 1  # the middle block is sampled
+    blob.write_bytes(data)
+    assert content_fingerprint(blob) != before

@@ -145,6 +145,9 @@ def prune(model: nn.Module | str, config: PruneConfig | None = None, *, tokenize
     model.train(was_training)
     adapter.finalize()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    report = run.report(cfg, adapter, {"source": source or getattr(model.config, "_name_or_path", ""),
+    from .loading import source_record
+
+    named = source or getattr(model.config, "_name_or_path", "")
+    report = run.report(cfg, adapter, {**(source_record(named) if named else {"source": ""}),
                                        "device": str(device), "dtype": dtype}, calib_info)
     return model, report

@@ -23,12 +23,28 @@ from .errors import RcpuError
 logger = logging.getLogger(__name__)
 
 
-def cache_dir(*parts: str) -> Path:
-    """Root of rcpu's cache (``$RCPU_CACHE`` or ``~/.cache/rcpu``), joined with ``parts``."""
+def cache_dir(*parts: str, create: bool = True) -> Path:
+    """Root of rcpu's cache (``$RCPU_CACHE`` or ``~/.cache/rcpu``), joined with ``parts`` (created
+    unless ``create`` is false)."""
     root = Path(os.environ.get("RCPU_CACHE") or Path.home() / ".cache" / "rcpu")
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+#: the npm package that runs GGUF files in llama.cpp for the tests and benchmarks
+NODE_LLAMA_CPP = "node-llama-cpp@3.22.1"
+
+
+def node_modules() -> Path | None:
+    """The ``node_modules`` folder holding node-llama-cpp: ``$RCPU_NODE_MODULES``, else
+    ``cache_dir("node") / "node_modules"`` (where ``.ci/run`` installs it with ``npm install
+    --prefix``); None when neither has it."""
+    for base in (os.environ.get("RCPU_NODE_MODULES"), cache_dir("node", create=False) / "node_modules"):
+        if base and (Path(base) / "node-llama-cpp" / "package.json").is_file():
+            return Path(base)
+    return None
 
 
 def _installed_member(package: str, version: str, member: str) -> Path | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -91,6 +90,11 @@ def _recover_parser(sub) -> None:
     _add(r, "eval_seqlen", type=int, nargs="+", default=[128], help="perplexity window length(s)")
     _add(r, "autocast", default="none", choices=["none", "bfloat16", "float16"],
          help="run both models' forward passes under torch.autocast in this dtype")
+    _add(r, "teacher_cache", default=None,
+         help="a directory for the teacher's top logits over the training windows: written once (the teacher "
+              "runs), then read by later runs with the same text and windows instead of loading the teacher")
+    _add(r, "teacher_topk", type=int, default=None,
+         help="with --teacher_cache: logits per position kept and distilled from (default 64)")
     _add_recover_fields(r)
     _add(r, "save_model", default=None, help="write the recovered checkpoint to this directory")
     _add(r, "overwrite", action="store_true", help="replace an existing --save_model directory")
@@ -371,7 +375,7 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
     """Load the whole model, prune it, evaluate, recover, save: (report, dense ppl, pruned ppl)."""
     from .api import check_saveable, check_seqlen, prune
     from .export import save_pruned
-    from .loading import load_model
+    from .loading import load_model, source_record
     from .report import count_params
 
     loaded = load_model(args.model, dtype=dtype, device="cpu", trust_remote_code=args.trust_remote_code)
@@ -392,7 +396,7 @@ def _prune_in_memory(args, cfg: PruneConfig, dtype, device):
         print(f"dense : {dense.format()}")
     model, report = prune(model, cfg, tokenizer=tok, calib=args.calib, device=device, progress=not args.quiet,
                           hidden_states=args.hidden_states, max_hidden_gib=args.max_hidden_gib)
-    report.model["source"] = args.model  # the streamed path records it when it writes the provenance
+    report.model.update(source_record(args.model))  # the streamed path records it when it writes the provenance
     _print_report(report)
     if eval_ids is not None:
         model.to(device)
@@ -483,7 +487,8 @@ def _recover_inputs(args, eval_seqlens):
     return RecoverInputs(data=args.data if args.command == "recover" else args.calib,  # prune trains on --calib
                          eval=args.eval, eval_seqlens=tuple(eval_seqlens),
                          max_eval_tokens=16384 if args.max_eval_tokens is None else (args.max_eval_tokens or None),
-                         autocast=autocast)
+                         autocast=autocast, teacher_cache=getattr(args, "teacher_cache", None),
+                         teacher_topk=getattr(args, "teacher_topk", None) or 64)
 
 
 def _print_recovery(record, path) -> None:
@@ -523,12 +528,12 @@ def _pruned_dir_for(save_model: str):
 def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
     """``prune --recover_tokens`` on an in-memory model: distil the dense model (reloaded) into it.
     Its checkpoints (with --save_model) stay until the caller has saved the result."""
-    from .loading import load_model
+    from .loading import load_model, source_record
     from .recover import default_teacher_dtype, recover_model, work_dir_for
 
     tdtype = default_teacher_dtype(device, dtype)
     teacher = load_model(args.model, dtype=tdtype, device="cpu", trust_remote_code=args.trust_remote_code).model
-    info = {"source": args.model, "dtype": str(tdtype).removeprefix("torch.")}
+    info = {"source": source_record(args.model)["source"], "dtype": str(tdtype).removeprefix("torch.")}
     model, record = recover_model(model, tok, teacher, info, _recover_config_for_prune(args),
                                   _recover_inputs(args, [args.eval_seqlen]), device=device,
                                   work_dir=work_dir_for(args.save_model) if args.save_model else None,
@@ -541,23 +546,34 @@ def _recover_after_prune(args, model, tok, dtype, device, provenance: dict):
 def cmd_recover(args) -> int:
     from .api import resolve_device
     from .recover import recover_checkpoint
+    from .recover.run import check_report_path, check_teacher_cache
+    from .recover.train import distributed
 
     if not args.model:
         raise RcpuError("rcpu recover needs --model: the pruned checkpoint to recover")
     cfg = _recover_config(args)
+    if args.report:
+        check_report_path(args.report)  # written last: its folder is checked first
     device = resolve_device(args.device)
     if any(s < 2 for s in args.eval_seqlen):
         raise RcpuError("--eval_seqlen values must be >= 2")
-    _, record, path = recover_checkpoint(
-        args.model, args.save_model, cfg, _recover_inputs(args, args.eval_seqlen), teacher=args.teacher,
-        device=device, dtype=parse_dtype(args.dtype),
-        teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
-        resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
-        _print_recovery(record, path)
-        if args.report:
-            with open(args.report, "w") as fh:
-                json.dump(record.to_dict(), fh, indent=2, default=str)
+    if args.teacher_topk is not None and not args.teacher_cache:
+        raise RcpuError("--teacher_topk sets how many teacher logits --teacher_cache keeps; give --teacher_cache DIR")
+    if args.teacher_topk is not None and args.teacher_topk < 1:
+        raise RcpuError(f"--teacher_topk is {args.teacher_topk}; keep at least 1 logit per position")
+    inputs = _recover_inputs(args, args.eval_seqlen)
+    check_teacher_cache(inputs, cfg)  # (again in recover_checkpoint) before a process group is joined
+    with distributed(device) as ctx:  # under torchrun: one process per GPU, the group destroyed at the end
+        _, record, path = recover_checkpoint(
+            args.model, args.save_model, cfg, inputs, teacher=args.teacher,
+            device=device, dtype=parse_dtype(args.dtype),
+            teacher_dtype=parse_dtype(args.teacher_dtype) if args.teacher_dtype else None, overwrite=args.overwrite,
+            resume=args.resume, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+        if ctx.main:  # under torchrun, one report
+            _print_recovery(record, path)
+            if args.report:
+                with open(args.report, "w") as fh:
+                    json.dump(record.to_dict(), fh, indent=2, default=str)
     return 0
 
 

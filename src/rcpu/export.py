@@ -32,15 +32,22 @@ logger = logging.getLogger(__name__)
 PROVENANCE = "rcpu_provenance.json"
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail fast (before any work) on an existing target or an unwritable parent."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool, create: bool = True) -> Path:
+    """Fail fast (before any work) on an existing target or an unwritable parent. ``create=False``
+    creates no missing parent folder (the nearest existing one must be writable): the caller's
+    writes create them later."""
     out = Path(path).expanduser().resolve()
     if out.exists() and not overwrite:
         raise RcpuError(f"output directory {out} already exists; choose another --save_model or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise RcpuError(f"output path {out} exists and is not a directory")
     parent = out.parent
-    if not parent.exists():
+    if not create:
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RcpuError(f"cannot create {out}: {parent} is not a directory")
+    elif not parent.exists():
         try:
             parent.mkdir(parents=True)
         except OSError as exc:

@@ -502,6 +502,8 @@ def _add_provenance(writer: gguf.GGUFWriter, prov: dict) -> None:
     """``general.*`` keys that say how the model was pruned (and recovered), so the file tells its origin."""
     pconf, pparams, pmodel = prov.get("config") or {}, prov.get("params") or {}, prov.get("model") or {}
     source = pmodel.get("source")
+    if pmodel.get("source_kind") == "local":  # the provenance's absolute path: only its name goes into the file
+        source = Path(str(source)).name
     writer.add_description(
         f"pruned with rcpu (method {pconf.get('method')}, ratio {pconf.get('pruning_ratio')}) "
         f"from {source}")

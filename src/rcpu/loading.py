@@ -385,10 +385,41 @@ class SafetensorsCheckpoint:
         return out
 
     def fingerprint(self) -> dict:
-        """What identifies the weights cheaply: file names, sizes and modification times."""
-        files = sorted(set(self.weight_map.values()))
-        return {"path": str(self.path.resolve()),
-                "files": {f: [(self.path / f).stat().st_size, (self.path / f).stat().st_mtime_ns] for f in files}}
+        """What identifies the weights, cheaply and by content (:func:`content_fingerprint` of each
+        weight file): not the path or modification time, so a model moved or copied is the same."""
+        return {"files": {f: content_fingerprint(self.path / f, safetensors=True)
+                          for f in sorted(set(self.weight_map.values()))}}
+
+
+#: blocks of each weight file hashed by :func:`content_fingerprint`, and their size
+FINGERPRINT_BLOCKS = 16
+FINGERPRINT_BLOCK_BYTES = 1 << 16
+
+
+def content_fingerprint(path: Path, safetensors: bool = False) -> str:
+    """A hash of a weight file's content as sampled: its size, its header (a safetensors file's
+    tensor names, dtypes, shapes and offsets; the first block of anything else) and
+    :data:`FINGERPRINT_BLOCKS` blocks of :data:`FINGERPRINT_BLOCK_BYTES` spread evenly over the
+    rest. Reading 1 MiB per file takes milliseconds where a full hash of a 100 GB model takes
+    minutes, and other weights of the same shapes (another fine-tune, a re-quantisation) differ
+    in every block; an edit confined to bytes between the blocks goes unseen."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(size.to_bytes(8, "little"))
+    with open(path, "rb") as fh:
+        start = 0
+        if safetensors and size >= 8:
+            n = int.from_bytes(fh.read(8), "little")
+            start = 8 + n if 8 + n <= size else 0
+            fh.seek(0)
+        digest.update(fh.read(start or FINGERPRINT_BLOCK_BYTES))
+        span = max(0, size - start - FINGERPRINT_BLOCK_BYTES)
+        for k in range(FINGERPRINT_BLOCKS):
+            fh.seek(start + span * k // max(1, FINGERPRINT_BLOCKS - 1))
+            digest.update(fh.read(FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()
 
 
 def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -654,6 +685,20 @@ def streamable_dir(source: str, trust_remote_code: bool = False) -> Path | None:
     if not is_supported(config.model_type):
         raise RcpuError(unsupported_message(config.model_type))
     return path if MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None) is not None else None
+
+
+def source_record(source: str | os.PathLike) -> dict:
+    """How a provenance names the model ``source`` it was made from: ``source`` (a local path made
+    absolute, so that it names the same model from any working directory; a built-in name or hub
+    id as given) and ``source_kind`` ("local", "builtin" or "hub"), so that a later step (recovery's
+    teacher) never mistakes a path for a hub id."""
+    source = os.fspath(source)
+    if _builtin_key(source) is not None:
+        return {"source": source, "source_kind": "builtin"}
+    expanded = Path(os.path.expanduser(source))
+    if expanded.exists():
+        return {"source": str(expanded.resolve()), "source_kind": "local"}
+    return {"source": source, "source_kind": "hub"}
 
 
 def check_model_source(source: str) -> None:

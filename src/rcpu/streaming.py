@@ -10,8 +10,11 @@ the statistics; it does not grow with depth.
 Resume: the output is assembled in a work directory beside the target
 (``.<name>.rcpu-partial``). After every layer it holds the layer's shard, the next layer's
 input hidden states and ``rcpu_resume.json`` (the per-layer results and a hash of the
-settings and the model). ``resume=True`` continues from the last finished layer and gives
-the same bytes as an uninterrupted run; a finished run renames the directory into place.
+settings, the calibration windows and the model's content as sampled: each weight file's size,
+header and 16 blocks of 64 KiB, :func:`rcpu.loading.content_fingerprint`; not its path or
+modification time, so a model moved or copied resumes, and one with other weights is refused).
+``resume=True`` continues from the last finished layer and gives the same bytes as an
+uninterrupted run; a finished run renames the directory into place.
 """
 
 from __future__ import annotations
@@ -93,8 +96,10 @@ class GGUFCheckpoint:
         return out
 
     def fingerprint(self) -> dict:
-        st = self.path.stat()
-        return {"path": str(self.path.resolve()), "files": {self.path.name: [st.st_size, st.st_mtime_ns]}}
+        """The file's content as sampled (:func:`rcpu.loading.content_fingerprint`), not its path."""
+        from .loading import content_fingerprint
+
+        return {"files": {"gguf": content_fingerprint(self.path)}}
 
 
 def load_source_config(src: Path, trust_remote_code: bool = False):
@@ -333,8 +338,9 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     The weights written are those :func:`rcpu.api.prune` followed by
     :func:`rcpu.export.save_pruned` gives on the same inputs; only one layer is in memory.
     ``announce`` receives the "resuming at layer N of M" line (default: the log). ``source_name``
-    is what the provenance records as the source (default: the path), e.g. the built-in name the
-    user gave, so that later steps (a GGUF export's tokenizer, recovery's teacher) find the original.
+    is what the provenance records as the source (default: the path; a local path absolute), e.g. the
+    built-in name the user gave, so that later steps (a GGUF export's tokenizer, recovery's teacher)
+    find the original.
     """
     from .driver import check_saveable, run_pruning
     from .export import check_output_dir, finish_checkpoint
@@ -373,7 +379,9 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     run = run_pruning(model, adapter, cfg, windows, heldout_windows, device, store, progress=progress,
                       hidden_states=hidden_states, max_hidden_gib=max_hidden_gib)
     adapter.finalize(store.biases)
-    report = run.report(cfg, adapter, {"source": source_name or str(src), "device": str(device),
+    from .loading import source_record
+
+    report = run.report(cfg, adapter, {**source_record(source_name or src), "device": str(device),
                                        "dtype": str(dtype).replace("torch.", ""), "streamed": True}, calib_info or {})
     final = finish_checkpoint(model, work, out, report.to_dict(), tokenizer=tokenizer, generation_config=generation,
                               shards=[shard_name(k, n_layers + 1) for k in range(n_layers + 1)], dtype=dtype,

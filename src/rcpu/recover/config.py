@@ -41,7 +41,7 @@ class RecoverConfig:
     lora_rank: int = field(default=8, metadata={"help": "rank of the LoRA / ALLoRA adapters"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scale is lora_alpha / lora_rank (ALLoRA: no scale)"})
     lora_targets: tuple[str, ...] = field(default=ALL_PROJECTIONS, metadata={"help": "comma-separated projections that get adapters (default: all seven)"})
-    allora_eta: float = field(default=4.0, metadata={"help": "ALLoRA's coefficient 1 / sqrt(|row|^2 + 1/eta^2) is eta at |row| = 0"})
+    allora_eta: float = field(default=4.0, metadata={"help": "ALLoRA's per-row learning rate lr / sqrt(|row|^2 + 1/eta^2) is eta x lr at |row| = 0"})
     seed: int = field(default=0, metadata={"help": "order of the windows, held-out draw, adapter initialisation"})
     heldout: int = field(default=32, metadata={"help": "windows of the training text kept out of training, for held-out KL / loss"})
     eval_every: int = field(default=50, metadata={"help": "steps between held-out measurements (0 = only before and after)"})

@@ -36,11 +36,24 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _chunk_terms(z: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor | None, alpha: float,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss of one chunk and its gradient with respect to the student's logits ``z``."""
+                 temperature: float, topk: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of one chunk and its gradient with respect to the student's logits ``z``.
+
+    ``topk`` (the teacher's ``k`` largest logits and their token ids, per position) stands for
+    ``zt``: the teacher's distribution is then the softmax over those ``k`` tokens (zero elsewhere),
+    and the KL term is taken against it."""
     loss = z.new_zeros(())
     grad = torch.zeros_like(z)
-    if alpha > 0:
+    if alpha > 0 and topk is not None:
+        values, ids = topk
+        log_q = torch.log_softmax(z / temperature, dim=-1)
+        log_p = torch.log_softmax(values.float() / temperature, dim=-1)
+        p = log_p.exp()
+        loss = loss + alpha * temperature**2 * (p * (log_p - log_q.gather(1, ids))).sum()
+        grad += (alpha * temperature) * log_q.exp()
+        grad.scatter_add_(1, ids, -(alpha * temperature) * p)
+    elif alpha > 0:
         log_q = torch.log_softmax(z / temperature, dim=-1)
         log_p = torch.log_softmax(zt / temperature, dim=-1)
         p = log_p.exp()
@@ -59,7 +72,7 @@ class FusedHeadDistillation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, alpha,
-                temperature, normaliser, chunk_rows):
+                temperature, normaliser, chunk_rows, topk_values=None, topk_ids=None):
         want_w = weight.requires_grad
         want_b = bias is not None and bias.requires_grad
         grad_h = torch.empty_like(hidden)
@@ -69,8 +82,9 @@ class FusedHeadDistillation(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             z = _logits(hidden[rows], weight, bias)
-            zt = _logits(teacher_hidden[rows], teacher_weight, teacher_bias) if alpha > 0 else None
-            part, g = _chunk_terms(z, zt, labels[rows] if alpha < 1 else None, alpha, temperature)
+            topk = None if topk_values is None else (topk_values[rows], topk_ids[rows])
+            zt = _logits(teacher_hidden[rows], teacher_weight, teacher_bias) if alpha > 0 and topk is None else None
+            part, g = _chunk_terms(z, zt, labels[rows] if alpha < 1 else None, alpha, temperature, topk)
             total += part
             g /= normaliser
             grad_h[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -92,7 +106,7 @@ class FusedHeadDistillation(torch.autograd.Function):
         grad_h = grad_h * grad_out.to(grad_h.dtype)
         grad_w = (saved.pop(0) * grad_out).to(ctx.dtypes[0]) if want_w else None
         grad_b = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if want_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -107,6 +121,7 @@ def distillation_loss(
     alpha: float = 1.0,
     temperature: float = 1.0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean distillation loss over positions (see the module docstring).
 
@@ -120,6 +135,9 @@ def distillation_loss(
         alpha: weight of the KL term; 1 is pure distillation, 0 the plain LM loss.
         temperature: softmax temperature of the KL term.
         chunk_elements: logits held at once per model (rows x vocab).
+        teacher_topk: instead of the teacher's hidden states and head, its ``k`` largest logits and
+            their token ids per position (``[N, k]`` each, e.g. read from a teacher cache): the KL
+            term then takes the teacher's distribution as the softmax over those ``k`` tokens.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -127,15 +145,21 @@ def distillation_loss(
         raise ValueError(f"temperature must be positive, got {temperature}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
-    if alpha > 0:
+    topk_values = topk_ids = None
+    if alpha > 0 and teacher_topk is not None:
+        topk_values, topk_ids = (t.reshape(-1, t.shape[-1]).detach() for t in teacher_topk)
+        topk_ids = topk_ids.long().to(hidden.device)
+        topk_values = topk_values.to(hidden.device)
+    elif alpha > 0:
         if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("alpha > 0 needs the teacher's hidden states and head")
+            raise ValueError("alpha > 0 needs the teacher's hidden states and head, or its top-k logits")
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
         teacher_weight = teacher_weight.detach()
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     rows = max(1, int(chunk_elements) // max(1, weight.shape[0]))
     return FusedHeadDistillation.apply(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-                                       float(alpha), float(temperature), float(hidden.shape[0]), rows)
+                                       float(alpha), float(temperature), float(hidden.shape[0]), rows,
+                                       topk_values, topk_ids)
 
 
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,

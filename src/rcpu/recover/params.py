@@ -2,9 +2,18 @@
 
 LoRA and ALLoRA add adapters with peft and merge them with peft's ``merge_and_unload``, so the
 result has exactly the pruned model's modules and shapes and saves like it. ALLoRA (Huang and
-Balestriero, 2024) is LoRA without dropout and without the ``alpha / r`` scale, whose gradients
-are scaled row by row by ``1 / sqrt(|row|^2 + 1/eta^2)``: large while an adapter row is near zero
-(B starts at zero), smaller as it grows. peft has no ALLoRA, so the scaling is a gradient hook here.
+Balestriero, 2024, arXiv:2410.09692) is LoRA without dropout and without the ``alpha / r``
+scale, with an adaptive learning rate per row of each adapter matrix: ``lr / sqrt(|row|^2 +
+1/eta^2)``, large (``eta * lr``) while the row is near zero (B starts at zero) and smaller as it
+grows. peft has no ALLoRA. Scaling the *gradient* by that coefficient, as the paper's SGD
+formulation reads, does nothing under AdamW: Adam divides each coordinate by its own running
+gradient magnitude, so a per-row factor cancels (up to epsilon and its drift over steps). So
+:class:`AlloraRows` applies it where a learning rate acts, to the optimiser's update: before the
+step it notes each adapter row, after it scales the row's change by the coefficient computed
+from the row as it was. That is AdamW with a per-row learning rate (decoupled weight decay
+included), and plain SGD with the paper's scaled gradient. It works on the parameters the
+optimiser holds, so also on FSDP2's sharded ones (rows are whole on every shard: FSDP2 shards
+dimension 0).
 
 ``--quant_aware TYPE`` registers a parametrization on every decoder weight that rounds it to the
 GGUF type in the forward pass and passes gradients straight through (``rcpu.quantgrid``); the
@@ -26,21 +35,54 @@ from torch.nn.utils import parametrize
 from ..quantgrid import BLOCK, GRID_TYPES, ste
 from .config import RecoverConfig
 
-__all__ = ["attach_trainable", "merge_trainable", "trainable_state", "unwrap"]
+__all__ = ["AlloraRows", "attach_trainable", "build_optimizer", "merge_trainable", "trainable_state", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
 
-def _allora_hook(eta: float):
-    floor = 1.0 / (eta * eta)
+class AlloraRows:
+    """ALLoRA's learning rate per row, ``lr / sqrt(|row|^2 + 1/eta^2)``, on the adapter matrices an
+    optimiser updates: hooks before and after ``optimizer.step()`` (see the module docstring).
 
-    def hook(grad: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        with torch.no_grad():
-            norm2 = param.detach().float().pow(2).sum(dim=1, keepdim=True)
-            scale = torch.rsqrt(norm2 + floor)
-        return grad * scale.to(grad.dtype)
+    ``params`` are the parameters as the optimiser holds them (plain tensors, or DTensors sharded
+    along dimension 0 under FSDP2, whose row sums stay on their shard)."""
 
-    return hook
+    def __init__(self, params: list[nn.Parameter], eta: float):
+        self.params = list(params)
+        self.floor = 1.0 / (eta * eta)
+        self._before: list[torch.Tensor] | None = None
+
+    @classmethod
+    def attach(cls, optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]], eta: float) -> AlloraRows:
+        rows = cls([p for name, p in named if p.requires_grad and ("lora_A" in name or "lora_B" in name)], eta)
+        optimizer.register_step_pre_hook(rows._remember)
+        optimizer.register_step_post_hook(rows._scale)
+        return rows
+
+    def coefficient(self, rows: torch.Tensor) -> torch.Tensor:
+        """``1 / sqrt(|row|^2 + 1/eta^2)`` for every row of a 2-D weight, as a column."""
+        return torch.rsqrt(rows.float().pow(2).sum(dim=1, keepdim=True) + self.floor).to(rows.dtype)
+
+    @torch.no_grad()
+    def _remember(self, optimizer, args, kwargs) -> None:
+        self._before = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def _scale(self, optimizer, args, kwargs) -> None:
+        for p, old in zip(self.params, self._before, strict=True):
+            p.copy_(old + self.coefficient(old) * (p.detach() - old))
+        self._before = None
+
+
+def build_optimizer(model: nn.Module, cfg: RecoverConfig) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """AdamW over ``model``'s trainable parameters (as wrapped for DDP / FSDP), with ALLoRA's per-row
+    learning rate for ``--parameters allora``; returns (parameters, optimiser)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    if cfg.parameters == "allora":
+        AlloraRows.attach(optimizer, named, cfg.allora_eta)
+    return params, optimizer
 
 
 def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
@@ -66,13 +108,7 @@ def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
         target_modules=list(cfg.lora_targets),
         bias="none",
     )
-    peft_model = get_peft_model(model, lora)
-    if allora:
-        for name, p in peft_model.named_parameters():
-            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
-                hook = _allora_hook(cfg.allora_eta)
-                p.register_hook(lambda g, p=p, hook=hook: hook(g, p))
-    return peft_model
+    return get_peft_model(model, lora)  # ALLoRA's learning rate: build_optimizer
 
 
 class _OnGrid(nn.Module):

@@ -45,16 +45,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list, int_key
 
 
 class Replicated:
-    """Every rank holds whole models (one process, or DDP over the batch)."""
+    """Every rank holds whole models (one process, or DDP over the batch under torchrun)."""
 
     sharded = False
 
-    def __init__(self, world: int, device: torch.device):
-        self.world = world
+    def __init__(self, distributed: bool, device: torch.device):
+        self.distributed = distributed  #: under torchrun: DDP, also for a single process
         self.device = device
 
     def wrap(self, loss_module: nn.Module, teacher: nn.Module) -> tuple[nn.Module, nn.Module]:
-        if self.world > 1:
+        if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             loss_module = DistributedDataParallel(loss_module, device_ids=[self.device] if self.device.type == "cuda"
@@ -149,5 +149,6 @@ class Sharded(Replicated):
         return fresh
 
 
-def sharding_for(fsdp: bool, world: int, device: torch.device) -> Replicated:
-    return Sharded(world, device) if fsdp and world > 1 else Replicated(world, device)
+def sharding_for(fsdp: bool, distributed: bool, device: torch.device) -> Replicated:
+    """FSDP2 with ``--fsdp`` under torchrun (any process count), else whole models (DDP under torchrun)."""
+    return Sharded(distributed, device) if fsdp and distributed else Replicated(distributed, device)

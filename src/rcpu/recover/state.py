@@ -18,10 +18,25 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import RcpuError
 
-__all__ = ["CHECKPOINT", "STATE_FILE", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "STATE_FILE", "has_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "state.json"
+OLD = f".{CHECKPOINT}.old"
+
+
+def _complete(work: Path) -> Path | None:
+    """The checkpoint to resume from: ``checkpoint``, else ``.checkpoint.old`` (a run killed between
+    the two renames of :func:`save_checkpoint` leaves only that one), else None."""
+    for ckpt in (work / CHECKPOINT, work / OLD):
+        if (ckpt / STATE_FILE).is_file():
+            return ckpt
+    return None
+
+
+def has_checkpoint(work: Path | None) -> bool:
+    """Whether ``work`` holds a complete checkpoint to resume from."""
+    return work is not None and _complete(work) is not None
 
 
 def save_checkpoint(work: Path, params: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor], groups: list,
@@ -40,7 +55,7 @@ def save_checkpoint(work: Path, params: dict[str, torch.Tensor], opt_tensors: di
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    old = work / f".{CHECKPOINT}.old"
+    old = work / OLD
     if final.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -52,13 +67,9 @@ def save_checkpoint(work: Path, params: dict[str, torch.Tensor], opt_tensors: di
 def load_checkpoint(work: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharding) -> dict:
     """Load ``work/checkpoint`` into ``model``'s trained tensors and ``optimizer`` (through
     ``sharding``, which knows where the tensors live); return its meta."""
-    ckpt = work / CHECKPOINT
-    if not (ckpt / STATE_FILE).is_file():
-        old = work / f".{CHECKPOINT}.old"  # killed between the two renames
-        if (old / STATE_FILE).is_file():
-            ckpt = old
-        else:
-            raise RcpuError(f"{work} holds no complete recovery checkpoint; remove it and start again without --resume")
+    ckpt = _complete(work)
+    if ckpt is None:
+        raise RcpuError(f"{work} holds no complete recovery checkpoint; remove it and start again without --resume")
     try:
         params = load_file(str(ckpt / "params.safetensors"))
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))

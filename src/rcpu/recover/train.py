@@ -1,9 +1,10 @@
 """The distillation loop: frozen teacher, trained student, held-out measurements, checkpoints, DDP.
 
-One process, or one per device under ``torchrun`` (``WORLD_SIZE`` set): every rank builds the
-same models and windows and takes its slice of each global batch; DDP averages the gradients
-(or FSDP2 shards both models, ``--fsdp``), so N processes compute the one-process step for the
-same global batch. Rank 0 writes checkpoints and shows progress.
+One process, or one per device under ``torchrun`` (``WORLD_SIZE`` and ``LOCAL_RANK`` set; on
+GPUs each process on ``cuda:LOCAL_RANK``): every rank builds the same models and windows and
+takes its slice of each global batch; DDP averages the gradients (or FSDP2 shards both models,
+``--fsdp``), so N processes compute the one-process step for the same global batch. Rank 0 (the
+process group's) writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,47 +27,94 @@ from ..errors import RcpuError
 from ..report import PeakMemory
 from .config import RecoverConfig
 from .loss import distillation_loss, loss_terms
-from .params import attach_trainable, merge_trainable, unwrap
+from .params import attach_trainable, build_optimizer, merge_trainable, unwrap
 from .sharding import Replicated, sharding_for
-from .state import load_checkpoint, save_checkpoint
+from .state import has_checkpoint, load_checkpoint, save_checkpoint
 from .windows import TrainingWindows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "Pair", "StudentLoss", "TeacherHidden", "dist_context", "train"]
+__all__ = ["DistContext", "Pair", "StudentLoss", "TeacherHidden", "dist_context", "distributed", "process_device",
+           "train", "under_torchrun"]
 
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in the run: its rank (from the process group), the process count,
+    ``LOCAL_RANK`` and the device it computes on (``cuda:LOCAL_RANK`` under ``torchrun`` on GPUs).
+    ``distributed`` is true under ``torchrun`` (a process group is in use, even with one process)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             dist.barrier()
 
     def mean(self, value: float, device: torch.device) -> float:
-        if self.world == 1:
+        if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
 
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` (or another launcher setting its variables) started this process."""
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def process_device(device: torch.device) -> torch.device:
+    """The device this process computes on: ``device`` alone, ``cuda:LOCAL_RANK`` under torchrun."""
+    device = torch.device(device)
+    if device.type != "cuda" or not under_torchrun():
+        return device
+    local = int(os.environ["LOCAL_RANK"])
+    if device.index is not None and device.index != local:
+        raise RcpuError(f"--device {device} under torchrun: each process uses the GPU of its LOCAL_RANK "
+                        f"(this one cuda:{local}); pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise RcpuError(f"LOCAL_RANK {local} but {count} CUDA device(s) visible; start at most {count} processes "
+                        "per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local)
+
+
 def dist_context(device: torch.device) -> DistContext:
-    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo on the CPU), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo on the CPU), or run alone.
+
+    Under torchrun each process is bound to ``cuda:LOCAL_RANK`` (``torch.cuda.set_device``) before
+    the group is created, so NCCL and FSDP's device mesh use that GPU; the rank is the group's."""
+    if not under_torchrun():
+        return DistContext(device=torch.device(device))
+    device = process_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                       local_rank=int(os.environ["LOCAL_RANK"]), device=device, distributed=True)
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[DistContext]:
+    """:func:`dist_context` for the length of a ``with`` block; the process group is destroyed at its
+    end (also on an error) when this block created it."""
+    created = under_torchrun() and not dist.is_initialized()
+    ctx = dist_context(device)
+    try:
+        yield ctx
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -106,7 +154,7 @@ class StudentLoss(nn.Module):
         self.cfg = cfg
 
     def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None, teacher_head: nn.Module,
-                measure: bool = False):
+                measure: bool = False, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None):
         decoder, head = _parts(self.model)
         hidden = _hidden(decoder, ids)[:, :-1]
         if measure:
@@ -115,7 +163,8 @@ class StudentLoss(nn.Module):
         return distillation_loss(
             hidden, head.weight, head.bias, ids[:, 1:],
             teacher_hidden=teacher_hidden, teacher_weight=teacher_head.weight, teacher_bias=teacher_head.bias,
-            alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_elements=self.cfg.chunk_elements)
+            alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_elements=self.cfg.chunk_elements,
+            teacher_topk=teacher_topk)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -137,7 +186,10 @@ class Pair:
     @classmethod
     def build(cls, student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, sharding: Replicated,
               device: torch.device, autocast: torch.dtype | None = None) -> Pair:
-        loss_module, teacher_module = sharding.wrap(StudentLoss(student, cfg), TeacherHidden(teacher))
+        from .teacher_cache import CachedTeacher
+
+        cached = isinstance(teacher, CachedTeacher)  # read from --teacher_cache: one process, nothing to wrap
+        loss_module, teacher_module = sharding.wrap(StudentLoss(student, cfg), teacher if cached else TeacherHidden(teacher))
         return cls(loss_module, teacher_module, sharding, device, autocast)
 
     @property
@@ -150,6 +202,10 @@ class Pair:
         return hidden.clone()  # an ordinary tensor (not an inference tensor), usable by autograd
 
     def loss(self, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+        topk = getattr(self.teacher, "topk", None)  # a teacher cache: its top-k logits instead of a forward pass
+        if topk is not None:
+            with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
+                return self.student(ids, None, head, teacher_topk=topk(ids) if alpha > 0 else None)
         hidden = self.teacher_hidden(ids) if alpha > 0 else None
         with self.sharding.teacher_head(self.teacher) as head, _autocast(self.device, self.autocast):
             return self.student(ids, hidden, head)
@@ -321,10 +377,9 @@ def _prepare(student: nn.Module, teacher: nn.Module, cfg: RecoverConfig, ctx: Di
     model.train()
     if cfg.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sharding = sharding_for(cfg.fsdp, ctx.world, device)
+    sharding = sharding_for(cfg.fsdp, ctx.distributed, device)
     pair = Pair.build(model, teacher, cfg, sharding, device, autocast)
-    params = [p for p in pair.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    params, optimizer = build_optimizer(pair.student, cfg)  # after wrapping: the parameters DDP / FSDP train
     return pair, params, optimizer
 
 
@@ -344,7 +399,7 @@ def train(student: nn.Module, teacher: nn.Module, windows: TrainingWindows, cfg:
                         "give a global batch that splits evenly")
     pair, params, optimizer = _prepare(student, teacher, cfg, ctx, device, autocast)
     run = _Run(pair, params, optimizer, windows, cfg, ctx, device, steps, work_dir, digest, eval_sets or {})
-    if resume and work_dir is not None and (work_dir / "checkpoint").exists():
+    if resume and has_checkpoint(work_dir):  # also the .old one a kill between its two renames leaves
         run.resume()
     run.scheduler = _schedule(optimizer, cfg, steps, run.done)
     if run.done == 0:

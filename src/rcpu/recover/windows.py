@@ -62,5 +62,12 @@ class TrainingWindows:
             picks.append(self._epoch_order(epoch)[pos])
         return self.train[torch.stack(picks)]
 
+    def visited(self, steps: int, batch_size: int) -> torch.Tensor:
+        """The training windows the first ``steps`` global batches visit (each once, in index order)."""
+        total = steps * batch_size
+        if total >= self.train.shape[0]:
+            return self.train
+        return self.train[self._epoch_order(0)[:total].sort().values]
+
     def epochs(self, steps: int, batch_size: int) -> float:
         return steps * batch_size / self.train.shape[0]

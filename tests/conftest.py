@@ -62,11 +62,10 @@ def make_model(family: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidd
         raise ValueError(family)
     config_cls, model_cls, keys = FAMILIES[family]
     ids = {} if family in ("llama", "mistral", "qwen2") else {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    # per-layer lists of the table (two entries) repeat over the layers; the configs check their length
+    keys = {k: [v[i % len(v)] for i in range(layers)] if k in ("layer_types", "no_rope_layers") else v
+            for k, v in keys.items()}
     config = config_cls(**{**ids, **keys, **common})
-    if family == "smollm3" and len(config.no_rope_layers) != layers:
-        config.no_rope_layers = [i % 2 for i in range(layers)]
-    if getattr(config, "layer_types", None) is not None and len(config.layer_types) != layers:
-        config.layer_types = [keys.get("layer_types", config.layer_types)[i % 2] for i in range(layers)]
     model = model_cls(config)
     if family == "qwen2":
         with torch.no_grad():  # random init leaves biases at zero; make them matter

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 RESUME_FILE = "rcpu_resume.json"
 HIDDEN_FILE = "rcpu_hidden.safetensors"
-LAYER_PREFIX = "model.layers."
 
 
 class GGUFCheckpoint:
@@ -113,12 +112,38 @@ def load_source_config(src: Path, trust_remote_code: bool = False):
     return config, tokenizer, generation
 
 
-def _layer_names(reader: SafetensorsCheckpoint | GGUFCheckpoint, index: int) -> list[str]:
-    return reader.names(f"{LAYER_PREFIX}{index}.")
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``model`` (its tensors' prefix in the checkpoint)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise RcpuError(f"{type(module).__name__} is not a module of the model")
 
 
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, assign=True, strict=True)
+
+
+def _materialize_buffers(model: nn.Module, module: nn.Module) -> None:
+    """Give ``module``'s buffers that are not in the checkpoint (still on the meta device, e.g. Gemma 3's
+    embedding scale) their values on the CPU, as ``from_pretrained`` does: the model's own
+    initialisation of that module, which leaves the weights already loaded alone."""
+    meta = [name for name, buf in module.named_buffers(recurse=False) if buf.is_meta]
+    if not meta:
+        return
+    params = list(module.parameters(recurse=False))
+    for p in params:
+        p._is_hf_initialized = True
+    for name in meta:
+        module.register_buffer(name, torch.empty_like(getattr(module, name), device="cpu"),
+                               persistent=name not in module._non_persistent_buffers_set)
+    try:
+        model._init_weights(module)
+    finally:
+        for p in params:
+            del p._is_hf_initialized
+    if any(buf.is_meta for buf in module.buffers(recurse=False)):
+        raise RcpuError(f"cannot initialise the buffers {meta} of {type(module).__name__} for streaming")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -147,11 +172,17 @@ class StreamingStore(LayerStore):
         self.reader, self.work, self.state = reader, work, state
         self.biases = (False, False)
         self.n_shards = len(adapter.layers) + 1
+        model = adapter.model
+        #: checkpoint names: the decoder layers' prefix, the embedding's prefix, the LM head's weight
+        self.layers_prefix = _module_name(model, adapter.layers) + "."
+        self.embed_prefix = _module_name(model, adapter.base.embed_tokens) + "."
+        head = model.get_output_embeddings()
+        self.head_name = _module_name(model, head) + ".weight" if head is not None else None
 
     def load(self, index: int) -> nn.Module:
         layer = self.adapter.layers[index]
-        prefix = f"{LAYER_PREFIX}{index}."
-        _assign(layer, self.reader.read(_layer_names(self.reader, index)), prefix)
+        prefix = f"{self.layers_prefix}{index}."
+        _assign(layer, self.reader.read(self.reader.names(prefix)), prefix)
         return layer
 
     def unload(self, index: int, layer: nn.Module) -> None:
@@ -160,7 +191,8 @@ class StreamingStore(LayerStore):
     def open(self, model: nn.Module) -> None:
         # embeddings and rotary frequencies: the only non-layer modules the loop runs
         base = self.adapter.base
-        _assign(base.embed_tokens, self.reader.read(["model.embed_tokens.weight"]), "model.embed_tokens.")
+        _assign(base.embed_tokens, self.reader.read([self.embed_prefix + "weight"]), self.embed_prefix)
+        _materialize_buffers(model, base.embed_tokens)  # e.g. Gemma 3's embedding scale
         rotary = getattr(base, "rotary_emb", None)
         if rotary is not None:
             with torch.device("cpu"):
@@ -197,7 +229,7 @@ class StreamingStore(LayerStore):
 
     def finish(self, index, layer, result, batches, heldout, warnings) -> None:
         self.adapter.finalize_layer(layer, *self.biases)
-        prefix = f"{LAYER_PREFIX}{index}."
+        prefix = f"{self.layers_prefix}{index}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         _atomic_save(tensors, self.work / shard_name(index, self.n_shards))
         del tensors
@@ -218,7 +250,8 @@ class StreamingStore(LayerStore):
         """The rest of the weights (final norm, head), as they are."""
         n = len(self.adapter.layers)
         tied = self.adapter.config.tie_word_embeddings
-        rest = [k for k in self.reader.names() if not k.startswith(LAYER_PREFIX) and not (k == "lm_head.weight" and tied)]
+        rest = [k for k in self.reader.names()
+                if not k.startswith(self.layers_prefix) and not (k == self.head_name and tied)]
         _atomic_save(self.reader.read(rest), self.work / shard_name(n, n + 1))
 
 

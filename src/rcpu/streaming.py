@@ -323,17 +323,19 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     work = work_dir_for(out)
     key = _run_key(reader, config_json, cfg, windows, heldout_windows, dtype, device)
     state = {"key": key, "next_layer": 0, "layers": [], "warnings": [], "num_layers": len(adapter.layers)}
-    if work.exists():
-        previous = json.loads((work / RESUME_FILE).read_text()) if (work / RESUME_FILE).is_file() else None
+    previous = json.loads((work / RESUME_FILE).read_text()) if (work / RESUME_FILE).is_file() else None
+    if previous is not None:
         if not resume:
             raise RcpuError(f"an interrupted run left {work}; pass --resume to continue it or delete it")
-        if previous is None or previous.get("key") != key:
+        if previous.get("key") != key:
             raise RcpuError(f"{work} belongs to a run with other settings or another model; "
                             "use the same command to resume, or delete it to start over")
         state = previous
-    elif resume:
+    elif resume:  # (a work directory without a record was left before the run had started: nothing to keep)
         logger.info("nothing to resume at %s; starting from the first layer", work)
     work.mkdir(parents=True, exist_ok=True)
+    if previous is None:  # the record says whose work directory this is, also before the first layer is written
+        _atomic_json(state, work / RESUME_FILE)
     n_layers = len(adapter.layers)
     if state["next_layer"]:
         (announce or logger.info)(f"resuming at layer {state['next_layer']} of {n_layers}")

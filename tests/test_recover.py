@@ -18,6 +18,7 @@ from conftest import make_model, make_text, make_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from rcpu import RcpuError
 from rcpu.cli import main
 from rcpu.recover import RecoverConfig, distillation_loss, reference_distillation_loss
 from rcpu.recover.params import attach_trainable, merge_trainable
@@ -127,6 +128,28 @@ def test_allora_is_the_papers_per_row_learning_rate_under_adamw():
     step_allora, step_lora = states[1][b_name] - states[0][b_name], lora[1][b_name] - lora[0][b_name]
     assert step_lora.abs().max() > 0
     torch.testing.assert_close(step_allora, eta * step_lora, rtol=1e-4, atol=1e-9)
+
+
+def test_lora_targets_follow_the_family_layout():
+    """--lora_targets names Llama's seven projections; on Phi-3 they are its fused qkv_proj and
+    gate_up_proj (which peft, matching names, would have skipped), and the fused names work on
+    an unfused family. Adapters go exactly on those modules."""
+    from rcpu.recover.params import lora_modules
+
+    llama, phi3 = make_model("llama", layers=2), make_model("phi3", layers=2)
+    default = RecoverConfig().lora_targets
+    assert lora_modules(phi3, default)[0] == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                              "mlp.down_proj"]
+    assert lora_modules(phi3, ("v_proj", "up_proj"))[0] == ["self_attn.qkv_proj", "mlp.gate_up_proj"]
+    assert lora_modules(llama, ("qkv_proj",))[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert lora_modules(llama, default)[0] == [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    peft_model = attach_trainable(phi3, RecoverConfig(parameters="lora", lora_rank=2))
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n, p in peft_model.named_parameters()
+               if p.requires_grad}
+    assert adapted == {f"model.layers.{i}.{m}" for i in range(2) for m in lora_modules(phi3, default)[0]}
+    with pytest.raises(RcpuError, match="unknown projections"):
+        RecoverConfig(lora_targets=("qkv",)).validate()
 
 
 def test_windows_hold_out_and_batch_reproducibly():

@@ -14,6 +14,7 @@ import torch
 from conftest import make_model, make_text, make_tokenizer, make_windows, same_threads_env
 from safetensors.torch import load_file
 
+from rcpu import RcpuError
 from rcpu.api import prune
 from rcpu.cli import main
 from rcpu.compare import parse_method
@@ -66,10 +67,18 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
                                                  ("qwen2", "flap", torch.float32),
                                                  ("mistral", "wanda-sp+compensation=bias", torch.bfloat16),
                                                  ("llama", "rcpu+rotation_products=direct", torch.float32),
-                                                 # a scaled embedding with a non-persistent buffer; and Gemma 3
-                                                 # 270M's 4 heads over 1 KV head, cut to 3 (hidden % 3 != 0)
-                                                 ("gemma3", "ridge-auto", torch.float32),
-                                                 ("gemma3-4x1", "rcpu", torch.float32)])
+                                                 # the other families: fused projections (phi3), norms over
+                                                 # heads or whole projections (qwen3, olmo2), mixed sliding /
+                                                 # global layers and a scaled embedding (gemma3), tied heads;
+                                                 # Gemma 3 270M's 4 heads over 1 KV head cut to 3 (hidden % 3 != 0)
+                                                 ("gemma3", "ridge-auto", torch.float32), ("gemma3", "flap", torch.float32),
+                                                 ("gemma3-4x1", "rcpu", torch.float32),
+                                                 ("phi3", "ridge-auto", torch.float32),
+                                                 ("phi3", "flap-ridge+allocation=global_mlp", torch.bfloat16),
+                                                 ("olmo2", "rcpu-scaled", torch.float32),
+                                                 ("olmo2", "flap-ridge+allocation=error", torch.float32),
+                                                 ("qwen3", "wanda-sp", torch.bfloat16), ("smollm3", "flap", torch.float32),
+                                                 ("llama3", "ridge+refine_epochs=2", torch.bfloat16)])
 def test_streamed_equals_in_memory(tmp_path, family, method, dtype):
     src = tmp_path / "src"
     tied = {"tie_word_embeddings": True} if family in ("llama", "gemma3-4x1") else {}
@@ -168,6 +177,65 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path):
     run = subprocess.run(reference, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     _assert_same_checkpoint(out, tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("family,method,where", [("phi3", "ridge-auto", "writing"), ("gemma3", "flap", "computing"),
+                                                  ("gemma3", "flap", "planning")])
+def test_interrupted_stream_resumes_to_the_uninterrupted_checkpoint(tmp_path, monkeypatch, family, method, where):
+    """Ctrl-C (KeyboardInterrupt) while layer 2 of 4 is written (a partial shard is left), in the
+    middle of its statistics pass, or during the global allocation's scoring pass before any layer
+    is written; resuming reads only the layers not yet written and gives the uninterrupted run's
+    checkpoint bit for bit. Fused projections (Phi-3), and mixed sliding / global layers with
+    global allocation (Gemma 3)."""
+    import rcpu.streaming as streaming
+
+    src = tmp_path / "src"
+    make_model(family, layers=4).save_pretrained(src, max_shard_size="50KB")
+    make_tokenizer().save_pretrained(src)
+    cfg = PruneConfig(**parse_method(method), pruning_ratio=0.5)
+    windows = make_windows()
+    heldout = make_windows(8, 32, seed=7) if cfg.needs_heldout else None
+
+    def run(out, **kw):
+        return prune_checkpoint(src, cfg, out, windows=windows, heldout_windows=heldout, progress=False, **kw)
+
+    reference = run(tmp_path / "reference").path
+    out = tmp_path / "out"
+    real_save, real_load = streaming._atomic_save, streaming.StreamingStore.load
+    stop_at = 0 if where == "planning" else 2  # the first layer that is not written
+
+    def save_then_interrupt(tensors, path):
+        if path.name == streaming.shard_name(stop_at, 5):
+            path.with_name(path.name + ".partial").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        real_save(tensors, path)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    def load_then_interrupt(self, index):
+        layer = real_load(self, index)
+        if index == 2 and self.state["next_layer"] == stop_at:  # (planning reads every layer once first)
+            self.adapter.mlp_out(layer).register_forward_hook(interrupt)
+        return layer
+
+    with monkeypatch.context() as patch:
+        if where == "writing":
+            patch.setattr(streaming, "_atomic_save", save_then_interrupt)
+        else:
+            patch.setattr(streaming.StreamingStore, "load", load_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    work = work_dir_for(out)
+    assert not out.exists() and json.loads((work / RESUME_FILE).read_text())["next_layer"] == stop_at
+    with pytest.raises(RcpuError, match="pass --resume"):
+        run(out)
+    loaded, lines = [], []
+    monkeypatch.setattr(streaming.StreamingStore, "load", lambda self, i: loaded.append(i) or real_load(self, i))
+    res = run(out, resume=True, announce=lines.append)
+    assert lines == ([f"resuming at layer {stop_at} of 4"] if stop_at else [])
+    assert sorted(set(loaded)) == list(range(stop_at, 4)) and not work.exists()
+    _assert_same_checkpoint(reference, res.path)
 
 
 @pytest.mark.parametrize("extra,message", [

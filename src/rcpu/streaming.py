@@ -122,6 +122,14 @@ def _layer_names(reader: SafetensorsCheckpoint | GGUFCheckpoint, index: int) -> 
     return reader.names(f"{LAYER_PREFIX}{index}.")
 
 
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``model`` (its tensors' prefix in the checkpoint)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise RcpuError(f"{type(module).__name__} is not a module of the model")
+
+
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, assign=True, strict=True)
 
@@ -232,6 +240,12 @@ class StreamingStore(LayerStore):
         self.reader, self.work, self.state = reader, work, state
         self.biases = (False, False)
         self.n_shards = len(adapter.layers) + 1
+        model = adapter.model
+        #: checkpoint names: the decoder layers' prefix, the embedding's prefix, the LM head's weight
+        self.layers_prefix = _module_name(model, adapter.layers) + "."
+        self.embed_prefix = _module_name(model, adapter.base.embed_tokens) + "."
+        head = model.get_output_embeddings()
+        self.head_name = _module_name(model, head) + ".weight" if head is not None else None
 
     def load(self, index: int) -> nn.Module:
         return read_layer(self.adapter, self.reader, index)
@@ -271,7 +285,7 @@ class StreamingStore(LayerStore):
 
     def finish(self, index, layer, result, batches, heldout, warnings) -> None:
         self.adapter.finalize_layer(layer, *self.biases)
-        prefix = f"{LAYER_PREFIX}{index}."
+        prefix = f"{self.layers_prefix}{index}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         _atomic_save(tensors, self.work / shard_name(index, self.n_shards))
         del tensors
@@ -292,7 +306,8 @@ class StreamingStore(LayerStore):
         """The rest of the weights (final norm, head), as they are."""
         n = len(self.adapter.layers)
         tied = self.adapter.config.tie_word_embeddings
-        rest = [k for k in self.reader.names() if not k.startswith(LAYER_PREFIX) and not (k == "lm_head.weight" and tied)]
+        rest = [k for k in self.reader.names()
+                if not k.startswith(self.layers_prefix) and not (k == self.head_name and tied)]
         _atomic_save(self.reader.read(rest), self.work / shard_name(n, n + 1))
 
 
@@ -360,17 +375,19 @@ def prune_checkpoint(source: str | os.PathLike, cfg: PruneConfig, out: str | os.
     work = work_dir_for(out)
     key = _run_key(reader, config_json, cfg, windows, heldout_windows, dtype, device)
     state = {"key": key, "next_layer": 0, "layers": [], "warnings": [], "num_layers": len(adapter.layers)}
-    if work.exists():
-        previous = json.loads((work / RESUME_FILE).read_text()) if (work / RESUME_FILE).is_file() else None
+    previous = json.loads((work / RESUME_FILE).read_text()) if (work / RESUME_FILE).is_file() else None
+    if previous is not None:
         if not resume:
             raise RcpuError(f"an interrupted run left {work}; pass --resume to continue it or delete it")
-        if previous is None or previous.get("key") != key:
+        if previous.get("key") != key:
             raise RcpuError(f"{work} belongs to a run with other settings or another model; "
                             "use the same command to resume, or delete it to start over")
         state = previous
-    elif resume:
+    elif resume:  # (a work directory without a record was left before the run had started: nothing to keep)
         logger.info("nothing to resume at %s; starting from the first layer", work)
     work.mkdir(parents=True, exist_ok=True)
+    if previous is None:  # the record says whose work directory this is, also before the first layer is written
+        _atomic_json(state, work / RESUME_FILE)
     n_layers = len(adapter.layers)
     if state["next_layer"]:
         (announce or logger.info)(f"resuming at layer {state['next_layer']} of {n_layers}")

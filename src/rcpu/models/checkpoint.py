@@ -61,12 +61,24 @@ def _validate(config: PretrainedConfig, per_layer: bool = False) -> str | None:
             for validator in getattr(type(config), "__class_validators__", ()):
                 if validator.__name__ != "validate_architecture":
                     validator(config)
+        elif str(config.model_type).startswith("rcpu_"):  # saved as the stock config: its rules apply
+            stock_config(config)
         elif hasattr(config, "validate"):
             config.validate()
     except Exception as exc:  # strict-dataclass validation errors wrap a ValueError
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         return lines[-1] if lines else type(exc).__name__
     return None
+
+
+def stock_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The stock config of an ``rcpu_*`` config's family with the same values (as a checkpoint pruned
+    again to equal widths is saved); the stock class's validation errors propagate."""
+    from transformers import CONFIG_MAPPING
+
+    family = str(config.model_type).removeprefix("rcpu_")
+    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_COPIED + ("o_proj_bias", "down_proj_bias")}
+    return CONFIG_MAPPING[family].from_dict(values)
 
 
 def mistral_equivalent(config: PretrainedConfig) -> MistralConfig:

@@ -17,6 +17,8 @@ QUANT_AWARE = ("none", *GRID_TYPES)
 QUANT_AWARE_OVERRIDES = (*GRID_TYPES, "f16", "bf16", "f32")
 #: the seven projections of a Llama-family decoder layer
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: fused projections (Phi-3) -> the projections they hold; ``--lora_targets`` may name either
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass
@@ -40,7 +42,9 @@ class RecoverConfig:
     parameters: str = field(default="full", metadata={"help": "what is trained: lora (adapters merged at the end), allora, or full (every weight)"})
     lora_rank: int = field(default=8, metadata={"help": "rank of the LoRA / ALLoRA adapters"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA's scale is lora_alpha / lora_rank (ALLoRA: no scale)"})
-    lora_targets: tuple[str, ...] = field(default=ALL_PROJECTIONS, metadata={"help": "comma-separated projections that get adapters (default: all seven)"})
+    lora_targets: tuple[str, ...] = field(default=ALL_PROJECTIONS, metadata={"help": (
+        "comma-separated projections that get adapters (default: all seven); on a family with fused "
+        "projections (Phi-3) q/k/v_proj name its qkv_proj and gate/up_proj its gate_up_proj")})
     allora_eta: float = field(default=4.0, metadata={"help": "ALLoRA's per-row learning rate lr / sqrt(|row|^2 + 1/eta^2) is eta x lr at |row| = 0"})
     seed: int = field(default=0, metadata={"help": "order of the windows, held-out draw, adapter initialisation"})
     heldout: int = field(default=32, metadata={"help": "windows of the training text kept out of training, for held-out KL / loss"})
@@ -92,10 +96,10 @@ class RecoverConfig:
             from ..gguf_export import parse_tensor_types
 
             parse_tensor_types(self.quant_aware_tensor_type, "--quant_aware_tensor_type", QUANT_AWARE_OVERRIDES)
-        unknown = set(self.lora_targets) - set(ALL_PROJECTIONS)
+        unknown = set(self.lora_targets) - set(ALL_PROJECTIONS) - set(FUSED_PROJECTIONS)
         if unknown:
             raise RcpuError(f"--lora_targets has unknown projections {sorted(unknown)}; use some of "
-                            f"{', '.join(ALL_PROJECTIONS)}")
+                            f"{', '.join((*ALL_PROJECTIONS, *FUSED_PROJECTIONS))}")
         return self
 
     def window_tokens(self) -> int:

@@ -85,6 +85,24 @@ def build_optimizer(model: nn.Module, cfg: RecoverConfig) -> tuple[list[nn.Param
     return params, optimizer
 
 
+def lora_modules(model: nn.Module, targets: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Where adapters go for ``--lora_targets``, in the model family's own layout (from its
+    adapter): the names inside a decoder layer, and the full module names in every layer.
+    ``q_proj`` names Phi-3's fused ``qkv_proj`` (one adapter then covers q, k and v), and
+    ``qkv_proj`` names q/k/v_proj on an unfused family (likewise gate/up)."""
+    from ..models import get_adapter
+    from .config import FUSED_PROJECTIONS
+
+    a = get_adapter(model)
+    wanted = {part for t in targets for part in FUSED_PROJECTIONS.get(t, (t,))}
+    chosen = [(parent, name) for parent, names in ((a.attn_name, (*a.qkv_names, a.o_name)),
+                                                   (a.mlp_name, (*a.gate_up_names, a.down_name)))
+              for name in names if wanted & set(FUSED_PROJECTIONS.get(name, (name,)))]
+    full = {id(m): n for n, m in model.named_modules()}
+    return ([f"{parent}.{name}" for parent, name in chosen],
+            [full[id(getattr(getattr(layer, parent), name))] for layer in a.layers for parent, name in chosen])
+
+
 def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
     """Make ``model`` trainable as ``cfg.parameters`` says; returns the module to train.
 
@@ -101,11 +119,14 @@ def attach_trainable(model: nn.Module, cfg: RecoverConfig) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     allora = cfg.parameters == "allora"
+    projections, modules = lora_modules(model, cfg.lora_targets)
+    if any(p.rsplit(".", 1)[-1] not in cfg.lora_targets for p in projections):
+        logger.info("--lora_targets %s: adapters on %s", ",".join(cfg.lora_targets), ", ".join(projections))
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_rank if allora else cfg.lora_alpha,  # ALLoRA: scale 1
         lora_dropout=0.0,
-        target_modules=list(cfg.lora_targets),
+        target_modules=modules,  # full names: these projections of the decoder layers, nothing else
         bias="none",
     )
     return get_peft_model(model, lora)  # ALLoRA's learning rate: build_optimizer

@@ -357,16 +357,13 @@ def ridge_diagonal(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor
     dev = gram.device
     kept = kept.to(dev)
     n = len(kept)
-    a = torch.zeros(n, n, dtype=torch.float64, device=dev)
-    b = torch.zeros(n, dtype=torch.float64, device=dev)
-    y2 = 0.0
+    m = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=dev)  # W^T W, all of it
     for start in range(0, weight.shape[0], _ROWS):
         w = weight[start:start + _ROWS].to(dev, torch.float64)
-        w_k = w[:, kept]
-        a += w_k.T @ w_k
-        b += ((w @ cross) * w_k).sum(0)
-        y2 += float(((w @ gram) * w).sum())
-    q = a * gram_kept
+        m += w.T @ w
+    y2 = float((m * gram).sum())  # ||W X||^2 = tr(W^T W G)
+    b = (m[kept] * cross.T).sum(1)  # b_j = (W^T W C)_{K_j, j}
+    q = m[kept[:, None], kept[None, :]] * gram_kept
     lam_abs = lam * (float(torch.trace(q)) / n if relative else 1.0)
     chol, jitter = _factor(q, lam_abs)
     scales = torch.cholesky_solve((b + lam_abs)[:, None], chol)[:, 0]

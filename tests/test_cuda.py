@@ -61,7 +61,8 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family,method", [("llama", "rcpu"), ("qwen2", "ridge-auto"), ("llama", "flap"), ("mistral", "wanda-sp"),
-                                           ("llama", "flap-ridge"), ("qwen2", "rcpu-scaled")])
+                                           ("llama", "flap-ridge"), ("qwen2", "rcpu-scaled"),
+                                           ("phi3", "ridge-auto"), ("gemma3", "flap"), ("olmo2", "rcpu")])
 def test_float32_on_accelerator_matches_cpu(family, method):
     """Same units kept, and float32 on the accelerator as close to the exact (float64) result
     as float32 on the CPU is.

@@ -1,9 +1,15 @@
-"""Pruned checkpoints at the widths of real 7B/8B/13B models (one decoder layer, random bf16
-weights): they save, reload in a fresh process with stock transformers and give the logits
-of the in-memory pruned model. Toy widths hide the divisibility rules of real configs:
-transformers' LlamaConfig refuses ``hidden_size % num_attention_heads != 0``, which LLaMA-7B
-at the paper's 20 % (32 -> 26 heads) hits."""
+"""Pruned checkpoints at the widths of real models (one or two decoder layers, random bf16
+weights): they save, reload in a fresh process with stock transformers (the rcpu config where a
+stock config refuses the pruned widths) and give the logits of the in-memory pruned model. Toy
+widths hide the divisibility rules of real configs: transformers' LlamaConfig refuses
+``hidden_size % num_attention_heads != 0``, which LLaMA-7B at the paper's 20 % (32 -> 26 heads)
+hits, and so does Gemma3TextConfig (Gemma-3-4B: 8 -> 6 heads over 2560).
 
+The vocabulary is the tests' 128 tokens except in ``llama3.1-8b-vocab``: the vocabulary is not
+pruned, it only sizes the embedding and the head (1 GB each in bf16 at Llama 3's 128,256
+tokens), so one case checks that path and the others stay small and fast."""
+
+import copy
 import json
 import os
 import subprocess
@@ -38,7 +44,30 @@ SHAPES = {
                                    intermediate_size=14336, sliding_window=None)),
     "qwen2-7b": ("qwen2", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
                                intermediate_size=18944, use_sliding_window=False, tie_word_embeddings=False)),
+    # Llama-3.1-8B with its whole vocabulary (untied 128,256 x 4096 embedding and head)
+    "llama3.1-8b-vocab": ("llama", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                        intermediate_size=14336, rope_parameters=LLAMA3_ROPE, vocab_size=128256,
+                                        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                               intermediate_size=12288, tie_word_embeddings=False)),
+    # a sliding and a global layer (window 8 < the test's 12 tokens, so they differ)
+    "gemma3-4b": ("gemma3_text", dict(hidden_size=2560, num_attention_heads=8, num_key_value_heads=4,
+                                      intermediate_size=10240, head_dim=256, query_pre_attn_scalar=256,
+                                      num_hidden_layers=2, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"])),
+    "phi4-mini": ("phi3", dict(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+                               intermediate_size=8192, partial_rotary_factor=0.75, tie_word_embeddings=True)),
+    "olmo2-7b": ("olmo2", dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                               intermediate_size=11008, tie_word_embeddings=False)),
+    # a layer with RoPE and one without
+    "smollm3-3b": ("smollm3", dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
+                                   intermediate_size=11008, tie_word_embeddings=True, num_hidden_layers=2,
+                                   no_rope_layers=[1, 0])),
 }
+#: families whose stock config refuses heads that do not divide the hidden size: how they are saved then
+INDIVISIBLE = {"llama": "remapped", "gemma3_text": "per-layer"}
+#: token ids of the families whose defaults lie outside the tests' vocabulary
+TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 RATIOS = (0.1, 0.2, 0.3)
 
 # ONE fresh interpreter that never imports rcpu loads every checkpoint and writes its logits.
@@ -48,7 +77,8 @@ RELOAD = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     x = torch.load(sys.argv[1], weights_only=True)
     for ckpt in sys.argv[2:]:
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        remote = json.load(open(ckpt + "/config.json"))["model_type"].startswith("rcpu_")
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, trust_remote_code=remote).eval()
         with torch.no_grad():
             torch.save(model(x).logits, ckpt + "/logits.pt")
         json.dump({"class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)},
@@ -58,12 +88,35 @@ RELOAD = textwrap.dedent("""
 """)
 
 
+def _distinct_rows(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A bf16 matrix of pairwise different random-looking rows, cheaply: row b * 1009 + a is random
+    row a times 1 + b / 128 (exact in bf16), so a shifted or misplaced row changes the logits."""
+    period = 1009
+    assert rows <= 128 * period
+    block = torch.randn(period, cols, generator=torch.Generator().manual_seed(seed)).mul_(0.02).to(torch.bfloat16)
+    index = torch.arange(rows)
+    return block[index % period].mul_((1 + (index // period) / 128).to(torch.bfloat16)[:, None])
+
+
 def _real_width_model(name: str) -> torch.nn.Module:
     model_type, widths = SHAPES[name]
-    config = AutoConfig.for_model(model_type, num_hidden_layers=1, vocab_size=VOCAB, max_position_embeddings=256,
-                                  head_dim=128, **widths)
+    ids = {} if model_type in ("llama", "mistral", "qwen2") else TOKEN_IDS
+    config = AutoConfig.for_model(model_type, **{"num_hidden_layers": 1, "vocab_size": VOCAB,
+                                                 "max_position_embeddings": 256, "head_dim": 128, **ids, **widths})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    vocab = config.vocab_size
+    if vocab == VOCAB:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    else:  # the random init of a 128k-row embedding and head takes a minute: built small, then given the rows
+        small = copy.deepcopy(config)
+        small.vocab_size = VOCAB
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.bfloat16)
+        hidden = config.hidden_size
+        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(_distinct_rows(vocab, hidden, 1), freeze=False))
+        head = torch.nn.utils.skip_init(torch.nn.Linear, hidden, vocab, bias=False, dtype=torch.bfloat16)
+        head.weight.data.copy_(_distinct_rows(vocab, hidden, 2))
+        model.set_output_embeddings(head)
+        model.config.vocab_size = vocab
     if model_type == "qwen2":
         with torch.no_grad():
             for lin in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj):
@@ -74,13 +127,18 @@ def _real_width_model(name: str) -> torch.nn.Module:
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_real_widths_save_and_reload(scratch_dir, name):
     model_type, widths = SHAPES[name]
-    x = make_windows(1, 12, seed=3)
+    vocab = widths.get("vocab_size", VOCAB)
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randint(0, vocab, (1, 11), generator=g), torch.tensor([[vocab - 1]])], 1)  # the last id too
     torch.save(x, scratch_dir / "x.pt")
+    calib = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    dense = _real_width_model(name)
     expected, ckpts = {}, []
-    for ratio in RATIOS:
+    ratios = RATIOS if vocab == VOCAB else (0.2,)  # (the vocabulary does not change with the ratio: llama3-8b has all)
+    for ratio in ratios:
         cfg = PruneConfig(method="wanda-sp", pruning_ratio=ratio, nsamples=2, seqlen=16, batch_size=2)
-        model = _real_width_model(name)
-        pruned, report = prune(model, cfg, windows=make_windows(2, 16), device="cpu", progress=False)
+        pruned, report = prune(dense if len(ratios) == 1 else copy.deepcopy(dense), cfg, windows=calib, device="cpu",
+                               progress=False)
         heads = report.params["heads_after"]
         hidden = widths["hidden_size"]
         out = save_pruned(pruned, None, scratch_dir / f"r{ratio}", report.to_dict())
@@ -88,22 +146,36 @@ def test_real_widths_save_and_reload(scratch_dir, name):
         umask = os.umask(0)
         os.umask(umask)
         assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a server
-        assert saved["num_attention_heads"] == heads and saved["num_key_value_heads"] == report.params["kv_heads_after"]
-        assert saved["head_dim"] == 128 and saved["hidden_size"] == hidden and "auto_map" not in saved
-        assert saved["intermediate_size"] == report.params["intermediate_after"]
-        remapped = model_type == "llama" and hidden % heads != 0
-        assert saved["model_type"] == ("mistral" if remapped else model_type)
-        assert report.checkpoint["kind"] == ("remapped" if remapped else "stock")
-        if remapped:  # what a serving engine reading config.json needs to see
+        kind = INDIVISIBLE.get(model_type, "stock") if hidden % heads else "stock"
+        assert report.checkpoint["kind"] == kind
+        assert saved["head_dim"] == widths.get("head_dim", 128) and saved["hidden_size"] == hidden
+        assert saved["vocab_size"] == vocab
+        if kind == "per-layer":  # uniform widths that only the rcpu config accepts
+            n = saved["num_hidden_layers"]
+            assert saved["model_type"] == f"rcpu_{model_type}" and (out / "modeling_rcpu.py").is_file()
+            assert saved["layer_num_attention_heads"] == [heads] * n
+            assert saved["layer_num_key_value_heads"] == [report.params["kv_heads_after"]] * n
+            assert saved["layer_intermediate_size"] == [report.params["intermediate_after"]] * n
+        else:
+            assert saved["num_attention_heads"] == heads
+            assert saved["num_key_value_heads"] == report.params["kv_heads_after"] and "auto_map" not in saved
+            assert saved["intermediate_size"] == report.params["intermediate_after"]
+            assert saved["model_type"] == ("mistral" if kind == "remapped" else model_type)
+        if kind == "remapped":  # what a serving engine reading config.json needs to see
             assert saved["architectures"] == ["MistralForCausalLM"] and saved["sliding_window"] is None
             assert saved["rope_parameters"] == pruned.config.rope_parameters
             assert saved["tie_word_embeddings"] == pruned.config.tie_word_embeddings
+        for key in ("layer_types", "no_rope_layers", "partial_rotary_factor", "query_pre_attn_scalar"):
+            if key in widths:
+                assert saved[key] == widths[key], key
         with torch.no_grad():
             expected[str(out)] = pruned(x).logits
         ckpts.append(str(out))
-        del pruned, model
+        del pruned
+    del dense
     subprocess.run([sys.executable, "-c", RELOAD, str(scratch_dir / "x.pt"), *ckpts], check=True,
-                   capture_output=True, text=True, env=same_threads_env())
+                   capture_output=True, text=True,
+                   env=same_threads_env(HF_MODULES_CACHE=str(scratch_dir / "modules")))
     for ckpt in ckpts:
         loaded = json.loads(open(f"{ckpt}/loaded.json").read())
         assert loaded["dtype"] == "torch.bfloat16"

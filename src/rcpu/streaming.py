@@ -8,9 +8,9 @@ is about one layer in the compute dtype, the embeddings, the calibration hidden 
 the statistics; it does not grow with depth.
 
 Resume: the output is assembled in a work directory beside the target
-(``.<name>.rcpu-partial``). After every layer it holds the layer's shard, the next layer's
-input hidden states and ``rcpu_resume.json`` (the per-layer results and a hash of the
-settings and the model). ``resume=True`` continues from the last finished layer and gives
+(``.<name>.rcpu-partial``). From the start it holds ``rcpu_resume.json`` (the per-layer
+results and a hash of the settings and the model), and after every layer the layer's shard and
+the next layer's input hidden states. ``resume=True`` continues from the last finished layer and gives
 the same bytes as an uninterrupted run; a finished run renames the directory into place.
 """
 

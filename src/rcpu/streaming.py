@@ -8,12 +8,12 @@ is about one layer in the compute dtype, the embeddings, the calibration hidden 
 the statistics; it does not grow with depth.
 
 Resume: the output is assembled in a work directory beside the target
-(``.<name>.rcpu-partial``). After every layer it holds the layer's shard, the next layer's
-input hidden states and ``rcpu_resume.json`` (the per-layer results and a hash of the
-settings, the calibration windows and the model's content as sampled: each weight file's size,
-header and 16 blocks of 64 KiB, :func:`rcpu.loading.content_fingerprint`; not its path or
-modification time, so a model moved or copied resumes, and one with other weights is refused).
-``resume=True`` continues from the last finished layer and gives the same bytes as an
+(``.<name>.rcpu-partial``). From the start it holds ``rcpu_resume.json`` (the per-layer results
+and a hash of the settings, the calibration windows and the model's content as sampled: each
+weight file's size, header and 16 blocks of 64 KiB, :func:`rcpu.loading.content_fingerprint`;
+not its path or modification time, so a model moved or copied resumes, and one with other
+weights is refused), and after every layer the layer's shard and the next layer's input hidden
+states. ``resume=True`` continues from the last finished layer and gives the same bytes as an
 uninterrupted run; a finished run renames the directory into place.
 """
 

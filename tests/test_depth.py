@@ -8,7 +8,8 @@ from conftest import make_model, make_windows
 from transformers import AutoModelForCausalLM
 
 from rcpu import RcpuError
-from rcpu.depth import _Skip, layer_scores, layers_to_remove, remove_layers
+from rcpu.depth import layer_scores, layers_to_remove, remove_layers
+from rcpu.layer_io import PassThrough
 
 
 @pytest.mark.parametrize("criterion", ["block_influence", "angular"])
@@ -53,7 +54,7 @@ def test_removing_layers_equals_skipping_them_and_reloads_stock(tmp_path, family
     model = make_model(family, layers=4)
     skipped = copy.deepcopy(model)
     for i in (1, 2):
-        skipped.model.layers[i] = _Skip(skipped.model.layers[i])
+        skipped.model.layers[i] = PassThrough(skipped.model.layers[i])
     remove_layers(model, [1, 2])
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     for key in ("layer_types", "no_rope_layers"):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RcpuError
-from .layer_io import capture_layer_inputs, forward_layer, module_device
+from .layer_io import PassThrough, capture_layer_inputs, forward_layer, module_device
 from .models import DecoderAdapter, get_adapter
 
 __all__ = ["CRITERIA", "layer_scores", "remove_layers", "layers_to_remove"]
@@ -62,18 +62,6 @@ def _stream_scores(model: nn.Module, adapter: DecoderAdapter, windows: torch.Ten
     return scores
 
 
-class _Skip(nn.Module):
-    """Stands in for a decoder layer: returns its input unchanged."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        if hasattr(layer, "attention_type"):
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
 @torch.no_grad()
 def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> float:
     total, count = 0.0, 0
@@ -95,7 +83,7 @@ def _loss_scores(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tenso
     scores = []
     layers = adapter.layers
     for i, layer in enumerate(list(layers)):
-        layers[i] = _Skip(layer)
+        layers[i] = PassThrough(layer)
         try:
             scores.append(_mean_loss(model, windows, batch_size, device) - dense)
         finally:

@@ -55,6 +55,19 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+class PassThrough(nn.Module):
+    """Stands in for a decoder layer and returns its input unchanged (layers skipped during capture;
+    a layer left out, for :mod:`rcpu.depth`)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 def _layer_types(model: nn.Module, n_layers: int) -> list[str] | None:
     """``config.layer_types`` when the layers differ in kind (then their kwargs differ), else None."""
     types = getattr(getattr(model, "config", None), "layer_types", None)
@@ -105,7 +118,7 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, windows: tor
         layers[i] = _Catcher(originals[i], sink, None if types is None else types[i], last=i == firsts[-1])
     for i in range(1, firsts[-1]):  # layers between catchers pass the hidden states through untouched
         if i not in firsts:
-            layers[i] = _Catcher(originals[i], [], last=False)
+            layers[i] = PassThrough(originals[i])
     try:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(device)

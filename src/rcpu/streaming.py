@@ -122,14 +122,6 @@ def _layer_names(reader: SafetensorsCheckpoint | GGUFCheckpoint, index: int) -> 
     return reader.names(f"{LAYER_PREFIX}{index}.")
 
 
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    """The qualified name of ``module`` inside ``model`` (its tensors' prefix in the checkpoint)."""
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise RcpuError(f"{type(module).__name__} is not a module of the model")
-
-
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, assign=True, strict=True)
 
@@ -240,12 +232,6 @@ class StreamingStore(LayerStore):
         self.reader, self.work, self.state = reader, work, state
         self.biases = (False, False)
         self.n_shards = len(adapter.layers) + 1
-        model = adapter.model
-        #: checkpoint names: the decoder layers' prefix, the embedding's prefix, the LM head's weight
-        self.layers_prefix = _module_name(model, adapter.layers) + "."
-        self.embed_prefix = _module_name(model, adapter.base.embed_tokens) + "."
-        head = model.get_output_embeddings()
-        self.head_name = _module_name(model, head) + ".weight" if head is not None else None
 
     def load(self, index: int) -> nn.Module:
         return read_layer(self.adapter, self.reader, index)
@@ -285,7 +271,7 @@ class StreamingStore(LayerStore):
 
     def finish(self, index, layer, result, batches, heldout, warnings) -> None:
         self.adapter.finalize_layer(layer, *self.biases)
-        prefix = f"{self.layers_prefix}{index}."
+        prefix = f"{LAYER_PREFIX}{index}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         _atomic_save(tensors, self.work / shard_name(index, self.n_shards))
         del tensors
@@ -307,7 +293,7 @@ class StreamingStore(LayerStore):
         n = len(self.adapter.layers)
         tied = self.adapter.config.tie_word_embeddings
         rest = [k for k in self.reader.names()
-                if not k.startswith(self.layers_prefix) and not (k == self.head_name and tied)]
+                if not k.startswith(LAYER_PREFIX) and not (k == "lm_head.weight" and tied)]
         _atomic_save(self.reader.read(rest), self.work / shard_name(n, n + 1))
 
 
